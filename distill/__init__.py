@@ -1,0 +1,1 @@
+"""attar distill: teacher trajectories, student training and evaluation (needs attar[distill])."""

@@ -1,0 +1,1 @@
+"""attar runtime: the agent loop, the WebAssembly sandbox and on-device retrieval (no torch)."""

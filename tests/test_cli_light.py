@@ -1,0 +1,30 @@
+"""The runtime CLI must never pull in a training library."""
+
+import json
+import subprocess
+import sys
+
+HEAVY = ["torch", "transformers", "peft", "trl", "optimum"]
+
+PROBE = """
+import json, sys
+from click.testing import CliRunner
+from attar.runtime.cli import main
+runner = CliRunner()
+outs = [runner.invoke(main, args) for args in ({args})]
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})
+print(json.dumps({{"codes": [o.exit_code for o in outs], "heavy": heavy, "help": outs[0].output}}))
+"""
+
+
+def run_probe(*arg_lists):
+    code = PROBE.format(args=", ".join(repr(list(a)) for a in arg_lists) + ",", heavy=HEAVY)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_help_and_sandbox_import_no_training_library():
+    result = run_probe(["--help"], ["sandbox", "exec", "-c", "print(1)"], ["export", "--help"])
+    assert result["codes"][:2] == [0, 0]
+    assert result["heavy"] == []
+    assert "export" in result["help"] and "sandbox" in result["help"]
