@@ -50,6 +50,83 @@ def main() -> None:
     """attar: small language-model agents that run entirely on your laptop."""
 
 
+@main.command()
+@click.argument("question", required=False)
+@click.option("--model", "model", help="Exported model folder, or URL#model of an OpenAI-compatible server. Default: the built-in SmolLM2-135M.")
+@click.option("--index", "index", type=click.Path(), help="Retrieval index folder behind web_search.")
+@click.option("--max-steps", default=5, show_default=True, type=click.IntRange(1, 50))
+@click.option("--temperature", default=0.0, show_default=True, help="0 means greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", type=int, help="Sampling seed.")
+@click.option("--provider", default="cpu", show_default=True, help="onnxruntime execution provider (e.g. QNN, OpenVINO where installed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result and full memory as JSON.")
+@click.option("--trace", type=click.Path(dir_okay=False), help="Write a self-contained HTML trace of the run.")
+def chat(question, model, index, max_steps, temperature, top_p, seed, provider, as_json, trace) -> None:
+    """Ask QUESTION (or start an interactive session) and let the agent answer."""
+    from attar.runtime.chat import run_chat
+
+    run_chat(question, model=model, index=index, max_steps=max_steps, temperature=temperature, top_p=top_p,
+             seed=seed, provider=provider, as_json=as_json, trace=trace)
+
+
+@main.group()
+def index() -> None:
+    """On-device retrieval indexes behind web_search."""
+
+
+def _index_errors(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from attar.runtime.retrieval import IndexError_
+
+        try:
+            return fn(*args, **kwargs)
+        except IndexError_ as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+@index.command("build")
+@click.argument("corpus", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="Index folder to create (or finish).")
+@click.option("--dtype", type=click.Choice(["f16", "i8", "f32"]), default="f16", show_default=True,
+              help="Vector storage; i8 is 2x smaller but caps recall.")
+@_index_errors
+def index_build(corpus: str, out: str, dtype: str) -> None:
+    """Embed CORPUS (JSONL of {id, title, text} or a folder of .txt/.md) into an index."""
+    from attar.runtime.retrieval import build_index
+
+    manifest = build_index(corpus, out, dtype=dtype)
+    click.echo(f"indexed {manifest['count']} passages into {out}")
+
+
+@index.command("add")
+@click.argument("index_dir", type=click.Path())
+@click.argument("corpus", type=click.Path())
+@_index_errors
+def index_add(index_dir: str, corpus: str) -> None:
+    """Add new passages from CORPUS to an existing index."""
+    from attar.runtime.retrieval import add_documents
+
+    manifest = add_documents(index_dir, corpus)
+    click.echo(f"{index_dir} now holds {manifest['count']} passages")
+
+
+@index.command("search")
+@click.argument("index_dir", type=click.Path())
+@click.argument("query")
+@click.option("-k", default=3, show_default=True, type=click.IntRange(1, 100))
+@_index_errors
+def index_search(index_dir: str, query: str, k: int) -> None:
+    """Print the top K passages for QUERY."""
+    from attar.runtime.retrieval import Index, format_hits
+
+    click.echo(format_hits(Index.open(index_dir).search(query, k)))
+
+
 @main.group()
 def sandbox() -> None:
     """The WebAssembly Python sandbox."""

@@ -1,0 +1,154 @@
+"""The CodeAct agent loop: think, write Python, run it in the sandbox, read the observation,
+repeat until `final_answer` or `max_steps`.
+
+    from attar.runtime import Agent
+    agent = Agent(tools=[my_tool])
+    result = agent.run("What is 17 * 23?")
+    result.answer, result.steps
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from attar.runtime import prompts
+from attar.runtime.llm import Backend, Sampling, load_backend
+from attar.runtime.memory import Memory, Step, Task
+from attar.runtime.sandbox import Limits, Sandbox
+from attar.runtime.tools import Tool, describe, validate
+
+_CODE = re.compile(r"```(?:py|python)?[ \t]*\n(.*?)(?:\n```|$)", re.DOTALL)
+
+
+def parse_code(text: str) -> str | None:
+    """The first ```py block of a model output. An unclosed block at the end counts: generation
+    stops at `<end_code>`, and small models often drop the closing fence before it."""
+    match = _CODE.search(text)
+    if match is None:
+        return None
+    code = match.group(1).replace("<end_code>", "").strip("\n")
+    return code if code.strip() else None
+
+
+@dataclass
+class RunResult:
+    answer: Any
+    steps: list[Step]
+    finished_by: str
+    memory: Memory
+
+    def to_dict(self) -> dict:
+        return {"answer": self.answer, "finished_by": self.finished_by, "memory": self.memory.to_dict()}
+
+
+class Agent:
+    """A small-model agent with a private sandbox. Agents share nothing with each other."""
+
+    def __init__(
+        self,
+        model: Backend | str | Path | None = None,
+        tools: list[Tool] = (),
+        *,
+        index: Any = None,
+        max_steps: int = 5,
+        sampling: Sampling = Sampling(),
+        limits: Limits = Limits(),
+        provider: str = "cpu",
+        on_text: Callable[[str], None] | None = None,
+    ):
+        if max_steps < 1:
+            raise ValueError("max_steps must be at least 1")
+        self.backend = model if hasattr(model, "generate") else load_backend(model, provider=provider)
+        tools = list(tools)
+        if index is not None:
+            from attar.runtime.retrieval import Index, web_search_tool
+
+            tools.append(web_search_tool(Index.open(index) if isinstance(index, (str, Path)) else index))
+        self.tools = validate(tools)
+        self.max_steps = max_steps
+        self.sampling = sampling
+        self.limits = limits
+        self.on_text = on_text
+        system = prompts.SYSTEM.format(tools="\n".join(describe(t) for t in self.tools.values()))
+        self.memory = Memory(system)
+        self.sandbox: Sandbox | None = None
+
+    def run(self, question: str, reset: bool = True) -> RunResult:
+        steps = list(self.stream(question, reset=reset))
+        task = self.memory.tasks[-1]
+        return RunResult(task.answer, steps, task.finished_by, self.memory)
+
+    def stream(self, question: str, reset: bool = True) -> Iterator[Step]:
+        """Yield each step as soon as it has run. `reset=False` continues the conversation,
+        with the variables of earlier tasks still defined."""
+        if not question or not question.strip():
+            raise ValueError("the question is empty")
+        if reset or self.sandbox is None:
+            self.reset()
+        task = Task(question.strip())
+        self.memory.tasks.append(task)
+        try:
+            for number in range(1, self.max_steps + 1):
+                step = self._step(number)
+                task.steps.append(step)
+                yield step
+                if step.is_final:
+                    task.answer, task.finished_by = step.final_answer, "final_answer"
+                    return
+            step = self._final_step(self.max_steps + 1)
+            task.steps.append(step)
+            task.answer, task.finished_by = step.final_answer, "max_steps"
+            yield step
+        except KeyboardInterrupt:
+            task.finished_by = "interrupted"
+            raise
+
+    def reset(self) -> None:
+        self.close()
+        self.memory.tasks.clear()
+        self.sandbox = Sandbox(self.tools, self.limits)
+
+    def close(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.close()
+            self.sandbox = None
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one step ------------------------------------------------------------------------
+
+    def _step(self, number: int) -> Step:
+        gen = self.backend.generate(self.memory.messages(), stop=prompts.STOP, sampling=self.sampling,
+                                    on_text=self.on_text)
+        output = gen.text + ("<end_code>" if gen.stopped_by == "<end_code>" else "")
+        step = Step(number, model_output=output, generation_seconds=gen.seconds,
+                    first_token_seconds=gen.first_token_seconds, prompt_tokens=gen.prompt_tokens,
+                    completion_tokens=gen.completion_tokens)
+        step.code = parse_code(gen.text)
+        if step.code is None:
+            step.error = prompts.PARSE_ERROR
+            return step
+        began = time.perf_counter()
+        result = self.sandbox.run(step.code)
+        step.sandbox_seconds = time.perf_counter() - began
+        step.stdout, step.output, step.error = result.stdout, result.output, result.error
+        step.is_final, step.final_answer = result.is_final, result.final_answer
+        return step
+
+    def _final_step(self, number: int) -> Step:
+        """Out of steps: one last call asks for the answer from the memory."""
+        messages = self.memory.messages()
+        messages[0] = {"role": "system", "content": prompts.FINAL_SYSTEM}
+        messages.append({"role": "user", "content": prompts.FINAL_USER.format(question=self.memory.tasks[-1].question)})
+        gen = self.backend.generate(messages, sampling=Sampling(max_new_tokens=256), on_text=self.on_text)
+        return Step(number, model_output=gen.text, final_answer=gen.text.strip(), is_final=True,
+                    generation_seconds=gen.seconds, first_token_seconds=gen.first_token_seconds,
+                    prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)

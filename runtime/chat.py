@@ -1,0 +1,81 @@
+"""`attar chat`: one question, or an interactive session, on the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from attar.runtime.llm import Sampling
+from attar.runtime.memory import render_step, to_html
+from attar.runtime.models import ModelError
+
+
+def _build_agent(model, index, max_steps, sampling, provider, stream_tokens: bool):
+    from attar.runtime.agent import Agent
+    from attar.runtime.retrieval import IndexError_
+
+    def on_text(piece: str) -> None:
+        click.secho(piece, nl=False, dim=True, err=True)
+
+    try:
+        return Agent(model, index=index, max_steps=max_steps, sampling=sampling, provider=provider,
+                     on_text=on_text if stream_tokens else None)
+    except (ModelError, IndexError_) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _ask(agent, question: str, reset: bool, as_json: bool) -> None:
+    for step in agent.stream(question, reset=reset):
+        if not as_json:
+            click.echo("", err=True)
+            click.echo(render_step(step), err=True)
+    task = agent.memory.tasks[-1]
+    if not as_json:
+        click.secho(f"\n{task.answer}", bold=True)
+
+
+def run_chat(question, *, model, index, max_steps, temperature, top_p, seed, provider, as_json, trace) -> None:
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    if question is not None and not question.strip():
+        raise click.UsageError("the question is empty")
+    agent = _build_agent(model, index, max_steps, sampling, provider, stream_tokens=not as_json)
+    try:
+        if question is not None:
+            _ask(agent, question, reset=True, as_json=as_json)
+        else:
+            _interactive(agent)
+        if as_json:
+            task = agent.memory.tasks[-1]
+            click.echo(json.dumps({"answer": task.answer, "finished_by": task.finished_by,
+                                   "memory": agent.memory.to_dict()}, default=repr))
+        if trace:
+            Path(trace).write_text(to_html(agent.memory))
+            click.echo(f"trace written to {trace}", err=True)
+    finally:
+        agent.close()
+
+
+def _interactive(agent) -> None:
+    click.echo("attar chat: ask a question; Ctrl-C stops the current step, Ctrl-D quits.", err=True)
+    first = True
+    while True:
+        try:
+            question = input("\n> ")
+        except EOFError:
+            click.echo("", err=True)
+            return
+        except KeyboardInterrupt:
+            click.echo("\n(Ctrl-D quits)", err=True)
+            continue
+        if not question.strip():
+            continue
+        try:
+            _ask(agent, question, reset=first, as_json=False)
+            first = False
+        except KeyboardInterrupt:
+            click.echo("\n[stopped]", err=True)
+            first = False
+        sys.stdout.flush()

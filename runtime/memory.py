@@ -1,0 +1,134 @@
+"""The agent's memory: a plain list of steps that becomes chat messages, JSON, a terminal trace
+or a self-contained HTML page."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from attar.runtime import prompts
+
+
+@dataclass
+class Candidate:
+    """One sampled action of a self-consistent step (SAG)."""
+
+    model_output: str
+    code: str | None = None
+    observation: str | None = None
+    error: str | None = None
+    vote_key: str | None = None
+    votes: int = 0
+
+
+@dataclass
+class Step:
+    number: int
+    model_output: str = ""
+    code: str | None = None
+    stdout: str = ""
+    output: str | None = None
+    error: str | None = None  # parse or execution error, shown to the model as the observation
+    final_answer: Any = None
+    is_final: bool = False
+    generation_seconds: float = 0.0
+    sandbox_seconds: float = 0.0
+    first_token_seconds: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @property
+    def observation(self) -> str:
+        if self.error is not None:
+            return prompts.ERROR.format(error=self.error)
+        return prompts.OBSERVATION.format(logs=self.stdout, output=self.output)
+
+
+@dataclass
+class Task:
+    question: str
+    steps: list[Step] = field(default_factory=list)
+    answer: Any = None
+    finished_by: str = ""  # "final_answer", "max_steps" or "interrupted"
+
+
+@dataclass
+class Memory:
+    system_prompt: str
+    tasks: list[Task] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        """The conversation so far, in the format students are trained on."""
+        out = [{"role": "system", "content": self.system_prompt}]
+        for task in self.tasks:
+            out.append({"role": "user", "content": prompts.TASK.format(question=task.question)})
+            for step in task.steps:
+                out.append({"role": "assistant", "content": step.model_output})
+                if not step.is_final:
+                    out.append({"role": "user", "content": step.observation})
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=repr)
+
+
+def render_step(step: Step) -> str:
+    """A readable terminal block for one step."""
+    lines = [f"━━ Step {step.number} ━━ ({step.generation_seconds:.1f}s model, {step.sandbox_seconds * 1000:.0f}ms sandbox)"]
+    if step.candidates:
+        lines.append(f"   {len(step.candidates)} candidates, winner with {max(c.votes for c in step.candidates)} votes")
+    if step.code:
+        lines += ["Code:", *("  " + line for line in step.code.splitlines())]
+    if step.error:
+        lines.append(f"Error: {step.error.strip().splitlines()[-1]}")
+    else:
+        if step.stdout:
+            lines += ["Logs:", *("  " + line for line in step.stdout.rstrip().splitlines())]
+        if step.output is not None:
+            lines.append(f"Out: {step.output}")
+    if step.is_final:
+        lines.append(f"Final answer: {step.final_answer}")
+    return "\n".join(lines)
+
+
+_CSS = """body{font:14px/1.45 system-ui,sans-serif;max-width:60em;margin:2em auto;color:#222}
+h1{font-size:1.3em} .step{border:1px solid #ddd;border-radius:6px;margin:1em 0;padding:.6em 1em}
+.meta{color:#777;font-size:.85em} pre{background:#f6f6f6;padding:.5em;overflow-x:auto;white-space:pre-wrap}
+.err pre{background:#fdecec} .final{background:#eaf7ea} details{margin:.3em 0}"""
+
+
+def to_html(memory: Memory) -> str:
+    """One self-contained page (no scripts, no external files) of every task and step."""
+
+    def pre(text: Any) -> str:
+        return f"<pre>{html.escape(str(text))}</pre>"
+
+    parts = [f"<!doctype html><meta charset=utf-8><title>attar run</title><style>{_CSS}</style>"]
+    parts.append(f"<details><summary>System prompt</summary>{pre(memory.system_prompt)}</details>")
+    for task in memory.tasks:
+        parts.append(f"<h1>{html.escape(task.question)}</h1>")
+        for step in task.steps:
+            cls = "step err" if step.error else ("step final" if step.is_final else "step")
+            parts.append(f"<div class='{cls}'><b>Step {step.number}</b> <span class=meta>"
+                         f"{step.generation_seconds:.2f}s model · {step.sandbox_seconds * 1000:.1f}ms sandbox · "
+                         f"{step.prompt_tokens}+{step.completion_tokens} tokens</span>")
+            parts.append(pre(step.model_output))
+            if step.error:
+                parts.append("<b>Error</b>" + pre(step.error))
+            elif not step.is_final:
+                parts.append("<b>Observation</b>" + pre(step.observation))
+            for i, c in enumerate(step.candidates):
+                outcome = c.error or c.observation or ""
+                parts.append(f"<details><summary>candidate {i + 1}: {c.votes} votes</summary>"
+                             f"{pre(c.model_output)}<b>Outcome</b>{pre(outcome)}</details>")
+            if step.is_final:
+                parts.append(f"<b>Final answer:</b> {html.escape(str(step.final_answer))}")
+            parts.append("</div>")
+        parts.append(f"<p><b>Answer:</b> {html.escape(str(task.answer))} <span class=meta>({task.finished_by})</span></p>")
+    return "\n".join(parts)

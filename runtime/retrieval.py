@@ -1,0 +1,300 @@
+"""An on-device retrieval index behind the agent's `web_search` tool.
+
+An index is a folder:
+    manifest.json     embedder, dimension, count, format version
+    passages.sqlite   every passage (key, id, title, text, embedded flag)
+    vectors.usearch   HNSW graph over the embedded passages (f16 or i8)
+    tokenizer.json    the embedder's tokenizer, so the index works offline
+
+Building is two resumable phases: passages go into SQLite (INSERT OR IGNORE on id), then
+pending passages are embedded in batches. At each checkpoint the vector file is saved to a
+temp file and renamed, *then* the batch is marked embedded; on resume, keys already in the
+vector file are skipped, so every passage ends up indexed exactly once whenever a build dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+FORMAT_VERSION = 1
+WORDS_PER_PASSAGE = 100  # the DPR convention
+CHECKPOINT_EVERY = 2048  # passages between saves of the vector file
+
+
+class IndexError_(Exception):
+    """A bad corpus or a broken index; the message is one line for the user."""
+
+
+@dataclass
+class Hit:
+    id: str
+    title: str
+    text: str
+    similarity: float
+
+
+# -- corpus reading ---------------------------------------------------------------------------
+
+
+def read_corpus(path: str | os.PathLike) -> Iterator[dict]:
+    """Passages from a JSONL file ({"id", "title", "text"}) or a folder of .txt/.md files."""
+    path = Path(path)
+    if not path.exists():
+        raise IndexError_(f"corpus not found: {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".md") and p.is_file())
+        for file in files:
+            words = file.read_text(errors="replace").split()
+            rel = file.relative_to(path).as_posix()
+            for n, start in enumerate(range(0, len(words), WORDS_PER_PASSAGE)):
+                yield {"id": f"{rel}#{n}", "title": file.stem.replace("_", " "),
+                       "text": " ".join(words[start:start + WORDS_PER_PASSAGE])}
+        return
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                yield {"id": str(row["id"]), "title": str(row.get("title", "")), "text": str(row["text"])}
+            except (ValueError, KeyError, TypeError):
+                raise IndexError_(f"{path}:{line_no}: expected a JSON object with \"id\" and \"text\"") from None
+
+
+# -- the index --------------------------------------------------------------------------------
+
+
+class Index:
+    def __init__(self, path: Path, manifest: dict, db: sqlite3.Connection, vectors, embedder):
+        self.path, self.manifest, self.db, self.vectors, self._embedder = path, manifest, db, vectors, embedder
+
+    # opening -----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, view: bool = True, embedder=None) -> "Index":
+        """Open for search. `view=True` memory-maps the vectors, so a big index opens at once."""
+        from usearch.index import Index as UIndex
+
+        from attar.runtime.embedder import NAME
+
+        path = Path(path)
+        manifest = _read_manifest(path)
+        if manifest["embedder"] != NAME:
+            raise IndexError_(f"index {path} was built with embedder {manifest['embedder']!r}; "
+                              f"this attar embeds with {NAME!r}")
+        vectors_file = path / "vectors.usearch"
+        try:
+            vectors = UIndex.restore(str(vectors_file), view=view) if vectors_file.exists() else None
+        except Exception as exc:
+            raise IndexError_(f"corrupt vector file {vectors_file}: {exc}") from None
+        if vectors_file.exists() and vectors is None:
+            raise IndexError_(f"corrupt vector file {vectors_file}")
+        db = sqlite3.connect(path / "passages.sqlite", check_same_thread=False)
+        return cls(path, manifest, db, vectors, embedder)
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from attar.runtime.embedder import Embedder
+
+            self._embedder = Embedder(tokenizer_path=self.path / "tokenizer.json")
+        return self._embedder
+
+    def __len__(self) -> int:
+        return 0 if self.vectors is None else len(self.vectors)
+
+    # searching ---------------------------------------------------------------------------
+
+    def search(self, query: str, k: int = 3) -> list[Hit]:
+        if not query or not query.strip():
+            return []
+        if self.vectors is None or len(self.vectors) == 0:
+            return []
+        vector = self.embedder.embed([query])[0]
+        matches = self.vectors.search(vector, k, exact=False)
+        hits = []
+        for key, distance in zip(matches.keys.tolist(), matches.distances.tolist()):
+            row = self.db.execute("SELECT id, title, text FROM passages WHERE key = ?", (int(key),)).fetchone()
+            if row:
+                hits.append(Hit(row[0], row[1], row[2], round(1.0 - float(distance), 4)))
+        return hits
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def format_hits(hits: list[Hit]) -> str:
+    """The seed's web_search format: what trained students saw during distillation."""
+    if not hits:
+        return "No documents found."
+    return "\n".join(f"===== Document {i}, similarity: {h.similarity:.2f} =====\n{h.title}\n{h.text}"
+                     for i, h in enumerate(hits))
+
+
+def web_search_tool(index: Index, k: int = 3) -> Callable[[str], str]:
+    def web_search(query: str) -> str:
+        """Search the knowledge base and return the top 3 passages for the query."""
+        return format_hits(index.search(str(query), k))
+
+    return web_search
+
+
+# -- building ---------------------------------------------------------------------------------
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / "manifest.json"
+    if not file.is_file():
+        raise IndexError_(f"not an attar index (no manifest.json): {path}")
+    try:
+        manifest = json.loads(file.read_text())
+        manifest["embedder"], manifest["dim"]
+    except (ValueError, KeyError):
+        raise IndexError_(f"corrupt manifest: {file}") from None
+    if manifest.get("version") != FORMAT_VERSION:
+        raise IndexError_(f"index format {manifest.get('version')} is not supported (expected {FORMAT_VERSION})")
+    return manifest
+
+
+def _write_json_atomic(file: Path, data: dict) -> None:
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, file)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path / "passages.sqlite")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE IF NOT EXISTS passages (key INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, "
+               "title TEXT, text TEXT NOT NULL, embedded INTEGER NOT NULL DEFAULT 0)")
+    return db
+
+
+def build_index(
+    corpus: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "f16",
+    connectivity: int = 16,
+    embedder=None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Create OUT from CORPUS, or resume an interrupted build of it. Returns the manifest."""
+    from attar.runtime.embedder import NAME, tokenizer_file
+
+    out = Path(out)
+    if out.exists() and (out / "manifest.json").is_file():
+        manifest = _read_manifest(out)
+        if manifest.get("complete"):
+            raise IndexError_(f"index already exists: {out} (use `attar index add` to add documents)")
+    elif out.exists() and any(out.iterdir()):
+        raise IndexError_(f"output folder exists and is not an attar index: {out}")
+    else:
+        if dtype not in ("f16", "i8", "f32"):
+            raise IndexError_(f"unknown vector type {dtype!r}; choose f16, i8 or f32")
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tokenizer_file(), out / "tokenizer.json")
+        manifest = {"version": FORMAT_VERSION, "embedder": NAME, "dim": 384, "metric": "cos", "dtype": dtype,
+                    "connectivity": connectivity, "count": 0, "complete": False}
+        _write_json_atomic(out / "manifest.json", manifest)
+    return add_documents(out, corpus, embedder=embedder, batch_size=batch_size, progress=progress,
+                         _allow_incomplete=True)
+
+
+def add_documents(
+    index_dir: str | os.PathLike,
+    corpus: str | os.PathLike | Iterable[dict],
+    *,
+    embedder=None,
+    batch_size: int = 64,
+    progress: bool = True,
+    _allow_incomplete: bool = False,
+) -> dict:
+    """Add passages (new ids only) to an index and embed everything pending."""
+    from tqdm import tqdm
+    from usearch.index import Index as UIndex
+
+    index_dir = Path(index_dir)
+    manifest = _read_manifest(index_dir)
+    if not manifest.get("complete") and not _allow_incomplete:
+        raise IndexError_(f"index {index_dir} is an unfinished build; rerun `attar index build` to finish it")
+    db = _connect(index_dir)
+    try:
+        passages = read_corpus(corpus) if isinstance(corpus, (str, os.PathLike)) else corpus
+        seen = 0
+        for chunk in _chunks(passages, 1000):
+            seen += len(chunk)
+            with db:
+                db.executemany("INSERT OR IGNORE INTO passages (id, title, text) VALUES (:id, :title, :text)", chunk)
+        total = db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
+        if total == 0:
+            raise IndexError_(f"the corpus is empty: {corpus}")
+
+        vectors_file = index_dir / "vectors.usearch"
+        vectors = UIndex(ndim=manifest["dim"], metric="cos", dtype=manifest["dtype"],
+                         connectivity=manifest["connectivity"])
+        if vectors_file.exists():
+            vectors.load(str(vectors_file))
+        if embedder is None:
+            from attar.runtime.embedder import Embedder
+
+            embedder = Embedder(tokenizer_path=index_dir / "tokenizer.json")
+
+        pending = [k for (k,) in db.execute("SELECT key FROM passages WHERE embedded = 0 ORDER BY key")]
+        bar = tqdm(total=len(pending), unit="passage", desc="embedding", disable=not progress)
+        done_keys: list[int] = []
+        began = time.perf_counter()
+        for keys in _chunks(pending, batch_size):
+            marks = ",".join("?" * len(keys))
+            rows = db.execute(f"SELECT key, title, text FROM passages WHERE key IN ({marks}) ORDER BY key", keys)
+            rows = [r for r in rows if not vectors.contains(r[0])]  # saved before a crash: skip
+            if rows:
+                embedded = embedder.embed([f"{title}. {text}" if title else text for _, title, text in rows])
+                vectors.add(np.array([r[0] for r in rows], dtype=np.uint64), embedded)
+            done_keys += keys
+            bar.update(len(keys))
+            if len(done_keys) >= CHECKPOINT_EVERY:
+                _checkpoint(db, vectors, vectors_file, done_keys)
+        _checkpoint(db, vectors, vectors_file, done_keys)
+        bar.close()
+        # Keys of a crashed run that reached the vector file but not the flag are flagged now.
+        with db:
+            db.execute("UPDATE passages SET embedded = 1 WHERE embedded = 0")
+        manifest.update(count=len(vectors), complete=True, build_seconds=round(time.perf_counter() - began, 1))
+        _write_json_atomic(index_dir / "manifest.json", manifest)
+        return manifest
+    finally:
+        db.close()
+
+
+def _checkpoint(db: sqlite3.Connection, vectors, vectors_file: Path, keys: list[int]) -> None:
+    if not keys:
+        return
+    tmp = vectors_file.with_suffix(".tmp")
+    vectors.save(str(tmp))
+    os.replace(tmp, vectors_file)
+    with db:
+        db.executemany("UPDATE passages SET embedded = 1 WHERE key = ?", [(k,) for k in keys])
+    keys.clear()
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
