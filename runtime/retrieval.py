@@ -25,6 +25,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+# Load onnxruntime before usearch: importing them in the other order segfaults (usearch 2.26,
+# onnxruntime 1.32), and usearch is imported lazily below.
+import onnxruntime  # noqa: F401
+
 FORMAT_VERSION = 1
 WORDS_PER_PASSAGE = 100  # the DPR convention
 CHECKPOINT_EVERY = 2048  # passages between saves of the vector file
@@ -136,8 +140,9 @@ def format_hits(hits: list[Hit]) -> str:
     """The seed's web_search format: what trained students saw during distillation."""
     if not hits:
         return "No documents found."
-    return "\n".join(f"===== Document {i}, similarity: {h.similarity:.2f} =====\n{h.title}\n{h.text}"
-                     for i, h in enumerate(hits))
+    return "\nRetrieved documents:" + "".join(
+        f"\n\n===== Document {i}, similarity: {h.similarity:.2f} =====\n{h.title}\n{h.text}" for i, h in enumerate(hits)
+    )
 
 
 def web_search_tool(index: Index, k: int = 3) -> Callable[[str], str]:

@@ -283,12 +283,15 @@ class Sandbox:
         """Run one cell. Errors come back in the result; only a broken host raises."""
         began = time.perf_counter()
         cell = _Cell(code)
-        result = self._execute(cell, replay=None)
+        try:
+            result = self._execute(cell, replay=None)
+        except KeyboardInterrupt:
+            # Ctrl-C on the host: stop the guest and put the session back as it was.
+            self._interp.kill("interrupted")
+            self._restore()
+            raise
         if result.restarted:
-            # The trap destroyed the interpreter; rebuild the state the cell started from.
-            self._interp.close()
-            self._interp = self._start()
-            self._replay(list(self.history))
+            self._restore()
         else:
             self.history.append(cell)
         result.seconds = time.perf_counter() - began
@@ -323,6 +326,12 @@ class Sandbox:
             interp.close()
             raise SandboxError(f"the sandbox interpreter failed to start: {reason}")
         return interp
+
+    def _restore(self) -> None:
+        """A trap destroyed the interpreter: rebuild the state the last cell started from."""
+        self._interp.close()
+        self._interp = self._start()
+        self._replay(list(self.history))
 
     def _replay(self, cells: list[_Cell]) -> None:
         self.history = []
