@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from attar.runtime import prompts
 from attar.runtime.llm import Backend, Sampling, load_backend
 from attar.runtime.memory import Memory, Step, Task
+from attar.runtime.sag import run_candidates
 from attar.runtime.sandbox import Limits, Sandbox
 from attar.runtime.tools import Tool, describe, validate
 
@@ -55,13 +56,19 @@ class Agent:
         *,
         index: Any = None,
         max_steps: int = 5,
-        sampling: Sampling = Sampling(),
+        sampling: Sampling | None = None,
+        sag: int = 1,
         limits: Limits = Limits(),
         provider: str = "cpu",
         on_text: Callable[[str], None] | None = None,
     ):
         if max_steps < 1:
             raise ValueError("max_steps must be at least 1")
+        if sag < 1:
+            raise ValueError("sag must be at least 1")
+        if sampling is None:
+            # SAG needs diverse candidates: the paper samples at temperature 0.4, top-p 0.8.
+            sampling = Sampling(temperature=0.4, top_p=0.8) if sag > 1 else Sampling()
         self.backend = model if hasattr(model, "generate") else load_backend(model, provider=provider)
         tools = list(tools)
         if index is not None:
@@ -71,6 +78,9 @@ class Agent:
         self.tools = validate(tools)
         self.max_steps = max_steps
         self.sampling = sampling
+        self.sag = sag
+        if sag > 1:
+            Sandbox.keep_warm(sag, limits)  # forks then cost a replay, not an interpreter boot
         self.limits = limits
         self.on_text = on_text
         system = prompts.SYSTEM.format(tools="\n".join(describe(t) for t in self.tools.values()))
@@ -126,6 +136,8 @@ class Agent:
     # -- one step ------------------------------------------------------------------------
 
     def _step(self, number: int) -> Step:
+        if self.sag > 1:
+            return self._sag_step(number)
         gen = self.backend.generate(self.memory.messages(), stop=prompts.STOP, sampling=self.sampling,
                                     on_text=self.on_text)
         output = gen.text + ("<end_code>" if gen.stopped_by == "<end_code>" else "")
@@ -139,6 +151,34 @@ class Agent:
         began = time.perf_counter()
         result = self.sandbox.run(step.code)
         step.sandbox_seconds = time.perf_counter() - began
+        step.stdout, step.output, step.error = result.stdout, result.output, result.error
+        step.is_final, step.final_answer = result.is_final, result.final_answer
+        return step
+
+    def _sag_step(self, number: int) -> Step:
+        """N candidates from one batched generation, each run in its own fork; majority wins."""
+        sampling = replace(self.sampling, seed=None if self.sampling.seed is None else self.sampling.seed + number)
+        messages = self.memory.messages()
+        if hasattr(self.backend, "generate_batch"):
+            gens = self.backend.generate_batch(messages, self.sag, stop=prompts.STOP, sampling=sampling)
+        else:
+            gens = [self.backend.generate(messages, stop=prompts.STOP,
+                                          sampling=replace(sampling, seed=None if sampling.seed is None else sampling.seed * 1000 + i))
+                    for i in range(self.sag)]
+        outcome = run_candidates(self.sandbox, gens, [parse_code(g.text) for g in gens])
+        chosen = gens[outcome.winner if outcome.winner is not None else 0]
+        step = Step(number, model_output=chosen.text + ("<end_code>" if chosen.stopped_by == "<end_code>" else ""),
+                    generation_seconds=chosen.seconds, first_token_seconds=chosen.first_token_seconds,
+                    prompt_tokens=chosen.prompt_tokens, completion_tokens=sum(g.completion_tokens for g in gens),
+                    sandbox_seconds=outcome.seconds, candidates=outcome.candidates)
+        step.code = parse_code(chosen.text)
+        if outcome.winner is None:  # every candidate failed: the first one's error is the observation
+            first = outcome.candidates[0]
+            step.error = prompts.PARSE_ERROR if step.code is None else first.error
+            return step
+        self.sandbox.close()
+        self.sandbox = outcome.sandbox
+        result = outcome.result
         step.stdout, step.output, step.error = result.stdout, result.output, result.error
         step.is_final, step.final_answer = result.is_final, result.final_answer
         return step

@@ -13,7 +13,7 @@ from attar.runtime.memory import render_step, to_html
 from attar.runtime.models import ModelError
 
 
-def _build_agent(model, index, max_steps, sampling, provider, stream_tokens: bool):
+def _build_agent(model, index, max_steps, sag, sampling, provider, stream_tokens: bool):
     from attar.runtime.agent import Agent
     from attar.runtime.retrieval import IndexError_
 
@@ -21,7 +21,7 @@ def _build_agent(model, index, max_steps, sampling, provider, stream_tokens: boo
         click.secho(piece, nl=False, dim=True, err=True)
 
     try:
-        return Agent(model, index=index, max_steps=max_steps, sampling=sampling, provider=provider,
+        return Agent(model, index=index, max_steps=max_steps, sag=sag, sampling=sampling, provider=provider,
                      on_text=on_text if stream_tokens else None)
     except (ModelError, IndexError_) as exc:
         raise click.ClickException(str(exc)) from None
@@ -37,11 +37,15 @@ def _ask(agent, question: str, reset: bool, as_json: bool) -> None:
         click.secho(f"\n{task.answer}", bold=True)
 
 
-def run_chat(question, *, model, index, max_steps, temperature, top_p, seed, provider, as_json, trace) -> None:
-    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+def run_chat(question, *, model, index, max_steps, sag, temperature, top_p, seed, provider, as_json, trace) -> None:
+    sampling = Sampling(
+        temperature=temperature if temperature is not None else (0.4 if sag > 1 else 0.0),
+        top_p=top_p if top_p is not None else (0.8 if sag > 1 else 1.0),
+        seed=seed,
+    )
     if question is not None and not question.strip():
         raise click.UsageError("the question is empty")
-    agent = _build_agent(model, index, max_steps, sampling, provider, stream_tokens=not as_json)
+    agent = _build_agent(model, index, max_steps, sag, sampling, provider, stream_tokens=not as_json and sag == 1)
     try:
         if question is not None:
             _ask(agent, question, reset=True, as_json=as_json)

@@ -55,17 +55,19 @@ def main() -> None:
 @click.option("--model", "model", help="Exported model folder, or URL#model of an OpenAI-compatible server. Default: the built-in SmolLM2-135M.")
 @click.option("--index", "index", type=click.Path(), help="Retrieval index folder behind web_search.")
 @click.option("--max-steps", default=5, show_default=True, type=click.IntRange(1, 50))
-@click.option("--temperature", default=0.0, show_default=True, help="0 means greedy.")
-@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--sag", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Self-consistent action generation: sample N candidate actions per step and vote.")
+@click.option("--temperature", type=float, help="0 means greedy. Default: 0, or 0.4 with --sag.")
+@click.option("--top-p", type=float, help="Default: 1.0, or 0.8 with --sag.")
 @click.option("--seed", type=int, help="Sampling seed.")
 @click.option("--provider", default="cpu", show_default=True, help="onnxruntime execution provider (e.g. QNN, OpenVINO where installed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result and full memory as JSON.")
 @click.option("--trace", type=click.Path(dir_okay=False), help="Write a self-contained HTML trace of the run.")
-def chat(question, model, index, max_steps, temperature, top_p, seed, provider, as_json, trace) -> None:
+def chat(question, model, index, max_steps, sag, temperature, top_p, seed, provider, as_json, trace) -> None:
     """Ask QUESTION (or start an interactive session) and let the agent answer."""
     from attar.runtime.chat import run_chat
 
-    run_chat(question, model=model, index=index, max_steps=max_steps, temperature=temperature, top_p=top_p,
+    run_chat(question, model=model, index=index, max_steps=max_steps, sag=sag, temperature=temperature, top_p=top_p,
              seed=seed, provider=provider, as_json=as_json, trace=trace)
 
 

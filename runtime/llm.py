@@ -120,6 +120,45 @@ class OnnxBackend:
         return Generation(text, len(ids), count, time.perf_counter() - began, first, stopped_by)
 
 
+    def generate_batch(self, messages, n: int, stop=(), sampling=Sampling()) -> list[Generation]:
+        """N samples of the same prompt in one batched generation, each cut at its own stop string.
+        (onnxruntime-genai 0.18 cannot share the prompt's prefill across the batch, nor drop a
+        finished row; a finished row's tokens are simply ignored.)"""
+        began = time.perf_counter()
+        text = self.tokenizer.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
+        batch = self.tokenizer.encode_batch([text] * n)
+        prompt_tokens = len(self.tokenizer.encode(text))
+        params = self.og.GeneratorParams(self.model)
+        options = {"batch_size": n, "max_length": min(self.context_length, prompt_tokens + sampling.max_new_tokens),
+                   "do_sample": not sampling.greedy}
+        if not sampling.greedy:
+            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        if sampling.seed is not None:
+            options["random_seed"] = sampling.seed
+        params.set_search_options(**options)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(batch)
+        eos = set(self.tokenizer.eos_token_ids)
+        streams = [self.tokenizer.create_stream() for _ in range(n)]
+        texts, counts, stopped, done = [""] * n, [0] * n, [None] * n, [False] * n
+        first = None
+        while not generator.is_done() and not all(done):
+            generator.generate_next_token()
+            first = first if first is not None else time.perf_counter() - began
+            for i, token in enumerate(generator.get_next_tokens()):
+                if done[i]:
+                    continue
+                if int(token) in eos:
+                    done[i] = True
+                    continue
+                counts[i] += 1
+                texts[i] += streams[i].decode(token)
+                texts[i], stopped[i] = cut_at_stop(texts[i], stop)
+                done[i] = stopped[i] is not None
+        seconds = time.perf_counter() - began
+        return [Generation(texts[i], prompt_tokens, counts[i], seconds, first, stopped[i]) for i in range(n)]
+
+
 class OpenAIBackend:
     """Any OpenAI-compatible chat endpoint (vLLM, llama.cpp server, Ollama, a hosted API)."""
 
@@ -168,6 +207,9 @@ class ScriptedBackend:
         if on_text:
             on_text(text)
         return Generation(text, sum(len(m["content"]) for m in messages) // 4, len(text) // 4, 0.0, 0.0, stopped_by)
+
+    def generate_batch(self, messages, n, stop=(), sampling=Sampling()) -> list[Generation]:
+        return [self.generate(messages, stop, sampling) for _ in range(n)]
 
 
 def load_backend(model: str | os.PathLike | None, provider: str = "cpu") -> Backend:

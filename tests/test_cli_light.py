@@ -28,3 +28,17 @@ def test_help_and_sandbox_import_no_training_library():
     assert result["codes"][:2] == [0, 0]
     assert result["heavy"] == []
     assert "export" in result["help"] and "sandbox" in result["help"]
+
+
+def test_runtime_install_resolves_without_training_libraries(tmp_path):
+    """`pip install attar` (no extras) must not pull torch & co., not even transitively."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                           "--report", str(report), str(root)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert "onnxruntime-genai" in names and "wasmtime" in names and "usearch" in names
+    assert not names & {"torch", "transformers", "peft", "trl", "optimum", "optimum-onnx"}

@@ -1,0 +1,75 @@
+"""Self-consistent action generation: batched candidates, isolated forks, majority vote."""
+
+import json
+import subprocess
+import sys
+
+from attar.runtime import Agent, ScriptedBackend
+from attar.runtime.sandbox import Limits
+
+LIMITS = Limits(timeout_s=2.0, memory_mb=64)
+
+
+def act(code):
+    return f"Thought: t\nCode:\n```py\n{code}\n```<end_code>"
+
+
+def test_majority_wins_and_failures_are_dropped():
+    backend = ScriptedBackend([
+        act("x = 2 + 2\nprint(x)"), "no code at all", act("x = 5\nprint(x)"), act("x = 4\nprint(x)"), act("1/0"),
+        act("final_answer(x * 10)"), act("final_answer(x * 10)"), act("final_answer(x * 10)"), act("final_answer(-1)"), act("final_answer(x)"),
+    ])
+    with Agent(backend, sag=5, limits=LIMITS) as agent:
+        result = agent.run("q")
+    first, second = result.steps
+    assert first.stdout == "4\n"  # two candidates printed 4, one printed 5
+    assert [c.votes for c in first.candidates] == [2, 0, 1, 2, 0]
+    assert "parse error" in first.candidates[1].error and "ZeroDivisionError" in first.candidates[4].error
+    assert result.answer == 40  # the winner's fork (x == 4) became the session
+
+
+def test_candidates_do_not_see_each_others_side_effects():
+    backend = ScriptedBackend([
+        act("items.append('a')\nprint(len(items))"), act("items.append('b')\nprint(len(items))"),
+        act("items.append('c')\nprint(len(items))"),
+        act("final_answer(items)"), act("final_answer(items)"), act("final_answer(items)"),
+    ])
+    with Agent(backend, sag=3, limits=LIMITS) as agent:
+        agent.reset()
+        agent.sandbox.run("items = []")
+        result = agent.run("q", reset=False)
+    assert result.steps[0].stdout == "1\n"  # every candidate saw an empty list
+    assert [c.votes for c in result.steps[0].candidates] == [2, 2, 0]  # the third was not needed
+    assert result.answer == ["a"]  # tie goes to the first candidate in sample order
+
+
+def test_all_candidates_fail_is_an_error_observation():
+    backend = ScriptedBackend([act("1/0"), act("undefined_name"), act("final_answer(3)"), act("final_answer(3)")])
+    with Agent(backend, sag=2, limits=LIMITS) as agent:
+        result = agent.run("q")
+    assert "ZeroDivisionError" in result.steps[0].error
+    assert backend.seen[-1][-1]["content"].startswith("Observation:\nError:")
+    assert result.answer == 3
+
+
+def test_vote_decided_early_skips_the_rest():
+    backend = ScriptedBackend([act("final_answer(1)")] * 3 + [act("final_answer(2)")])
+    with Agent(backend, sag=4, limits=LIMITS) as agent:
+        result = agent.run("q")
+    assert result.answer == 1
+    assert "already decided" in result.steps[0].candidates[3].error
+
+
+def test_sag_on_a_real_model_is_deterministic_under_a_seed(tiny_onnx):
+    def run():
+        cmd = [sys.executable, "-m", "attar.runtime.cli", "chat", "What is 6*7?", "--model", str(tiny_onnx),
+               "--sag", "3", "--seed", "11", "--max-steps", "1", "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    a, b = run(), run()
+    steps = a["memory"]["tasks"][0]["steps"]
+    assert len(steps[0]["candidates"]) == 3
+    assert [c["model_output"] for c in steps[0]["candidates"]] == \
+           [c["model_output"] for c in b["memory"]["tasks"][0]["steps"][0]["candidates"]]
