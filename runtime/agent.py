@@ -9,6 +9,7 @@ repeat until `final_answer` or `max_steps`.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass, replace
@@ -61,6 +62,7 @@ class Agent:
         limits: Limits = Limits(),
         provider: str = "cpu",
         on_text: Callable[[str], None] | None = None,
+        system_prompt: str = prompts.SYSTEM,
     ):
         if max_steps < 1:
             raise ValueError("max_steps must be at least 1")
@@ -75,7 +77,8 @@ class Agent:
             from attar.runtime.retrieval import Index, web_search_tool
 
             tools.append(web_search_tool(Index.open(index) if isinstance(index, (str, Path)) else index))
-        self.tools = validate(tools)
+        self.tools = {name: self._timed(tool) for name, tool in validate(tools).items()}
+        self._tool_seconds = 0.0
         self.max_steps = max_steps
         self.sampling = sampling
         self.sag = sag
@@ -83,18 +86,20 @@ class Agent:
             Sandbox.keep_warm(sag, limits)  # forks then cost a replay, not an interpreter boot
         self.limits = limits
         self.on_text = on_text
-        system = prompts.SYSTEM.format(tools="\n".join(describe(t) for t in self.tools.values()))
+        self.tool_descriptions = "\n".join(describe(t) for t in self.tools.values())
+        system = system_prompt.format(tools=self.tool_descriptions)
         self.memory = Memory(system)
         self.sandbox: Sandbox | None = None
 
-    def run(self, question: str, reset: bool = True) -> RunResult:
-        steps = list(self.stream(question, reset=reset))
+    def run(self, question: str, reset: bool = True, prefix: str = "") -> RunResult:
+        steps = list(self.stream(question, reset=reset, prefix=prefix))
         task = self.memory.tasks[-1]
         return RunResult(task.answer, steps, task.finished_by, self.memory)
 
-    def stream(self, question: str, reset: bool = True) -> Iterator[Step]:
+    def stream(self, question: str, reset: bool = True, prefix: str = "") -> Iterator[Step]:
         """Yield each step as soon as it has run. `reset=False` continues the conversation,
-        with the variables of earlier tasks still defined."""
+        with the variables of earlier tasks still defined. `prefix` starts the first step's
+        output (the first-thought prefix of distillation); the model continues it."""
         if not question or not question.strip():
             raise ValueError("the question is empty")
         if reset or self.sandbox is None:
@@ -103,7 +108,7 @@ class Agent:
         self.memory.tasks.append(task)
         try:
             for number in range(1, self.max_steps + 1):
-                step = self._step(number)
+                step = self._step(number, prefix if number == 1 else "")
                 task.steps.append(step)
                 yield step
                 if step.is_final:
@@ -116,6 +121,19 @@ class Agent:
         except KeyboardInterrupt:
             task.finished_by = "interrupted"
             raise
+
+    def _timed(self, tool: Tool) -> Tool:
+        """Wrap a tool so each step can report how much of its sandbox time the tools took."""
+
+        @functools.wraps(tool)
+        def timed(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return tool(*args, **kwargs)
+            finally:
+                self._tool_seconds += time.perf_counter() - began
+
+        return timed
 
     def reset(self) -> None:
         self.close()
@@ -135,11 +153,13 @@ class Agent:
 
     # -- one step ------------------------------------------------------------------------
 
-    def _step(self, number: int) -> Step:
-        if self.sag > 1:
+    def _step(self, number: int, prefix: str = "") -> Step:
+        if self.sag > 1 and not prefix:
             return self._sag_step(number)
+        kwargs = {"prefix": prefix} if prefix else {}
         gen = self.backend.generate(self.memory.messages(), stop=prompts.STOP, sampling=self.sampling,
-                                    on_text=self.on_text)
+                                    on_text=self.on_text, **kwargs)
+        gen.text = prefix + gen.text
         output = gen.text + ("<end_code>" if gen.stopped_by == "<end_code>" else "")
         step = Step(number, model_output=output, generation_seconds=gen.seconds,
                     first_token_seconds=gen.first_token_seconds, prompt_tokens=gen.prompt_tokens,
@@ -148,9 +168,9 @@ class Agent:
         if step.code is None:
             step.error = prompts.PARSE_ERROR
             return step
-        began = time.perf_counter()
+        began, self._tool_seconds = time.perf_counter(), 0.0
         result = self.sandbox.run(step.code)
-        step.sandbox_seconds = time.perf_counter() - began
+        step.sandbox_seconds, step.tool_seconds = time.perf_counter() - began, self._tool_seconds
         step.stdout, step.output, step.error = result.stdout, result.output, result.error
         step.is_final, step.final_answer = result.is_final, result.final_answer
         return step

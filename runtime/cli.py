@@ -12,6 +12,7 @@ import click
 LAZY_COMMANDS = {
     "export": ("attar.export.cli:export", "Export a model to ONNX INT4 for onnxruntime-genai (needs attar[export])."),
     "pull": ("attar.export.cli:pull", "Build the default model into the local cache (needs attar[export])."),
+    "distill": ("attar.distill.cli:distill", "Distill teacher agent trajectories into a student (needs attar[distill])."),
 }
 
 

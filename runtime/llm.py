@@ -4,9 +4,11 @@ scripted backend replays fixed outputs for tests and demos."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -46,6 +48,7 @@ class Backend(Protocol):
         stop: list[str] = (),
         sampling: Sampling = Sampling(),
         on_text: Callable[[str], None] | None = None,
+        prefix: str = "",  # start of the assistant turn, which the model continues
     ) -> Generation: ...
 
 
@@ -81,13 +84,13 @@ class OnnxBackend:
         self.tokenizer = og.Tokenizer(self.model)
         self.context_length = json.loads((path / "genai_config.json").read_text())["model"].get("context_length", 2048)
 
-    def prompt_ids(self, messages: list[Message]):
+    def prompt_ids(self, messages: list[Message], prefix: str = ""):
         text = self.tokenizer.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(text + prefix)
 
-    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None) -> Generation:
+    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
         began = time.perf_counter()
-        ids = self.prompt_ids(messages)
+        ids = self.prompt_ids(messages, prefix)
         params = self.og.GeneratorParams(self.model)
         options = {"max_length": min(self.context_length, len(ids) + sampling.max_new_tokens)}
         if sampling.greedy:
@@ -159,30 +162,71 @@ class OnnxBackend:
         return [Generation(texts[i], prompt_tokens, counts[i], seconds, first, stopped[i]) for i in range(n)]
 
 
-class OpenAIBackend:
-    """Any OpenAI-compatible chat endpoint (vLLM, llama.cpp server, Ollama, a hosted API)."""
+def render_chatml(messages: list[Message], prefix: str = "") -> str:
+    """ChatML (SmolLM2, Qwen): used where a server must continue a partial assistant message
+    through its plain completions endpoint."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + "<|im_start|>assistant\n" + prefix
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0):
-        self.base_url = base_url.rstrip("/")
+
+class OpenAIBackend:
+    """Any OpenAI-compatible endpoint (vLLM, llama.cpp server, Ollama, a hosted API).
+
+    Several base URLs fan requests out round-robin (a cluster of vLLM servers). Transient
+    failures (connection errors, 429, 5xx) are retried with exponential backoff. A `prefix`
+    (the first-thought prefix of distillation) is continued either through the chat API
+    (`continue_final_message`, vLLM) or, with `completions=True`, by rendering ChatML locally
+    and calling the completions endpoint, which every server has."""
+
+    RETRIES = 5
+
+    def __init__(self, base_url: str | list[str], model: str, api_key: str | None = None, timeout: float = 300.0,
+                 completions: bool = False):
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.base_urls = [u.rstrip("/") for u in urls]
         self.name = model
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         self.timeout = timeout
+        self.completions = completions
+        self._next = itertools.count()
 
-    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None) -> Generation:
+    def _post(self, path: str, body: dict) -> dict:
+        delay = 1.0
+        for attempt in range(self.RETRIES + 1):
+            url = self.base_urls[next(self._next) % len(self.base_urls)] + path
+            request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                if exc.code not in (408, 429) and exc.code < 500 or attempt == self.RETRIES:
+                    raise
+            except (urllib.error.URLError, TimeoutError, ConnectionError):
+                if attempt == self.RETRIES:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
         began = time.perf_counter()
-        body = {"model": self.name, "messages": messages, "max_tokens": sampling.max_new_tokens,
+        body = {"model": self.name, "max_tokens": sampling.max_new_tokens,
                 "temperature": max(sampling.temperature, 0.0), "top_p": sampling.top_p, "stop": list(stop)}
         if sampling.seed is not None:
             body["seed"] = sampling.seed
-        request = urllib.request.Request(
-            self.base_url + "/chat/completions", data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"},
-        )
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            reply = json.loads(response.read())
+        if self.completions:
+            reply = self._post("/completions", {**body, "prompt": render_chatml(messages, prefix)})
+            raw = reply["choices"][0].get("text") or ""
+        else:
+            if prefix:
+                messages = [*messages, {"role": "assistant", "content": prefix}]
+                body.update(continue_final_message=True, add_generation_prompt=False)
+            reply = self._post("/chat/completions", {**body, "messages": messages})
+            raw = reply["choices"][0]["message"]["content"] or ""
         choice = reply["choices"][0]
-        text, stopped_by = cut_at_stop(choice["message"]["content"] or "", list(stop))
-        if stopped_by is None and choice.get("finish_reason") == "stop" and stop:
+        text, stopped_by = cut_at_stop(raw, list(stop))
+        if stopped_by is None and choice.get("finish_reason") == "stop" and stop and "```" in text:
             stopped_by = stop[0]  # servers strip the stop string they matched
         if on_text:
             on_text(text)
@@ -200,8 +244,8 @@ class ScriptedBackend:
     name: str = "scripted"
     seen: list[list[Message]] = field(default_factory=list)
 
-    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None) -> Generation:
-        self.seen.append([dict(m) for m in messages])
+    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
+        self.seen.append([dict(m) for m in messages] + ([{"role": "prefix", "content": prefix}] if prefix else []))
         raw = self.outputs.pop(0) if self.outputs else ""
         text, stopped_by = cut_at_stop(raw, list(stop))
         if on_text:

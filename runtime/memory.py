@@ -34,7 +34,8 @@ class Step:
     final_answer: Any = None
     is_final: bool = False
     generation_seconds: float = 0.0
-    sandbox_seconds: float = 0.0
+    sandbox_seconds: float = 0.0  # includes tool_seconds
+    tool_seconds: float = 0.0
     first_token_seconds: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0

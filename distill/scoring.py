@@ -1,0 +1,115 @@
+"""Is an answer right? Numeric answers by value, math answers by normalized LaTeX (and value when
+both sides evaluate), factual answers by normalized exact match or token F1 (SQuAD style).
+Pure Python: the runtime's eval harness and the benches use it without torch."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from fractions import Fraction
+from typing import Any
+
+F1_THRESHOLD = 0.8
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...}, braces balanced."""
+    start = text.rfind("\\boxed")
+    if start == -1:
+        return None
+    i = text.find("{", start)
+    if i == -1:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def to_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    text = extract_boxed(text) or text
+    text = re.sub(r"\\text\{[^}]*\}|\\!|\\,|\$|,(?=\d{3})|%|\\%", "", text).strip()
+    frac = re.fullmatch(r"-?\\d?frac\{(-?\d+)\}\{(-?\d+)\}", text.replace("\\dfrac", "\\frac").replace("-\\frac", "\\frac"))
+    if frac:
+        sign = -1 if text.startswith("-") else 1
+        return sign * float(Fraction(int(frac.group(1)), int(frac.group(2))))
+    numbers = re.findall(r"-?\d+(?:\.\d+)?(?:/\d+)?", text)
+    candidate = text if re.fullmatch(r"-?\d+(?:\.\d+)?(?:/\d+)?", text) else (numbers[-1] if numbers else None)
+    if candidate is None:
+        return None
+    try:
+        return float(Fraction(candidate))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def numeric_match(prediction: Any, gold: Any, rel_tol: float = 1e-4) -> bool:
+    a, b = to_number(prediction), to_number(gold)
+    if a is None or b is None:
+        return False
+    return abs(a - b) <= rel_tol * max(1.0, abs(b))
+
+
+def normalize_latex(text: Any) -> str:
+    text = str(text).strip()
+    text = extract_boxed(text) or text
+    text = re.sub(r"\\left|\\right|\\!|\\,|\\;|\\ |\$|\s+", "", text)
+    text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("^\\circ", "").replace("^{\\circ}", "")
+    text = re.sub(r"\\text\{([^}]*)\}", r"\1", text)
+    return text.rstrip(".").lower()
+
+
+def math_match(prediction: Any, gold: Any) -> bool:
+    if normalize_latex(prediction) == normalize_latex(gold):
+        return True
+    return numeric_match(prediction, gold) and to_number(gold) is not None and \
+        re.fullmatch(r"-?[\d.,/]+|-?\\d?frac\{-?\d+\}\{-?\d+\}", normalize_latex(gold)) is not None
+
+
+def normalize_text(text: Any) -> str:
+    text = str(text).lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def f1(prediction: Any, gold: Any) -> float:
+    p, g = normalize_text(prediction).split(), normalize_text(gold).split()
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def factual_match(prediction: Any, gold: Any) -> bool:
+    p, g = normalize_text(prediction), normalize_text(gold)
+    return bool(g) and (p == g or f1(prediction, gold) >= F1_THRESHOLD or (len(g) > 3 and g in p and len(p) < 4 * len(g)))
+
+
+def score(prediction: Any, gold: Any, kind: str) -> bool:
+    """kind: "numeric" (GSM), "math" (MATH, LaTeX) or "factual" (HotpotQA and the demo world)."""
+    if prediction is None:
+        return False
+    if kind == "numeric":
+        return numeric_match(prediction, gold)
+    if kind == "math":
+        return math_match(prediction, gold)
+    return factual_match(prediction, gold) or numeric_match(prediction, gold)
+
+
+def kind_of(dataset_name: str) -> str:
+    name = dataset_name.lower()
+    if "gsm" in name:
+        return "numeric"
+    if "math" in name or "aime" in name:
+        return "math"
+    return "factual"

@@ -1,0 +1,174 @@
+"""Teacher trajectories: run a teacher as a CodeAct agent over training questions, with the
+first-thought prefix (FTP), score each answer, and log every finished trajectory at once.
+
+The teacher sees a long prompt with worked examples; the trajectory is stored with the short
+student prompt, which is what the student is trained and run with."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from attar.distill.data import JsonlLog, Question
+from attar.distill.scoring import extract_boxed, score
+from attar.runtime import prompts
+from attar.runtime.llm import Backend, OnnxBackend, OpenAIBackend, Sampling
+
+TEACHER_EXAMPLES = '''
+Here are two examples of the format.
+
+---
+Task: "In which year was the bridge over the river that flows through Ostrava completed, and how many years before 2000 was that?"
+
+Thought: I need the river that flows through Ostrava, then its bridge. I will search first.
+Code:
+```py
+print(web_search("river that flows through Ostrava"))
+```<end_code>
+Observation: ===== Document 0, similarity: 0.81 ===== Ostrava ... lies on the Oder river ...
+
+Thought: The river is the Oder. Now I need the completion year of its bridge, then the difference to 2000.
+Code:
+```py
+print(web_search("Oder bridge Ostrava completed year"))
+```<end_code>
+Observation: ===== Document 0, similarity: 0.77 ===== ... the bridge was completed in 1913 ...
+
+Thought: The bridge was completed in 1913, so 2000 - 1913 years before 2000.
+Code:
+```py
+final_answer(2000 - 1913)
+```<end_code>
+
+---
+Task: "What is the sum of all positive divisors of 360?"
+
+Thought: I can compute this directly in Python.
+Code:
+```py
+total = sum(d for d in range(1, 361) if 360 % d == 0)
+print(total)
+```<end_code>
+Observation: Execution logs:
+1170
+
+Thought: The sum is 1170.
+Code:
+```py
+final_answer(1170)
+```<end_code>
+---
+Always end with final_answer. For math, give the exact answer as a LaTeX string such as final_answer("\\\\frac{3}{4}").
+'''
+
+TEACHER_SYSTEM = prompts.SYSTEM + "\n" + TEACHER_EXAMPLES.replace("{", "{{").replace("}", "}}")  # a format template
+
+COT_SYSTEM = ("Answer the question. Think step by step, one short paragraph per step, and end with the final "
+              "answer in \\boxed{}.")
+
+
+def first_paragraph(text: str, max_chars: int = 600) -> str:
+    """The teacher's first reasoning step: the first non-empty paragraph of its CoT answer."""
+    for para in re.split(r"\n\s*\n", text.strip()):
+        para = para.strip()
+        if para and not para.startswith("\\boxed"):
+            return para[:max_chars]
+    return ""
+
+
+def load_teacher(spec: str, model: str = "default", completions: bool = False) -> Backend:
+    """A teacher: comma-separated OpenAI-compatible base URLs, or an exported model folder."""
+    if spec.startswith(("http://", "https://")):
+        return OpenAIBackend([u.strip() for u in spec.split(",")], model, completions=completions)
+    return OnnxBackend(spec)
+
+
+@dataclass
+class GenerateConfig:
+    ftp: bool = True
+    max_steps: int = 5
+    concurrency: int = 4
+    max_new_tokens: int = 512
+    cot_max_new_tokens: int = 512
+
+
+def _trajectory(teacher: Backend, q: Question, cfg: GenerateConfig, tools: list) -> dict:
+    """One question: CoT answer (for FTP and the CoT baseline), then the agent run."""
+    from attar.runtime import Agent
+
+    began = time.perf_counter()
+    cot = teacher.generate([{"role": "system", "content": COT_SYSTEM}, {"role": "user", "content": q.question}],
+                           sampling=Sampling(max_new_tokens=cfg.cot_max_new_tokens))
+    cot_answer = extract_boxed(cot.text)
+    prefix = ""
+    if cfg.ftp:
+        thought = first_paragraph(cot.text)
+        prefix = f"Thought: {thought}" if thought else ""
+    with Agent(teacher, tools=tools, max_steps=cfg.max_steps, system_prompt=TEACHER_SYSTEM,
+               sampling=Sampling(max_new_tokens=cfg.max_new_tokens)) as agent:
+        result = agent.run(q.question, prefix=prefix)
+        messages = agent.memory.messages()
+        messages[0] = {"role": "system", "content": prompts.SYSTEM.format(tools=agent.tool_descriptions)}
+    steps = result.steps
+    return {
+        "id": q.id, "question": q.question, "answer": q.answer, "kind": q.kind,
+        "prediction": result.answer, "correct": result.finished_by == "final_answer" and score(result.answer, q.answer, q.kind),
+        "finished_by": result.finished_by,
+        "parse_errors": sum(1 for s in steps if s.code is None and not (s.is_final and result.finished_by == "max_steps")),
+        "exec_errors": sum(1 for s in steps if s.code is not None and s.error),
+        "steps": len(steps), "ftp": prefix or None,
+        "cot": cot.text, "cot_prediction": cot_answer, "cot_correct": score(cot_answer, q.answer, q.kind),
+        "messages": messages, "teacher": teacher.name,
+        "tokens": sum(s.completion_tokens for s in steps) + cot.completion_tokens,
+        "seconds": round(time.perf_counter() - began, 2),
+    }
+
+
+def generate(questions: list[Question], teacher: Backend, out_dir: str | os.PathLike, cfg: GenerateConfig = GenerateConfig(),
+             tools: list = (), progress: bool = True) -> dict:
+    """Run the teacher over every question not yet in OUT/trajectories.jsonl; return a summary."""
+    from tqdm import tqdm
+
+    log = JsonlLog(Path(out_dir) / "trajectories.jsonl")
+    todo = [q for q in questions if q.id not in log]
+    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), unit="q", desc="trajectories",
+               disable=not progress)
+    failures: list[str] = []
+    lock = threading.Lock()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, cfg.concurrency)) as pool:
+            futures = {pool.submit(_trajectory, teacher, q, cfg, list(tools)): q for q in todo}
+            for future in as_completed(futures):
+                q = futures[future]
+                try:
+                    log.append(future.result())
+                except Exception as exc:  # one bad question must not stop the run; it is retried next time
+                    with lock:
+                        failures.append(f"{q.id}: {type(exc).__name__}: {exc}")
+                bar.update(1)
+    finally:
+        bar.close()
+        log.close()
+    records = [log.records[q.id] for q in questions if q.id in log.records]
+    return summarize(records) | {"failed": len(failures), "failures": failures[:5]}
+
+
+def summarize(records: list[dict]) -> dict:
+    n = len(records) or 1
+    kept = [r for r in records if keep(r)]
+    return {"trajectories": len(records), "correct": sum(r["correct"] for r in records),
+            "kept": len(kept), "kept_share": round(len(kept) / n, 4),
+            "cot_correct": sum(bool(r.get("cot_correct")) for r in records),
+            "parse_error_runs": sum(r["parse_errors"] > 0 for r in records),
+            "exec_error_runs": sum(r["exec_errors"] > 0 for r in records),
+            "max_steps_runs": sum(r["finished_by"] == "max_steps" for r in records)}
+
+
+def keep(record: dict) -> bool:
+    """The paper's filter: the answer is correct and no step failed to parse."""
+    return bool(record["correct"]) and record["parse_errors"] == 0
