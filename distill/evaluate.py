@@ -1,0 +1,142 @@
+"""Evaluate a student the way the paper does: as an agent (optionally with SAG) or by CoT
+(optionally with retrieved passages), over a question file. Predictions are logged as they
+come (resumable); the summary carries accuracy and a breakdown of failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from attar.distill.data import JsonlLog, load_questions
+from attar.distill.scoring import extract_boxed, score
+from attar.distill.sft_data import cot_messages
+from attar.runtime.llm import Sampling
+
+CATEGORIES = ("correct", "wrong_answer", "parse_error", "execution_error", "max_steps")
+
+
+def load_model(spec: str):
+    """An exported ONNX folder, an OpenAI-compatible URL (URL#model), or an HF folder."""
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "genai_config.json").is_file():
+        from attar.distill.hf_backend import TransformersBackend
+
+        return TransformersBackend(path)
+    from attar.runtime.llm import load_backend
+
+    return load_backend(spec)
+
+
+def categorize(result) -> str:
+    if result.finished_by == "final_answer":
+        return "final"
+    last_action = next((s for s in reversed(result.steps) if not (s.is_final and s.code is None)), None)
+    if last_action is not None and last_action.code is None:
+        return "parse_error"
+    if last_action is not None and last_action.error:
+        return "execution_error"
+    return "max_steps"
+
+
+def _agent_record(backend, q, sag, index, max_steps) -> dict:
+    from attar.runtime import Agent
+
+    with Agent(backend, index=index, max_steps=max_steps, sag=sag,
+               sampling=Sampling(temperature=0.4, top_p=0.8, seed=0) if sag > 1 else Sampling()) as agent:
+        result = agent.run(q.question)
+    category = categorize(result)
+    correct = category == "final" and score(result.answer, q.answer, q.kind)
+    if category == "final":
+        category = "correct" if correct else "wrong_answer"
+    return {"prediction": result.answer, "correct": correct, "category": category, "steps": len(result.steps),
+            "tokens": sum(s.completion_tokens for s in result.steps)}
+
+
+def _cot_record(backend, q, retrieve) -> dict:
+    passages = retrieve(q.question) if retrieve else None
+    gen = backend.generate(cot_messages(q.question, passages), sampling=Sampling(max_new_tokens=512))
+    prediction = extract_boxed(gen.text)
+    correct = score(prediction, q.answer, q.kind)
+    category = "correct" if correct else ("wrong_answer" if prediction is not None else "parse_error")
+    return {"prediction": prediction, "output": gen.text, "correct": correct, "category": category, "steps": 1,
+            "tokens": gen.completion_tokens}
+
+
+def evaluate(model: str, questions: str | os.PathLike, out_dir: str | os.PathLike, *, mode: str = "agent",
+             sag: int = 1, index: str | None = None, max_steps: int = 5, limit: int | None = None,
+             label: str | None = None, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    if mode not in ("agent", "cot"):
+        raise ValueError(f"mode must be agent or cot, not {mode!r}")
+    qs = load_questions(questions, limit)
+    backend = load_model(model)
+    retrieve = None
+    if mode == "cot" and index:
+        from attar.runtime.retrieval import Index, web_search_tool
+
+        retrieve = web_search_tool(Index.open(index))
+    out_dir = Path(out_dir)
+    log = JsonlLog(out_dir / "predictions.jsonl")
+    bar = tqdm(total=len(qs), initial=sum(q.id in log for q in qs), unit="q", desc="eval", disable=not progress)
+    try:
+        for q in qs:
+            if q.id in log:
+                continue
+            began = time.perf_counter()
+            rec = _agent_record(backend, q, sag, index, max_steps) if mode == "agent" else _cot_record(backend, q, retrieve)
+            log.append({"id": q.id, "question": q.question, "answer": q.answer, **rec,
+                        "seconds": round(time.perf_counter() - began, 2)})
+            bar.update(1)
+    finally:
+        bar.close()
+        log.close()
+    records = [log.records[q.id] for q in qs]
+    n = len(records)
+    method = mode if not (mode == "cot" and index) else "cot+rag"
+    summary = {
+        "label": label or f"{Path(str(model)).name} {method}" + (f" sag{sag}" if sag > 1 else ""),
+        "model": str(model), "method": method, "sag": sag, "dataset": Path(questions).stem, "questions": n,
+        "accuracy": round(sum(r["correct"] for r in records) / n, 4),
+        "tokens_per_question": round(sum(r["tokens"] for r in records) / n, 1),
+        "seconds_per_question": round(sum(r["seconds"] for r in records) / n, 2),
+        "breakdown": {c: sum(r["category"] == c for r in records) for c in CATEGORIES},
+    }
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out_dir / "summary.json")
+    return summary
+
+
+def compare(run_dirs: list[str | os.PathLike], chart: str | os.PathLike | None = None) -> str:
+    """One table across runs, like the paper's main table; optionally a bar chart PNG."""
+    rows = []
+    for run in run_dirs:
+        file = Path(run) / "summary.json"
+        if not file.is_file():
+            raise ValueError(f"no summary.json in {run}")
+        rows.append(json.loads(file.read_text()))
+    header = ("run", "method", "SAG", "dataset", "n", "accuracy", "tokens/q", "s/q")
+    table = [header] + [(r["label"], r["method"], str(r["sag"]), r["dataset"], str(r["questions"]),
+                         f"{r['accuracy']:.1%}", f"{r['tokens_per_question']:.0f}", f"{r['seconds_per_question']:.1f}")
+                        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table)
+    if chart:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.6))
+        bars = ax.bar(range(len(rows)), [100 * r["accuracy"] for r in rows], color="#4a7bb7")
+        ax.bar_label(bars, fmt="%.1f")
+        ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(", ".join(sorted({r["dataset"] for r in rows})))
+        fig.tight_layout()
+        fig.savefig(chart, dpi=120)
+        plt.close(fig)
+    return text
