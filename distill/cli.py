@@ -129,3 +129,16 @@ def compare(runs, chart):
         click.echo(run(list(runs), chart))
     except ValueError as exc:
         raise _fail(exc) from None
+
+
+@click.command()
+@click.option("--out", default="attar-demo", show_default=True, type=click.Path(), help="Run folder (cached stages).")
+@click.option("--quick", is_flag=True, help="A tiny model on a tiny world: the whole pipeline in a few minutes.")
+@click.option("--seed", default=0, show_default=True)
+def demo(out, quick, seed):
+    """Agent distillation vs CoT distillation, end to end, offline."""
+    from dataclasses import replace
+
+    from attar.distill.demo import QUICK, DemoConfig, run_demo
+
+    run_demo(out, replace(QUICK if quick else DemoConfig(), seed=seed))

@@ -13,6 +13,7 @@ LAZY_COMMANDS = {
     "export": ("attar.export.cli:export", "Export a model to ONNX INT4 for onnxruntime-genai (needs attar[export])."),
     "pull": ("attar.export.cli:pull", "Build the default model into the local cache (needs attar[export])."),
     "distill": ("attar.distill.cli:distill", "Distill teacher agent trajectories into a student (needs attar[distill])."),
+    "demo": ("attar.distill.cli:demo", "Agent vs CoT distillation end to end on a generated world (needs attar[all])."),
 }
 
 

@@ -1,0 +1,157 @@
+"""`attar demo`: agent distillation vs CoT distillation, end to end, offline, on a laptop.
+
+Stages (each cached in OUT and skipped when its artifact exists, so a killed demo resumes):
+  1. world      a seeded fictional world: corpus + train/test questions (test people held out)
+  2. index      the corpus in an on-device usearch index
+  3. teacher    oracle trajectories and CoT traces (teacher: "oracle", see oracle.py)
+  4. sft        agent_sft.jsonl (filtered) and cot_sft.jsonl (CoT traces, with and without passages)
+  5. train      the same student twice: LoRA on agent trajectories, LoRA on CoT
+  6. export     base, agent and CoT students to ONNX INT4 (parity check on)
+  7. eval       untrained agent, CoT, CoT + passages, agent (HF merged), agent INT4, agent INT4 + SAG
+  8. results    results.json, results.md and results.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from attar.distill.data import read_jsonl, write_jsonl_atomic
+
+
+@dataclass
+class DemoConfig:
+    seed: int = 0
+    people: int = 60  # world size; test questions use 30% of them, held out
+    student: str = "default"  # SmolLM2-135M-Instruct; "tiny" = a random 2-layer llama (quick mode)
+    epochs: float = 2.0
+    train_max_steps: int = -1
+    eval_limit: int | None = None  # test questions evaluated (None = all)
+    sag: int = 8
+    sag_limit: int | None = 20  # SAG costs ~4x per step on 2 cores: a subset
+    max_steps: int = 5
+
+
+QUICK = DemoConfig(people=10, student="tiny", epochs=1.0, train_max_steps=3, eval_limit=4, sag=3, sag_limit=2,
+                   max_steps=3)
+
+
+def _log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
+    from attar.distill.evaluate import compare, evaluate
+    from attar.distill.oracle import generate_oracle
+    from attar.distill.sft_data import build_sft
+    from attar.distill.train import TrainConfig, train
+    from attar.distill.world import make_world
+    from attar.export.convert import export_model
+    from attar.runtime.retrieval import Index, build_index, web_search_tool
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def stage(name: str):
+        _log(name)
+        timings[name] = time.perf_counter()
+
+    def done(name: str):
+        timings[name] = round(time.perf_counter() - timings[name], 1)
+
+    stage("world")
+    world_dir = out / "world"
+    if not (world_dir / "test.jsonl").is_file():
+        world = make_world(seed=cfg.seed, people=cfg.people)
+        world_dir.mkdir(exist_ok=True)
+        write_jsonl_atomic(world_dir / "corpus.jsonl", world.passages)
+        write_jsonl_atomic(world_dir / "train.jsonl", world.train)
+        write_jsonl_atomic(world_dir / "test.jsonl", world.test)
+    train_q, test_q = read_jsonl(world_dir / "train.jsonl"), read_jsonl(world_dir / "test.jsonl")
+    done("world")
+
+    stage("index")
+    index_dir = out / "index"
+    if not (index_dir / "manifest.json").is_file() or not json.loads((index_dir / "manifest.json").read_text())["complete"]:
+        build_index(world_dir / "corpus.jsonl", index_dir)
+    index = Index.open(index_dir)
+    done("index")
+
+    stage("teacher (oracle)")
+    teacher_dir = out / "teacher"
+    teacher_summary = generate_oracle(train_q, index, teacher_dir, seed=cfg.seed)
+    done("teacher (oracle)")
+
+    stage("sft data")
+    if not (teacher_dir / "cot_sft.jsonl").is_file():
+        build_sft(teacher_dir)
+        build_sft(teacher_dir, retrieve=web_search_tool(index))
+        # One CoT student for both evaluations: every trace once without and once with passages.
+        rows = read_jsonl(teacher_dir / "cot_sft.jsonl") + read_jsonl(teacher_dir / "cot_rag_sft.jsonl")
+        write_jsonl_atomic(teacher_dir / "cot_sft.jsonl", rows)
+    done("sft data")
+
+    stage("student")
+    if cfg.student == "tiny":
+        from attar.distill.tiny import make_tiny_llama
+
+        student = str(make_tiny_llama(out / "tiny-student"))
+    else:
+        from attar.export.default import default_gguf
+
+        student = str(default_gguf())
+    done("student")
+
+    stage("train")
+    tcfg = TrainConfig(epochs=cfg.epochs, max_steps=cfg.train_max_steps)
+    adapters = {name: train(teacher_dir / data, student, out / f"train-{name}", tcfg, merge=True)
+                for name, data in (("agent", "agent_sft.jsonl"), ("cot", "cot_sft.jsonl"))}
+    done("train")
+
+    stage("export")
+    models = out / "models"
+    parity = {}
+    for name, lora in (("base", None), ("agent", adapters["agent"]), ("cot", adapters["cot"])):
+        target = models / f"{name}-int4"
+        if not target.exists():
+            export_model(student, target, lora=lora)
+        if (target / "parity.json").is_file():
+            parity[name] = json.loads((target / "parity.json").read_text())
+    done("export")
+
+    stage("eval")
+    test_file = world_dir / "test.jsonl"
+    runs = [
+        ("untrained agent", models / "base-int4", "agent", 1, str(index_dir), cfg.eval_limit),
+        ("CoT-distilled", models / "cot-int4", "cot", 1, None, cfg.eval_limit),
+        ("CoT-distilled + passages", models / "cot-int4", "cot", 1, str(index_dir), cfg.eval_limit),
+        ("agent-distilled (HF)", out / "train-agent" / "merged", "agent", 1, str(index_dir), cfg.eval_limit),
+        ("agent-distilled (INT4)", models / "agent-int4", "agent", 1, str(index_dir), cfg.eval_limit),
+        (f"agent-distilled (INT4) + SAG{cfg.sag}", models / "agent-int4", "agent", cfg.sag, str(index_dir),
+         cfg.sag_limit if cfg.eval_limit is None else min(cfg.eval_limit, cfg.sag_limit or cfg.eval_limit)),
+    ]
+    run_dirs, summaries = [], []
+    for label, model, mode, sag, idx, limit in runs:
+        run_dir = out / "eval" / label.lower().replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus")
+        _log(f"eval: {label}")
+        summaries.append(evaluate(str(model), test_file, run_dir, mode=mode, sag=sag, index=idx, limit=limit,
+                                  max_steps=cfg.max_steps, label=label))
+        run_dirs.append(run_dir)
+    done("eval")
+
+    stage("results")
+    table = compare(run_dirs, chart=out / "results.png")
+    results = {"config": asdict(cfg), "teacher": "oracle (from each question's derivation)",
+               "teacher_summary": teacher_summary, "train_questions": len(train_q), "test_questions": len(test_q),
+               "runs": summaries, "parity": parity, "stage_seconds": timings}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, out / "results.json")
+    (out / "results.md").write_text(table + "\n")
+    done("results")
+    print(table)
+    return results
