@@ -28,7 +28,9 @@ def distill() -> None:
 @click.option("--limit", type=int, help="Only the first N questions.")
 @click.option("--max-steps", default=5, show_default=True)
 @click.option("--concurrency", default=4, show_default=True, help="Questions in flight.")
-def generate(questions, teacher, teacher_model, out, ftp, completions, index, limit, max_steps, concurrency) -> None:
+@click.option("--max-new-tokens", default=512, show_default=True, help="Per teacher call.")
+def generate(questions, teacher, teacher_model, out, ftp, completions, index, limit, max_steps, concurrency,
+             max_new_tokens) -> None:
     """Run the teacher as an agent over QUESTIONS; resumable, one JSONL line per trajectory."""
     from attar.distill.data import load_questions
     from attar.distill.teacher import GenerateConfig, generate as run, load_teacher
@@ -44,7 +46,9 @@ def generate(questions, teacher, teacher_model, out, ftp, completions, index, li
             tools.append(web_search_tool(Index.open(index)))
     except (ValueError, ModelError, OSError) as exc:
         raise _fail(exc) from None
-    summary = run(qs, backend, out, GenerateConfig(ftp=ftp, max_steps=max_steps, concurrency=concurrency), tools)
+    cfg = GenerateConfig(ftp=ftp, max_steps=max_steps, concurrency=concurrency, max_new_tokens=max_new_tokens,
+                         cot_max_new_tokens=max_new_tokens)
+    summary = run(qs, backend, out, cfg, tools)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -77,7 +81,7 @@ def filter_(run_dir, rag_index) -> None:
 @click.option("--batch-size", default=2, show_default=True, help="Per device.")
 @click.option("--grad-accum", default=4, show_default=True, help="Effective batch = batch-size x grad-accum x devices.")
 @click.option("--max-length", default=2048, show_default=True)
-@click.option("--bf16/--fp32", default=True, show_default=True)
+@click.option("--bf16/--fp32", default=None, help="Default: bf16 on GPUs, fp32 on CPUs.")
 @click.option("--max-steps", default=-1, show_default=True, help="Stop after N optimizer steps (smoke runs).")
 @click.option("--merge", is_flag=True, help="Also write a merged HF folder (out/merged).")
 def train(data, student, out, rank, alpha, lr, epochs, batch_size, grad_accum, max_length, bf16, max_steps, merge):

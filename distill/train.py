@@ -37,7 +37,8 @@ class TrainConfig:
     batch_size: int = 2  # per device
     grad_accum: int = 4  # effective batch = batch_size * grad_accum * devices = 8
     max_length: int = 2048
-    bf16: bool = True  # bf16 autocast: ~1.3x faster than fp32 on a recent CPU
+    bf16: bool | None = None  # None: on GPUs only. On this CPU, 1100-token sequences train at 148 tok/s
+    # in fp32 and 110 tok/s with bf16 autocast (bf16 only wins on short sequences)
     save_steps: int = 25
     logging_steps: int = 5
     seed: int = 42
@@ -86,7 +87,7 @@ def make_trainer(data: str | os.PathLike, student: str, out: str | os.PathLike, 
         lr_scheduler_type="cosine",
         warmup_steps=0.03,  # a fraction of the run (transformers 5)
         max_length=cfg.max_length,
-        bf16=cfg.bf16,
+        bf16=on_gpu if cfg.bf16 is None else cfg.bf16,
         use_cpu=not on_gpu,
         gradient_checkpointing=on_gpu,  # ~20% slower on CPU, where memory is not the limit
         logging_steps=cfg.logging_steps,

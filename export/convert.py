@@ -44,6 +44,7 @@ def load_source(source: Path, lora: Path | None = None):
         # Dequantized GGUF weights are plain tensors now; transformers still refuses to save
         # the model while it remembers the GGUF quantizer.
         model.hf_quantizer = None
+        model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     if lora is not None:

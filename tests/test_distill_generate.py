@@ -1,0 +1,101 @@
+"""Teacher trajectories against a real OpenAI-compatible server: llama-cpp-python's server on
+loopback, serving the default model's GGUF."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from attar.distill.data import JsonlLog, load_questions
+
+QUESTIONS = [{"id": f"q{i}", "question": f"What is {a} plus {b}?", "answer": str(a + b)}
+             for i, (a, b) in enumerate([(2, 3), (10, 7), (40, 2)])]
+
+
+@pytest.fixture(scope="module")
+def server():
+    pytest.importorskip("llama_cpp.server")
+    from attar.export.default import default_gguf
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf()),
+                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", "2",
+                             "--model_alias", "smol"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def generate(url, questions, out, *extra):
+    return subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "generate", "--questions", str(questions),
+                           "--teacher", url, "--teacher-model", "smol", "--completions", "--out", str(out),
+                           "--max-steps", "1", "--max-new-tokens", "48", "--concurrency", "2", *extra],
+                           capture_output=True, text=True, timeout=900)
+
+
+def test_generate_with_ftp_and_resume(server, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    out = tmp_path / "run"
+    first = generate(server, questions, out, "--limit", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == ["q0", "q1"]
+    for r in records:
+        assert r["teacher"] == "smol" and r["cot"]
+        first_turn = r["messages"][2]
+        assert first_turn["role"] == "assistant"
+        if r["ftp"]:  # the prefix is in the trajectory (the student learns to write it) ...
+            assert r["ftp"].startswith("Thought: ") and first_turn["content"].startswith(r["ftp"])
+        # ... but the stored prompt is the short student prompt, not the teacher's long one.
+        assert "Here are two examples" not in r["messages"][0]["content"]
+        assert "final_answer(answer: Any) -> Any" in r["messages"][0]["content"]
+    # A crash mid-write leaves a torn line; the rerun drops it, keeps the rest, does only what is left.
+    with open(out / "trajectories.jsonl", "a") as f:
+        f.write('{"id": "q2", "question": "torn')
+    second = generate(server, questions, out)
+    assert second.returncode == 0, second.stderr[-2000:]
+    ids = [json.loads(line)["id"] for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert sorted(ids) == ["q0", "q1", "q2"]
+    summary = json.loads(second.stdout[second.stdout.index("{"):])
+    assert summary["trajectories"] == 3 and summary["failed"] == 0
+
+    sft = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "filter", str(out)],
+                         capture_output=True, text=True)
+    assert sft.returncode == 0 and (out / "agent_sft.jsonl").exists() and (out / "cot_sft.jsonl").exists()
+
+
+def test_unreachable_teacher_is_reported_not_fatal(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps(QUESTIONS[0]) + "\n")
+    from attar.distill.teacher import GenerateConfig, generate as run
+    from attar.runtime.llm import OpenAIBackend
+
+    backend = OpenAIBackend("http://127.0.0.1:9/v1", "none")
+    backend.RETRIES = 1
+    summary = run(load_questions(questions), backend, tmp_path / "run", GenerateConfig(concurrency=1), progress=False)
+    assert summary["failed"] == 1 and "q0" in summary["failures"][0]
+    assert JsonlLog(tmp_path / "run" / "trajectories.jsonl").records == {}
+
+
+def test_bad_question_file_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"nothing": 1}')
+    proc = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "generate", "--questions", str(bad),
+                           "--teacher", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("Error: ") and "examples" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
