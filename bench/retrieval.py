@@ -48,10 +48,16 @@ def passages(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(80, 120))) for _ in range(n)]
 
 
-def clustered(n: int, dim: int = 384, clusters: int = 1000, seed: int = 0) -> np.ndarray:
+def clustered(n: int, dim: int = 384, clusters: int = 1000, latent: int = 32, seed: int = 0) -> np.ndarray:
+    """Unit vectors shaped like sentence embeddings: a mixture of clusters in a low-dimensional
+    latent space, projected into `dim` dimensions, plus a little isotropic noise. (Isotropic
+    high-dimensional noise alone makes every point equidistant, which no real corpus is.)"""
+    rng = np.random.default_rng(0)  # the same space for every sample
+    centers = rng.standard_normal((clusters, latent)).astype(np.float32)
+    projection = rng.standard_normal((latent, dim)).astype(np.float32) / np.sqrt(latent)
     rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((clusters, dim)).astype(np.float32)
-    x = centers[rng.integers(0, clusters, n)] + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
+    z = centers[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, latent)).astype(np.float32)
+    x = z @ projection + 0.05 * rng.standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
