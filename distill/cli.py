@@ -29,8 +29,9 @@ def distill() -> None:
 @click.option("--max-steps", default=5, show_default=True)
 @click.option("--concurrency", default=4, show_default=True, help="Questions in flight.")
 @click.option("--max-new-tokens", default=512, show_default=True, help="Per teacher call.")
+@click.option("--judge", is_flag=True, help="Let the teacher judge factual answers the rules call wrong (LLM judge).")
 def generate(questions, teacher, teacher_model, out, ftp, completions, index, limit, max_steps, concurrency,
-             max_new_tokens) -> None:
+             max_new_tokens, judge) -> None:
     """Run the teacher as an agent over QUESTIONS; resumable, one JSONL line per trajectory."""
     from attar.distill.data import load_questions
     from attar.distill.teacher import GenerateConfig, generate as run, load_teacher
@@ -46,10 +47,31 @@ def generate(questions, teacher, teacher_model, out, ftp, completions, index, li
             tools.append(web_search_tool(Index.open(index)))
     except (ValueError, ModelError, OSError) as exc:
         raise _fail(exc) from None
-    cfg = GenerateConfig(ftp=ftp, max_steps=max_steps, concurrency=concurrency, max_new_tokens=max_new_tokens,
-                         cot_max_new_tokens=max_new_tokens)
+    cfg = GenerateConfig(ftp=ftp, judge=judge, max_steps=max_steps, concurrency=concurrency,
+                         max_new_tokens=max_new_tokens, cot_max_new_tokens=max_new_tokens)
     summary = run(qs, backend, out, cfg, tools)
     click.echo(json.dumps(summary, indent=2))
+
+
+@distill.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--id", "id_", help="The trajectory with this id (default: the first).")
+def show(file, id_):
+    """Render a trajectory from a trajectories or SFT JSONL file readably."""
+    from attar.distill.data import read_jsonl
+
+    rows = read_jsonl(file)
+    row = next((r for r in rows if id_ is None or str(r.get("id")) == id_), None)
+    if row is None:
+        raise click.ClickException(f"no trajectory with id {id_!r} in {file}")
+    if "question" in row:
+        verdict = "correct" if row.get("correct") else "wrong"
+        click.secho(f"{row['id']}: {row['question']}\ngold {row['answer']!r}, predicted {row.get('prediction')!r} "
+                    f"({verdict}, {row.get('finished_by')}, teacher {row.get('teacher')})", bold=True)
+    for m in row["messages"]:
+        color = {"system": "blue", "user": "yellow", "assistant": "green"}.get(m["role"])
+        click.secho(f"── {m['role']} " + "─" * 40, fg=color)
+        click.echo(m["content"])
 
 
 @distill.command("filter")

@@ -25,13 +25,13 @@ from attar.distill.data import read_jsonl, write_jsonl_atomic
 @dataclass
 class DemoConfig:
     seed: int = 0
-    people: int = 40  # world size; test questions use 30% of them, held out
+    people: int = 24  # world size; test questions use 30% of them, held out
     student: str = "default"  # SmolLM2-135M-Instruct; "tiny" = a random 2-layer llama (quick mode)
-    epochs: float = 2.0
+    epochs: float = 3.0  # the paper trains 2 epochs on 3000 trajectories; this world has ~50
     train_max_steps: int = -1
     eval_limit: int | None = None  # test questions evaluated (None = all)
     sag: int = 8
-    sag_limit: int | None = 10  # SAG costs ~4-8x per step on 2 cores: a subset
+    sag_limit: int | None = 8  # SAG costs ~4-8x per step on 2 cores: a subset
     max_steps: int = 5
 
 

@@ -9,6 +9,7 @@ cot_sft.jsonl    the teacher's CoT answers to the same questions, where its boxe
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -39,4 +40,8 @@ def build_sft(run_dir: str | os.PathLike, retrieve: Callable[[str], str] | None 
     write_jsonl_atomic(run_dir / "agent_sft.jsonl", agent_rows)
     cot_name = "cot_rag_sft.jsonl" if retrieve else "cot_sft.jsonl"
     write_jsonl_atomic(run_dir / cot_name, cot_rows)
-    return summarize(records) | {"agent_sft": len(agent_rows), cot_name.removesuffix(".jsonl"): len(cot_rows)}
+    summary = summarize(records) | {"agent_sft": len(agent_rows), cot_name.removesuffix(".jsonl"): len(cot_rows)}
+    manifest = {"teachers": sorted({r["teacher"] for r in records}), "first_thought_prefix": any(r.get("ftp") for r in records),
+                "filter": "correct final answer and no parse error", "cot_with_passages": retrieve is not None, **summary}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return summary

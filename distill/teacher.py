@@ -88,9 +88,21 @@ def load_teacher(spec: str, model: str = "default", completions: bool = False) -
     return OnnxBackend(spec)
 
 
+JUDGE_PROMPT = ("Question: {question}\nGold answer: {gold}\nPredicted answer: {prediction}\n"
+                "Does the predicted answer mean the same as the gold answer? Reply with one word: yes or no.")
+
+
+def judge(backend: Backend, question: str, gold: str, prediction) -> bool:
+    """The paper's LLM judge for factual answers, through the teacher's own endpoint."""
+    reply = backend.generate([{"role": "user", "content": JUDGE_PROMPT.format(
+        question=question, gold=gold, prediction=prediction)}], sampling=Sampling(max_new_tokens=4))
+    return reply.text.strip().lower().startswith("yes")
+
+
 @dataclass
 class GenerateConfig:
     ftp: bool = True
+    judge: bool = False  # ask the teacher to judge factual answers the rules call wrong
     max_steps: int = 5
     concurrency: int = 4
     max_new_tokens: int = 512
@@ -115,9 +127,12 @@ def _trajectory(teacher: Backend, q: Question, cfg: GenerateConfig, tools: list)
         messages = agent.memory.messages()
         messages[0] = {"role": "system", "content": prompts.SYSTEM.format(tools=agent.tool_descriptions)}
     steps = result.steps
+    correct = result.finished_by == "final_answer" and score(result.answer, q.answer, q.kind)
+    if not correct and cfg.judge and q.kind == "factual" and result.finished_by == "final_answer":
+        correct = judge(teacher, q.question, q.answer, result.answer)
     return {
         "id": q.id, "question": q.question, "answer": q.answer, "kind": q.kind,
-        "prediction": result.answer, "correct": result.finished_by == "final_answer" and score(result.answer, q.answer, q.kind),
+        "prediction": result.answer, "correct": correct,
         "finished_by": result.finished_by,
         "parse_errors": sum(1 for s in steps if s.code is None and not (s.is_final and result.finished_by == "max_steps")),
         "exec_errors": sum(1 for s in steps if s.code is not None and s.error),
@@ -159,14 +174,17 @@ def generate(questions: list[Question], teacher: Backend, out_dir: str | os.Path
 
 
 def summarize(records: list[dict]) -> dict:
+    """Counts, and why each dropped trajectory was dropped."""
     n = len(records) or 1
     kept = [r for r in records if keep(r)]
+    dropped = [r for r in records if not keep(r)]
     return {"trajectories": len(records), "correct": sum(r["correct"] for r in records),
             "kept": len(kept), "kept_share": round(len(kept) / n, 4),
+            "dropped_no_final_answer": sum(r["finished_by"] != "final_answer" for r in dropped),
+            "dropped_wrong_answer": sum(r["finished_by"] == "final_answer" and not r["correct"] for r in dropped),
+            "dropped_parse_error": sum(bool(r["correct"]) and r["parse_errors"] > 0 for r in dropped),
             "cot_correct": sum(bool(r.get("cot_correct")) for r in records),
-            "parse_error_runs": sum(r["parse_errors"] > 0 for r in records),
-            "exec_error_runs": sum(r["exec_errors"] > 0 for r in records),
-            "max_steps_runs": sum(r["finished_by"] == "max_steps" for r in records)}
+            "exec_error_runs": sum(r["exec_errors"] > 0 for r in records)}
 
 
 def keep(record: dict) -> bool:

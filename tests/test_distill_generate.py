@@ -76,6 +76,35 @@ def test_generate_with_ftp_and_resume(server, tmp_path):
     sft = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "filter", str(out)],
                          capture_output=True, text=True)
     assert sft.returncode == 0 and (out / "agent_sft.jsonl").exists() and (out / "cot_sft.jsonl").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["teachers"] == ["smol"] and manifest["trajectories"] == 3
+    assert manifest["kept"] + manifest["dropped_no_final_answer"] + manifest["dropped_wrong_answer"] \
+        + manifest["dropped_parse_error"] == 3
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(server, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    out = tmp_path / "run"
+    log = out / "trajectories.jsonl"
+    cmd = [sys.executable, "-m", "attar.runtime.cli", "distill", "generate", "--questions", str(questions),
+           "--teacher", server, "--teacher-model", "smol", "--completions", "--out", str(out), "--max-steps", "1",
+           "--max-new-tokens", "48", "--concurrency", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    done_before = [json.loads(line)["id"] for line in log.read_text().splitlines()]
+    assert 1 <= len(done_before) < len(QUESTIONS)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    ids = [json.loads(line)["id"] for line in log.read_text().splitlines()]
+    assert sorted(ids) == sorted(q["id"] for q in QUESTIONS) and ids[:len(done_before)] == done_before
+    shown = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "show", str(log), "--id", ids[0]],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0 and "── assistant" in shown.stdout and "Thought:" in shown.stdout
 
 
 def test_unreachable_teacher_is_reported_not_fatal(tmp_path):
