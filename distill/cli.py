@@ -161,10 +161,14 @@ def compare(runs, chart):
 @click.option("--out", default="attar-demo", show_default=True, type=click.Path(), help="Run folder (cached stages).")
 @click.option("--quick", is_flag=True, help="A tiny model on a tiny world: the whole pipeline in a few minutes.")
 @click.option("--seed", default=0, show_default=True)
-def demo(out, quick, seed):
+@click.option("--limit", type=int, help="Evaluate only the first N test questions (SAG runs on fewer still).")
+def demo(out, quick, seed, limit):
     """Agent distillation vs CoT distillation, end to end, offline."""
     from dataclasses import replace
 
     from attar.distill.demo import QUICK, DemoConfig, run_demo
 
-    run_demo(out, replace(QUICK if quick else DemoConfig(), seed=seed))
+    cfg = replace(QUICK if quick else DemoConfig(), seed=seed)
+    if limit is not None:
+        cfg = replace(cfg, eval_limit=limit, sag_limit=min(limit, cfg.sag_limit or limit))
+    run_demo(out, cfg)
