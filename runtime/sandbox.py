@@ -17,6 +17,7 @@ import atexit
 import json
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -27,6 +28,7 @@ from typing import Any, Callable
 import wasmtime
 
 MARK = b"\x1eATTAR "
+_GONE = b"\x1eATTAR-GONE"  # written by the host after the interpreter stopped
 DRIVER = (Path(__file__).with_name("guest_driver.py")).read_text()
 
 
@@ -111,11 +113,16 @@ class _Interpreter:
         self.store.set_limits(memory_size=limits.memory_mb * 1024 * 1024)
         # Any epoch increment traps: the host only bumps the epoch to kill a runaway cell.
         self.store.set_epoch_deadline(1)
+        # Two FIFOs, both opened read-write by the host first, so wasmtime's opens never block
+        # and the guest never sees EOF. Output goes to a FIFO the host drains on its own thread:
+        # a `stdout_custom` callback would be called on wasmtime's tokio threads, and a foreign
+        # thread calling into Python makes the process abort at exit.
         self.tmpdir = tempfile.mkdtemp(prefix="attar-sbx-")
-        fifo = os.path.join(self.tmpdir, "stdin")
-        os.mkfifo(fifo, 0o600)
-        # Opened read-write so wasmtime's open for reading does not block and never sees EOF.
-        self.stdin_fd = os.open(fifo, os.O_RDWR)
+        stdin, stdout = os.path.join(self.tmpdir, "stdin"), os.path.join(self.tmpdir, "stdout")
+        os.mkfifo(stdin, 0o600)
+        os.mkfifo(stdout, 0o600)
+        self.stdin_fd = os.open(stdin, os.O_RDWR)
+        self.stdout_fd = os.open(stdout, os.O_RDWR)
         self.lines: queue.Queue[bytes | None] = queue.Queue()
         self.pending = b""
         self.raw_bytes = 0
@@ -123,9 +130,9 @@ class _Interpreter:
 
         wasi = wasmtime.WasiConfig()
         wasi.argv = ["python", "-I", "-S", "-c", DRIVER]
-        wasi.stdin_file = fifo
-        wasi.stdout_custom = self._on_stdout
-        wasi.stderr_custom = self._on_stdout
+        wasi.stdin_file = stdin
+        wasi.stdout_file = stdout
+        wasi.stderr_file = stdout
         self.store.set_wasi(wasi)
         linker = wasmtime.Linker(self.engine)
         linker.define_wasi()
@@ -134,6 +141,10 @@ class _Interpreter:
         self.exit_reason: str | None = None
         self.kill_reason: str | None = None
         self.cell_id = 0
+        self.closed = False
+        _live.add(self)
+        self.reader = threading.Thread(target=self._read_output, daemon=True)
+        self.reader.start()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -150,19 +161,29 @@ class _Interpreter:
         except Exception as exc:  # wasmtime.Trap, or WasmtimeError for some traps
             self.exit_reason = self.kill_reason or _describe_trap(str(exc))
         finally:
-            self.lines.put(None)
+            # Behind everything the guest wrote: tells the reader the interpreter is gone.
+            os.write(self.stdout_fd, b"\n" + _GONE + b"\n")
 
-    def _on_stdout(self, data: bytes) -> None:
-        # Called on the worker thread. Lines that carry MARK are protocol; anything else was
-        # written straight to fd 1/2 by user code (bypassing the capture) and is kept as output.
-        self.raw_bytes += len(data)
-        if self.raw_bytes > self.hard_output_cap:
-            self.kill("output limit exceeded")
-            return
-        self.pending += data
-        *complete, self.pending = self.pending.split(b"\n")
-        for line in complete:
-            self.lines.put(line)
+    def _read_output(self) -> None:
+        # Lines that carry MARK are protocol; anything else was written straight to fd 1/2 by
+        # user code (bypassing the capture) and is kept as output, up to a hard cap.
+        flooded = False
+        while True:
+            data = os.read(self.stdout_fd, 65536)
+            self.raw_bytes += len(data)
+            if self.raw_bytes > self.hard_output_cap and not flooded:
+                flooded = True
+                self.kill("output limit exceeded")
+            self.pending += data
+            *complete, self.pending = self.pending.split(b"\n")
+            if flooded:  # from now on only the end marker matters; keep no unbounded line
+                self.pending = self.pending[-len(_GONE):]
+            for line in complete:
+                if line == _GONE:
+                    self.lines.put(None)
+                    return
+                if not flooded or line.startswith(MARK):
+                    self.lines.put(line)
 
     def send(self, msg: dict) -> None:
         data = (json.dumps(msg) + "\n").encode()
@@ -174,22 +195,25 @@ class _Interpreter:
         self.engine.increment_epoch()
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self.thread.is_alive():
             self.send({"exit": True})  # a guest at rest leaves its loop and `_start` returns
-            self.thread.join(timeout=1)
+            self.thread.join(timeout=5)
         if self.thread.is_alive():
-            self.kill("closed")  # a guest still computing traps at its next epoch check
-            self.thread.join(timeout=2)
-        # Drop the store while Python is still alive: wasmtime finalizes the stdout callback
-        # on its own threads, and doing that during interpreter shutdown aborts the process.
+            self.kill("closed")  # a guest still computing traps at its next epoch check ...
+            self.send({"exit": True})  # ... and one blocked in a read wakes up to reach it
+            self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            return  # never free a store a thread still runs in: leaking it is the safe failure
+        self.reader.join(timeout=5)
         self.store.close()
         self.engine.close()
         os.close(self.stdin_fd)
-        try:
-            os.unlink(os.path.join(self.tmpdir, "stdin"))
-            os.rmdir(self.tmpdir)
-        except OSError:
-            pass
+        os.close(self.stdout_fd)
+        _live.discard(self)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 class _Pool:
@@ -223,7 +247,11 @@ class _Pool:
                     return
             interp = _Interpreter(limits)
             with self.lock:
-                self.spares[limits].append(interp)
+                if self.target.get(limits, 0):
+                    self.spares[limits].append(interp)
+                    continue
+            interp.close()  # the pool was closed meanwhile
+            return
 
     def close(self) -> None:
         with self.lock:
@@ -235,7 +263,16 @@ class _Pool:
 
 
 _pool = _Pool()
-atexit.register(_pool.close)
+# Every interpreter still running at exit is closed first: a wasmtime thread that outlives the
+# Python interpreter aborts the whole process when it next calls back into Python.
+_live: set[_Interpreter] = set()
+
+
+@atexit.register
+def _close_all() -> None:
+    _pool.close()
+    for interp in list(_live):
+        interp.close()
 
 
 def _describe_trap(message: str) -> str:
