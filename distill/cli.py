@@ -161,7 +161,7 @@ def compare(runs, chart):
 @click.option("--out", default="attar-demo", show_default=True, type=click.Path(), help="Run folder (cached stages).")
 @click.option("--quick", is_flag=True, help="A tiny model on a tiny world: the whole pipeline in a few minutes.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--limit", type=int, help="Evaluate only the first N test questions (SAG runs on fewer still).")
+@click.option("--limit", type=int, help="Evaluate the first N test questions (default: 30; 4 with --quick).")
 def demo(out, quick, seed, limit):
     """Agent distillation vs CoT distillation, end to end, offline."""
     from dataclasses import replace
@@ -170,5 +170,5 @@ def demo(out, quick, seed, limit):
 
     cfg = replace(QUICK if quick else DemoConfig(), seed=seed)
     if limit is not None:
-        cfg = replace(cfg, eval_limit=limit, sag_limit=min(limit, cfg.sag_limit or limit))
+        cfg = replace(cfg, eval_limit=limit)
     run_demo(out, cfg)

@@ -43,15 +43,19 @@ def categorize(result) -> str:
 def _agent_record(backend, q, sag, index, max_steps) -> dict:
     from attar.runtime import Agent
 
-    with Agent(backend, index=index, max_steps=max_steps, sag=sag,
-               sampling=Sampling(temperature=0.4, top_p=0.8, seed=0) if sag > 1 else Sampling()) as agent:
+    # 256 new tokens a step: a teacher's longest step is ~150; a looping student would spend 512.
+    sampling = Sampling(max_new_tokens=256)
+    if sag > 1:
+        sampling = Sampling(temperature=0.4, top_p=0.8, seed=0, max_new_tokens=256)
+    with Agent(backend, index=index, max_steps=max_steps, sag=sag, sampling=sampling) as agent:
         result = agent.run(q.question)
+        messages = agent.memory.messages()
     category = categorize(result)
     correct = category == "final" and score(result.answer, q.answer, q.kind)
     if category == "final":
         category = "correct" if correct else "wrong_answer"
     return {"prediction": result.answer, "correct": correct, "category": category, "steps": len(result.steps),
-            "tokens": sum(s.completion_tokens for s in result.steps)}
+            "tokens": sum(s.completion_tokens for s in result.steps), "messages": messages[1:]}
 
 
 def _cot_record(backend, q, retrieve) -> dict:

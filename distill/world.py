@@ -175,6 +175,8 @@ def _questions(people, by_name, inventions_by, fact_passage, rng, split, per_per
         for question, plan, expr in rng.sample(options, min(per_person, len(options))):
             env = {fact["var"]: fact["value"] for fact in plan}
             answer = eval(expr, {"round": round}, env)  # our own expressions over our own numbers
-            out.append({"id": f"{split}-{len(out)}", "question": question, "answer": str(answer), "kind": "factual",
+            out.append({"question": question, "answer": str(answer), "kind": "factual",
                         "plan": plan, "expression": expr, "entities": sorted({fact["entity"] for fact in plan})})
-    return out
+    # Shuffled, so that the first N questions (an evaluation subset) span many people and kinds.
+    rng.shuffle(out)
+    return [{"id": f"{split}-{i}", **q} for i, q in enumerate(out)]

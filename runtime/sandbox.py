@@ -117,8 +117,8 @@ class _Interpreter:
         # and the guest never sees EOF. Output goes to a FIFO the host drains on its own thread:
         # a `stdout_custom` callback would be called on wasmtime's tokio threads, and a foreign
         # thread calling into Python makes the process abort at exit.
-        self.tmpdir = tempfile.mkdtemp(prefix="attar-sbx-")
-        stdin, stdout = os.path.join(self.tmpdir, "stdin"), os.path.join(self.tmpdir, "stdout")
+        tmpdir = tempfile.mkdtemp(prefix="attar-sbx-")
+        stdin, stdout = os.path.join(tmpdir, "stdin"), os.path.join(tmpdir, "stdout")
         os.mkfifo(stdin, 0o600)
         os.mkfifo(stdout, 0o600)
         self.stdin_fd = os.open(stdin, os.O_RDWR)
@@ -133,7 +133,8 @@ class _Interpreter:
         wasi.stdin_file = stdin
         wasi.stdout_file = stdout
         wasi.stderr_file = stdout
-        self.store.set_wasi(wasi)
+        self.store.set_wasi(wasi)  # opens both FIFOs: their names are no longer needed
+        shutil.rmtree(tmpdir, ignore_errors=True)  # so even a killed process leaves nothing in /tmp
         linker = wasmtime.Linker(self.engine)
         linker.define_wasi()
         instance = linker.instantiate(self.store, module)
@@ -213,7 +214,6 @@ class _Interpreter:
         os.close(self.stdin_fd)
         os.close(self.stdout_fd)
         _live.discard(self)
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 class _Pool:

@@ -189,3 +189,13 @@ def test_cli_exec_prints_and_fails_cleanly(tmp_path):
     assert bad.returncode == 1
     assert bad.stderr.strip() == "KeyError: 'missing'"
     assert "Traceback" not in bad.stderr
+
+
+def test_a_killed_host_leaves_nothing_in_tmp(tmp_path):
+    # The pipes' names are removed as soon as wasmtime has opened them, so even SIGKILL leaks nothing.
+    code = ("import os, signal\nfrom attar.runtime.sandbox import Sandbox\n"
+            "s = Sandbox()\nprint(s.run('print(1)').stdout, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == -9 and proc.stdout == "1\n\n"
+    assert list(tmp_path.iterdir()) == []
