@@ -29,10 +29,10 @@ class DemoConfig:
     questions_per_person: int = 4
     student: str = "default"  # SmolLM2-135M-Instruct; "tiny" = a random 2-layer llama (quick mode)
     # The paper trains 2 epochs at lr 2e-4, batch 8, on ~2000 trajectories: hundreds of steps. Two CPU cores
-    # afford ~200 trajectories once, so fewer, larger steps: batch 4 at lr 5e-4 (~50 steps).
+    # afford ~200 trajectories once, so more, smaller steps at a higher rate: batch 4 at lr 5e-4 (~50 steps).
     epochs: float = 1.0
     lr: float = 5e-4
-    grad_accum: int = 2
+    grad_accum: int = 4  # batch 1 on CPU
     train_max_steps: int = -1
     eval_limit: int | None = 30  # test questions evaluated by every run (None = all)
     sag: int = 8

@@ -116,7 +116,7 @@ def generate_oracle(records: list[dict], index, out_dir: str | Path, seed: int =
     """Oracle trajectories for every record not yet in OUT/trajectories.jsonl (resumable)."""
     from tqdm import tqdm
 
-    from attar.distill.teacher import summarize
+    from attar.distill.teacher import summarize, trajectory_record
     from attar.runtime import Agent
     from attar.runtime.retrieval import web_search_tool
 
@@ -134,16 +134,9 @@ def generate_oracle(records: list[dict], index, out_dir: str | Path, seed: int =
                 result = agent.run(q.question)
                 messages = agent.memory.messages()
             messages[0] = {"role": "system", "content": prompts.SYSTEM.format(tools=agent.tool_descriptions)}
-            steps = result.steps
-            cot = cot_trace(rec, rng)
-            log.append({
-                "id": q.id, "question": q.question, "answer": q.answer, "kind": q.kind, "prediction": result.answer,
-                "correct": result.finished_by == "final_answer" and score(result.answer, q.answer, q.kind),
-                "finished_by": result.finished_by, "parse_errors": sum(1 for s in steps if s.code is None),
-                "exec_errors": sum(1 for s in steps if s.code is not None and s.error), "steps": len(steps),
-                "ftp": None, "cot": cot, "cot_prediction": q.answer, "cot_correct": True, "messages": messages,
-                "teacher": "oracle", "tokens": sum(s.completion_tokens for s in steps),
-                "seconds": round(time.perf_counter() - began, 3)})
+            correct = result.finished_by == "final_answer" and score(result.answer, q.answer, q.kind)
+            log.append(trajectory_record(q, result, messages, "oracle", began, correct, ftp=None,
+                                         cot=cot_trace(rec, rng), cot_prediction=q.answer, cot_correct=True))
             bar.update(1)
     finally:
         bar.close()

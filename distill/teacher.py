@@ -126,20 +126,26 @@ def _trajectory(teacher: Backend, q: Question, cfg: GenerateConfig, tools: list)
         result = agent.run(q.question, prefix=prefix)
         messages = agent.memory.messages()
         messages[0] = {"role": "system", "content": prompts.SYSTEM.format(tools=agent.tool_descriptions)}
-    steps = result.steps
     correct = result.finished_by == "final_answer" and score(result.answer, q.answer, q.kind)
     if not correct and cfg.judge and q.kind == "factual" and result.finished_by == "final_answer":
         correct = judge(teacher, q.question, q.answer, result.answer)
+    return trajectory_record(q, result, messages, teacher.name, began, correct, ftp=prefix or None, cot=cot.text,
+                             cot_prediction=cot_answer, cot_correct=score(cot_answer, q.answer, q.kind),
+                             cot_tokens=cot.completion_tokens)
+
+
+def trajectory_record(q: Question, result, messages: list[dict], teacher: str, began: float, correct: bool,
+                      cot_tokens: int = 0, **cot) -> dict:
+    """One line of trajectories.jsonl, the same for every teacher (`cot`: ftp, cot, cot_prediction, cot_correct)."""
+    steps = result.steps
     return {
         "id": q.id, "question": q.question, "answer": q.answer, "kind": q.kind,
         "prediction": result.answer, "correct": correct,
         "finished_by": result.finished_by,
         "parse_errors": sum(1 for s in steps if s.code is None and not (s.is_final and result.finished_by == "max_steps")),
         "exec_errors": sum(1 for s in steps if s.code is not None and s.error),
-        "steps": len(steps), "ftp": prefix or None,
-        "cot": cot.text, "cot_prediction": cot_answer, "cot_correct": score(cot_answer, q.answer, q.kind),
-        "messages": messages, "teacher": teacher.name,
-        "tokens": sum(s.completion_tokens for s in steps) + cot.completion_tokens,
+        "steps": len(steps), **cot, "messages": messages, "teacher": teacher,
+        "tokens": sum(s.completion_tokens for s in steps) + cot_tokens,
         "seconds": round(time.perf_counter() - began, 2),
     }
 
