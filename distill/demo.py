@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,15 +37,28 @@ class DemoConfig:
     train_max_steps: int = -1
     eval_limit: int | None = 30  # test questions evaluated by every run (None = all)
     sag: int = 8
+    # SAG prefills each of its N prompts (onnxruntime-genai shares no prefill): ~8x a step on 2 cores. It
+    # answers the first 15 test questions, and the N=1 agent is also reported on those same 15.
+    sag_limit: int | None = 15
     max_steps: int = 5
 
 
 QUICK = DemoConfig(people=10, questions_per_person=3, student="tiny", train_max_steps=3, eval_limit=4, sag=3,
-                   max_steps=3)
+                   sag_limit=None, max_steps=3)
 
 
 def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower().replace("+", "plus")).strip("-")
+
+
+def _first_predictions(src: Path, dst: Path, n: int) -> None:
+    """A run made of another run's first n predictions: `evaluate` then only summarizes it."""
+    dst.mkdir(parents=True)
+    write_jsonl_atomic(dst / "predictions.jsonl", read_jsonl(src / "predictions.jsonl")[:n])
 
 
 def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
@@ -129,19 +143,25 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
 
     stage("eval")
     test_file = world_dir / "test.jsonl"
-    runs = [  # every run answers the same questions
-        ("untrained agent", models / "base-int4", "agent", 1, str(index_dir)),
-        ("CoT-distilled", models / "cot-int4", "cot", 1, None),
-        ("CoT-distilled + passages", models / "cot-int4", "cot", 1, str(index_dir)),
-        ("agent-distilled (HF)", out / "train-agent" / "merged", "agent", 1, str(index_dir)),
-        ("agent-distilled (INT4)", models / "agent-int4", "agent", 1, str(index_dir)),
-        (f"agent-distilled (INT4) + SAG{cfg.sag}", models / "agent-int4", "agent", cfg.sag, str(index_dir)),
+    n, n_sag = cfg.eval_limit, min(cfg.sag_limit or len(test_q), cfg.eval_limit or len(test_q))
+    runs = [  # (label, model, mode, SAG N, index, questions): the same first n test questions
+        ("untrained agent", models / "base-int4", "agent", 1, str(index_dir), n),
+        ("CoT-distilled", models / "cot-int4", "cot", 1, None, n),
+        ("CoT-distilled + passages", models / "cot-int4", "cot", 1, str(index_dir), n),
+        ("agent-distilled (HF)", out / "train-agent" / "merged", "agent", 1, str(index_dir), n),
+        ("agent-distilled (INT4)", models / "agent-int4", "agent", 1, str(index_dir), n),
+        (f"agent-distilled (INT4) + SAG{cfg.sag}", models / "agent-int4", "agent", cfg.sag, str(index_dir), n_sag),
     ]
+    if n_sag < (n or len(test_q)):  # the N=1 agent on SAG's questions, from its predictions (no new runs)
+        runs.insert(5, (f"agent-distilled (INT4), first {n_sag}", models / "agent-int4", "agent", 1, str(index_dir),
+                        n_sag))
     run_dirs, summaries = [], []
-    for label, model, mode, sag, idx in runs:
-        run_dir = out / "eval" / label.lower().replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus")
+    for label, model, mode, sag, idx, limit in runs:
+        run_dir = out / "eval" / _slug(label)
+        if label.endswith(f"first {n_sag}") and not run_dir.exists():
+            _first_predictions(out / "eval" / _slug("agent-distilled (INT4)"), run_dir, n_sag)
         _log(f"eval: {label}")
-        summaries.append(evaluate(str(model), test_file, run_dir, mode=mode, sag=sag, index=idx, limit=cfg.eval_limit,
+        summaries.append(evaluate(str(model), test_file, run_dir, mode=mode, sag=sag, index=idx, limit=limit,
                                   max_steps=cfg.max_steps, label=label))
         run_dirs.append(run_dir)
     done("eval")
