@@ -162,13 +162,22 @@ def compare(runs, chart):
 @click.option("--quick", is_flag=True, help="A tiny model on a tiny world: the whole pipeline in a few minutes.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", type=int, help="Evaluate the first N test questions (default: 30; 4 with --quick).")
-def demo(out, quick, seed, limit):
+@click.option("--teacher", default="oracle", show_default=True,
+              help="'oracle', or an LLM teacher: OpenAI-compatible base URL(s) or an exported model folder.")
+@click.option("--teacher-model", default="default", show_default=True, help="Model name sent to the server.")
+@click.option("--completions", is_flag=True, help="Continue the first-thought prefix via /completions.")
+def demo(out, quick, seed, limit, teacher, teacher_model, completions):
     """Agent distillation vs CoT distillation, end to end, offline."""
     from dataclasses import replace
 
     from attar.distill.demo import QUICK, DemoConfig, run_demo
+    from attar.runtime.models import ModelError
 
-    cfg = replace(QUICK if quick else DemoConfig(), seed=seed)
+    cfg = replace(QUICK if quick else DemoConfig(), seed=seed, teacher=teacher, teacher_model=teacher_model,
+                  completions=completions)
     if limit is not None:
         cfg = replace(cfg, eval_limit=limit)
-    run_demo(out, cfg)
+    try:
+        run_demo(out, cfg)
+    except (ValueError, ModelError) as exc:
+        raise _fail(exc) from None

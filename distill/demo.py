@@ -29,6 +29,10 @@ class DemoConfig:
     people: int = 72  # world size; 30% of them (and their questions) are held out for the test set
     questions_per_person: int = 4
     student: str = "default"  # SmolLM2-135M-Instruct; "tiny" = a random 2-layer llama (quick mode)
+    # "oracle", or an LLM teacher as in `attar distill generate`: OpenAI-compatible URL(s) or a model folder
+    teacher: str = "oracle"
+    teacher_model: str = "default"
+    completions: bool = False
     # The paper trains 2 epochs at lr 2e-4, batch 8, on ~2000 trajectories: hundreds of steps. Two CPU cores
     # afford ~200 trajectories once, so more, smaller steps at a higher rate: batch 4 at lr 5e-4 (~50 steps).
     epochs: float = 1.0
@@ -61,6 +65,22 @@ def _first_predictions(src: Path, dst: Path, n: int) -> None:
     write_jsonl_atomic(dst / "predictions.jsonl", read_jsonl(src / "predictions.jsonl")[:n])
 
 
+# What the cached stages depend on: a run folder made with other values cannot be resumed with these.
+_CACHE_KEYS = ("seed", "people", "questions_per_person", "student", "teacher", "teacher_model")
+
+
+def _check_cache(out: Path, cfg: DemoConfig) -> None:
+    wanted = {k: getattr(cfg, k) for k in _CACHE_KEYS}
+    stamp = out / "demo.json"
+    if stamp.is_file():
+        made = json.loads(stamp.read_text())
+        changed = [f"{k}={made.get(k)!r}" for k in _CACHE_KEYS if made.get(k) != wanted[k]]
+        if changed:
+            raise ValueError(f"{out} was made with {', '.join(changed)}; use another --out for these settings")
+    else:
+        stamp.write_text(json.dumps(wanted, indent=2))
+
+
 def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
     from attar.distill.evaluate import compare, evaluate
     from attar.distill.oracle import generate_oracle
@@ -72,6 +92,7 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_cache(out, cfg)
     timings: dict[str, float] = {}
 
     def stage(name: str):
@@ -99,10 +120,18 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
     index = Index.open(index_dir)
     done("index")
 
-    stage("teacher (oracle)")
+    stage(f"teacher ({cfg.teacher})")
     teacher_dir = out / "teacher"
-    teacher_summary = generate_oracle(train_q, index, teacher_dir, seed=cfg.seed)
-    done("teacher (oracle)")
+    if cfg.teacher == "oracle":
+        teacher_summary = generate_oracle(train_q, index, teacher_dir, seed=cfg.seed)
+    else:
+        from attar.distill.data import load_questions
+        from attar.distill.teacher import generate, load_teacher
+
+        teacher = load_teacher(cfg.teacher, cfg.teacher_model, cfg.completions)
+        teacher_summary = generate(load_questions(world_dir / "train.jsonl"), teacher, teacher_dir,
+                                   tools=[web_search_tool(index)])
+    done(f"teacher ({cfg.teacher})")
 
     stage("sft data")
     if not (teacher_dir / "cot_sft.jsonl").is_file():
@@ -168,7 +197,9 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
 
     stage("results")
     table = compare(run_dirs, chart=out / "results.png")
-    results = {"config": asdict(cfg), "teacher": "oracle (from each question's derivation)",
+    teacher = "oracle (from each question's derivation)" if cfg.teacher == "oracle" else \
+        f"LLM: {cfg.teacher_model} at {cfg.teacher}"
+    results = {"config": asdict(cfg), "teacher": teacher,
                "teacher_summary": teacher_summary, "train_questions": len(train_q), "test_questions": len(test_q),
                "runs": summaries, "parity": parity, "stage_seconds": timings}
     tmp = out / "results.json.tmp"

@@ -35,3 +35,14 @@ def test_demo_quick_end_to_end(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+
+
+def test_demo_refuses_a_run_folder_made_with_other_settings(tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text(json.dumps({"seed": 0, "people": 99, "questions_per_person": 3, "student": "tiny",
+                                               "teacher": "oracle", "teacher_model": "default"}))
+    proc = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("was made with people=99; use another --out for these settings")
