@@ -93,14 +93,18 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_cache(out, cfg)
-    timings: dict[str, float] = {}
+    # Seconds per stage, summed over resumed runs (a cached stage adds ~0; a killed attempt's time is lost).
+    timings_file = out / "stage_seconds.json"
+    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    began: dict[str, float] = {}
 
     def stage(name: str):
         _log(name)
-        timings[name] = time.perf_counter()
+        began[name] = time.perf_counter()
 
     def done(name: str):
-        timings[name] = round(time.perf_counter() - timings[name], 1)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - began[name], 1)
+        timings_file.write_text(json.dumps(timings, indent=2))
 
     stage("world")
     world_dir = out / "world"
@@ -195,7 +199,7 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
         run_dirs.append(run_dir)
     done("eval")
 
-    stage("results")
+    _log("results")
     table = compare(run_dirs, chart=out / "results.png")
     teacher = "oracle (from each question's derivation)" if cfg.teacher == "oracle" else \
         f"LLM: {cfg.teacher_model} at {cfg.teacher}"
@@ -206,6 +210,5 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
     tmp.write_text(json.dumps(results, indent=2, default=str))
     os.replace(tmp, out / "results.json")
     (out / "results.md").write_text(table + "\n")
-    done("results")
     print(table)
     return results
