@@ -137,9 +137,11 @@ def compare(run_dirs: list[str | os.PathLike], chart: str | os.PathLike | None =
         fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.6))
         bars = ax.bar(range(len(rows)), [100 * r["accuracy"] for r in rows], color="#4a7bb7")
         ax.bar_label(bars, fmt="%.1f")
-        ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=20, ha="right", fontsize=8)
+        ax.set_xticks(range(len(rows)), [f"{r['label']}\nn={r['questions']}" for r in rows], rotation=20, ha="right",
+                      fontsize=8)
         ax.set_ylabel("accuracy (%)")
-        ax.set_title(", ".join(sorted({r["dataset"] for r in rows})))
+        ax.set_ylim(0, min(100, max(100 * r["accuracy"] for r in rows) + 12))
+        ax.set_title("accuracy on " + ", ".join(sorted({r["dataset"] for r in rows})) + " questions")
         fig.tight_layout()
         fig.savefig(chart, dpi=120)
         plt.close(fig)
