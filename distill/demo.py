@@ -185,13 +185,13 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
         ("agent-distilled (INT4)", models / "agent-int4", "agent", 1, str(index_dir), n),
         (f"agent-distilled (INT4) + SAG{cfg.sag}", models / "agent-int4", "agent", cfg.sag, str(index_dir), n_sag),
     ]
+    subset = f"agent-distilled (INT4), first {n_sag}"
     if n_sag < (n or len(test_q)):  # the N=1 agent on SAG's questions, from its predictions (no new runs)
-        runs.insert(5, (f"agent-distilled (INT4), first {n_sag}", models / "agent-int4", "agent", 1, str(index_dir),
-                        n_sag))
+        runs.insert(5, (subset, models / "agent-int4", "agent", 1, str(index_dir), n_sag))
     run_dirs, summaries = [], []
     for label, model, mode, sag, idx, limit in runs:
         run_dir = out / "eval" / _slug(label)
-        if label.endswith(f"first {n_sag}") and not run_dir.exists():
+        if label == subset and not run_dir.exists():
             _first_predictions(out / "eval" / _slug("agent-distilled (INT4)"), run_dir, n_sag)
         _log(f"eval: {label}")
         summaries.append(evaluate(str(model), test_file, run_dir, mode=mode, sag=sag, index=idx, limit=limit,

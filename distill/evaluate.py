@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from attar.distill.data import JsonlLog, load_questions
@@ -45,8 +46,8 @@ def _agent_record(backend, q, sag, index, max_steps) -> dict:
 
     # 256 new tokens a step: a teacher's longest step is ~150; a looping student would spend 512.
     sampling = Sampling(max_new_tokens=256)
-    if sag > 1:
-        sampling = Sampling(temperature=0.4, top_p=0.8, seed=0, max_new_tokens=256)
+    if sag > 1:  # the paper's SAG sampling, seeded so a rerun draws the same candidates
+        sampling = replace(sampling, temperature=0.4, top_p=0.8, seed=0)
     with Agent(backend, index=index, max_steps=max_steps, sag=sag, sampling=sampling) as agent:
         result = agent.run(q.question)
         messages = agent.memory.messages()
