@@ -76,7 +76,7 @@ def worker(code: str, path: Path, prompt: str) -> dict:
 
 
 def main() -> None:
-    from attar.export.default import default_gguf
+    from attar.runtime.models import gguf_path as default_gguf
     from attar.runtime.models import default_model_dir
 
     gguf = default_gguf()

@@ -19,7 +19,7 @@ from pathlib import Path
 def main() -> None:
     from attar.distill.data import Question
     from attar.distill.teacher import GenerateConfig, generate
-    from attar.export.default import default_gguf
+    from attar.runtime.models import gguf_path as default_gguf
     from attar.runtime.llm import OpenAIBackend
 
     parser = argparse.ArgumentParser()

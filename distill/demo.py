@@ -152,7 +152,7 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
 
         student = str(make_tiny_llama(out / "tiny-student"))
     else:
-        from attar.export.default import default_gguf
+        from attar.runtime.models import gguf_path as default_gguf
 
         student = str(default_gguf())
     done("student")

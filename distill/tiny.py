@@ -9,7 +9,7 @@ from pathlib import Path
 def save_default_tokenizer(out: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from attar.export.default import default_gguf
+    from attar.runtime.models import gguf_path as default_gguf
 
     gguf = default_gguf()
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)

@@ -52,7 +52,7 @@ def load_student(student: str):
     from attar.export.convert import load_source
 
     if student == "default":
-        from attar.export.default import default_gguf
+        from attar.runtime.models import gguf_path as default_gguf
 
         student = str(default_gguf())
     return load_source(Path(student))

@@ -1,10 +1,15 @@
 """Any student a user has (HF folder, GGUF file, base + LoRA adapter) -> an ONNX model folder
-that onnxruntime-genai runs. The conversion itself is onnxruntime-genai's model builder; this
-module only gets the weights into a plain HF folder first and makes the output atomic."""
+that onnxruntime-genai runs, written atomically and checked against its source.
+
+A GGUF goes through attar's own importer (`gguf_import`: exact weights, no torch); an HF folder,
+or a GGUF with an explicit `--precision`, through onnxruntime-genai's model builder after
+transformers has written a plain float32 copy."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,10 +69,9 @@ def merge_lora(model, adapter: Path):
         raise ExportError(f"cannot apply adapter {adapter}: {str(exc).splitlines()[0]}") from None
 
 
-def build_onnx(
-    hf_dir: Path, out: Path, precision: str, ep: str, log: Callable[[str], None]
-) -> None:
-    """Run onnxruntime-genai's model builder in a child process (it peaks at several GB)."""
+def build_onnx(hf_dir: Path, out: Path, precision: str, ep: str, keep_log: Path) -> None:
+    """Run onnxruntime-genai's model builder in a child process (it peaks at several GB). On
+    failure its log is kept at `keep_log` (the partial output folder is deleted)."""
     cache = out / ".builder-cache"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder",
            "-i", str(hf_dir), "-o", str(out), "-p", precision, "-e", ep, "-c", str(cache)]
@@ -81,8 +85,14 @@ def build_onnx(
     with open(log_file, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        tail = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()][-1:]
-        raise ExportError(f"the onnxruntime-genai builder failed: {tail[0] if tail else proc.returncode}")
+        # Name the cause: the last exception line, not the builder's last progress line.
+        shutil.copyfile(log_file, keep_log)
+        lines = [ln for ln in log_file.read_text(errors="replace").splitlines() if ln.strip()]
+        causes = [ln for ln in lines if re.match(r"^\w+(Error|Exception|Killed)\b|^Killed", ln)] or lines[-1:]
+        cause = causes[-1] if causes else f"exit code {proc.returncode}"
+        if proc.returncode < 0:
+            cause = f"killed by signal {-proc.returncode} (out of memory?); last line: {cause}"
+        raise ExportError(f"the onnxruntime-genai builder failed: {cause} (full log: {keep_log})")
     shutil.rmtree(cache, ignore_errors=True)
     log_file.unlink()
 
@@ -92,51 +102,80 @@ def export_model(
     out: str | os.PathLike,
     *,
     lora: str | os.PathLike | None = None,
-    precision: str = "int4",
+    precision: str | None = None,
     ep: str = "cpu",
     check: bool = True,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> dict | None:
     """Export SOURCE to an onnxruntime-genai folder at OUT; returns the parity report.
 
-    The folder appears at OUT only when complete: everything is written to a sibling temp
-    folder first and renamed into place, so an interrupted export leaves nothing behind.
+    A GGUF file is imported exactly (its own quantized weights, no torch) unless a `precision` is
+    asked for; an HF folder goes through onnxruntime-genai's builder at `precision` (int4 by
+    default). The folder appears at OUT only when complete: everything is written to a sibling
+    temp folder first and renamed into place, so an interrupted export leaves nothing behind.
     """
     source, out = Path(source), Path(out)
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if not source.exists():
         raise ExportError(f"source not found: {source}")
     if out.exists():
         raise ExportError(f"output folder already exists: {out}")
+    if source.is_file() and source.suffix != ".gguf":
+        raise ExportError(f"a source file must be a .gguf model: {source}")
     out.parent.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    log(f"[1/4] loading {source}" + (f" + LoRA {lora}" if lora else ""))
-    model, tokenizer = load_source(source, Path(lora) if lora else None)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        hf_dir = work / "hf"
-        log("[2/4] writing a float32 Hugging Face copy")
-        model.save_pretrained(hf_dir)
-        tokenizer.save_pretrained(hf_dir)
         onnx_dir = work / "onnx"
         onnx_dir.mkdir()
-        log(f"[3/4] building the {precision} ONNX model for {ep}")
-        build_onnx(hf_dir, onnx_dir, precision, ep, log)
+        if source.is_file() and precision is None:
+            reference = _import_exact(source, onnx_dir, Path(lora) if lora else None, log)
+        else:
+            reference = _build_with_builder(source, work, onnx_dir, Path(lora) if lora else None, precision or "int4",
+                                            ep, log, keep_log=out.with_name(out.name + ".builder.log"))
         report = None
         if check:
-            from attar.export.parity import parity_report
+            from attar.export.parity import format_report, parity_report
 
-            log("[4/4] parity check against the source model")
-            report = parity_report(model, tokenizer, onnx_dir)
-            report["precision"] = precision
+            log("[3/3] parity check: the export against its source")
+            report = parity_report(reference(), onnx_dir, log)
+            report["precision"] = precision or "gguf (exact)"
             report["export_seconds"] = round(time.perf_counter() - began, 1)
-            import json
-
             (onnx_dir / "parity.json").write_text(json.dumps(report, indent=2))
+            log(format_report(report))
         else:
-            log("[4/4] parity check skipped (--no-check)")
+            log("[3/3] parity check skipped (--no-check)")
         os.replace(onnx_dir, out)
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _import_exact(source: Path, onnx_dir: Path, lora: Path | None, log: Callable[[str], None]):
+    """GGUF -> ONNX with the GGUF's own weights (torch-free); the reference is the GGUF itself."""
+    from attar.export.gguf_import import GGUFError, import_gguf
+    from attar.export.reference import GGUFScorer
+
+    log(f"[1/3] reading {source}" + (f" + LoRA {lora} (kept unmerged)" if lora else ""))
+    log("[2/3] writing its quantized weights into an ONNX graph")
+    try:
+        import_gguf(source, onnx_dir, log=log, lora=lora)
+    except GGUFError as exc:
+        raise ExportError(str(exc)) from None
+    return lambda: GGUFScorer(source, lora)
+
+
+def _build_with_builder(source: Path, work: Path, onnx_dir: Path, lora: Path | None, precision: str, ep: str,
+                        log: Callable[[str], None], keep_log: Path):
+    """Any source through transformers and onnxruntime-genai's builder (re-quantizes a GGUF)."""
+    from attar.export.parity import TorchScorer
+
+    log(f"[1/3] loading {source}" + (f" + LoRA {lora}" if lora else ""))
+    model, tokenizer = load_source(source, lora)
+    hf_dir = work / "hf"
+    model.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    log(f"[2/3] building the {precision} ONNX model for {ep} with onnxruntime-genai's builder")
+    build_onnx(hf_dir, onnx_dir, precision, ep, keep_log)
+    return lambda: TorchScorer(model)

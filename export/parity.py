@@ -1,10 +1,16 @@
-"""How much did the export cost? Compare the source model (transformers) with the exported one
-(onnxruntime-genai) on the same agent-style prompts and the same held-out text."""
+"""How much did the export cost? Two scorers, the source and the export, score the same token ids:
+agent-style prompts followed by the export's own greedy continuation, and a held-out text.
+
+A scorer maps whole sequences to next-token logits. The source is the GGUF in numpy
+(`reference.GGUFScorer`, torch-free) or a transformers model (`TorchScorer`, for HF folders); the
+export is the ONNX graph run by onnxruntime in one pass per sequence."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -33,80 +39,130 @@ CONTINUATION_TOKENS = 24
 AGREEMENT_GOAL = 0.95
 
 
-def _prompt_ids(tokenizer, question: str) -> list[int]:
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+class Scorer(Protocol):
+    name: str
+
+    def logits(self, sequences: list[list[int]], progress: Callable[[int, int], None] = ...,
+               positions: list[slice] | None = None) -> list[np.ndarray]: ...
 
 
-class _OnnxScorer:
-    """Teacher-forced next-token logits from onnxruntime-genai, one token at a time."""
+class OnnxScorer:
+    """The exported decoder run by onnxruntime directly: whole sequences, empty KV cache."""
+
+    name = "export (onnxruntime)"
 
     def __init__(self, model_dir: Path):
-        import onnxruntime_genai as og
+        import onnxruntime as ort
 
-        self.og = og
-        self.model = og.Model(str(model_dir))
+        config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+        self.layers, self.kv_heads, self.head = (config["num_hidden_layers"], config["num_key_value_heads"],
+                                                 config["head_size"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_dir / config["filename"]), options)
+        self.inputs = {i.name for i in self.session.get_inputs()}
 
-    def start(self, ids: list[int]):
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + CONTINUATION_TOKENS + 512, do_sample=False)
-        gen = self.og.Generator(self.model, params)
+    def logits(self, sequences, progress=lambda i, n: None, positions=None):
+        out = []
+        for n, ids in enumerate(sequences):
+            progress(n, len(sequences))
+            feeds = {"input_ids": np.array([ids], dtype=np.int64),
+                     "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+            if "position_ids" in self.inputs:
+                feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+            empty = np.zeros((1, self.kv_heads, 0, self.head), dtype=np.float32)
+            for i in range(self.layers):
+                feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+            logits = self.session.run(["logits"], feeds)[0][0]
+            out.append(logits if positions is None else logits[positions[n]])
+        progress(len(sequences), len(sequences))
+        return out
+
+
+class TorchScorer:
+    """A transformers model (an HF-folder source of the builder path)."""
+
+    name = "source (transformers, float32)"
+
+    def __init__(self, model):
+        self.model = model
+
+    def logits(self, sequences, progress=lambda i, n: None, positions=None):
+        import torch
+
+        out = []
+        for n, ids in enumerate(sequences):
+            progress(n, len(sequences))
+            with torch.no_grad():
+                logits = self.model(torch.tensor([ids])).logits[0].float().numpy()
+            out.append(logits if positions is None else logits[positions[n]])
+        return out
+
+
+def _greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
+    """The export's own greedy continuations, through onnxruntime-genai as the runtime runs it."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    out = []
+    for ids in prompts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + CONTINUATION_TOKENS, do_sample=False)
+        gen = og.Generator(model, params)
         gen.append_tokens(np.array(ids, dtype=np.int32))
-        return gen
-
-    @staticmethod
-    def logits(gen) -> np.ndarray:
-        return np.asarray(gen.get_logits(), dtype=np.float64).reshape(-1)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max()
-    return x - math.log(np.exp(x).sum())
+        tokens = []
+        while not gen.is_done() and len(tokens) < CONTINUATION_TOKENS:
+            gen.generate_next_token()
+            tokens.append(int(gen.get_next_tokens()[0]))
+        out.append(tokens)
+    return out
 
 
-def parity_report(model, tokenizer, onnx_dir: Path) -> dict:
-    import torch
+def _nll(logits: np.ndarray, ids: list[int]) -> float:
+    x = logits[:-1].astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
 
-    onnx = _OnnxScorer(onnx_dir)
-    agree = total = exact = 0
+
+def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None] = lambda m: None) -> dict:
+    """Score the agent prompts + the export's greedy continuations, and HELD_OUT, with both."""
+    import onnxruntime_genai as og
+
+    tokenizer = og.Tokenizer(og.Model(str(model_dir)))
+    prompts = []
     for question in QUESTIONS:
-        ids = _prompt_ids(tokenizer, question)
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=CONTINUATION_TOKENS, do_sample=False,
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-        reference = out[0, len(ids):].tolist()
-        # Teacher-forced: does the exported model pick the source's token at every position?
-        gen = onnx.start(ids)
-        for token in reference:
-            agree += int(onnx.logits(gen).argmax() == token)
-            total += 1
-            gen.append_tokens(np.array([token], dtype=np.int32))
-        # Free-running: does its own greedy continuation match token for token?
-        gen = onnx.start(ids)
-        own = []
-        for _ in reference:
-            own.append(int(onnx.logits(gen).argmax()))
-            gen.append_tokens(np.array([own[-1]], dtype=np.int32))
-        exact += int(own == reference)
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        text = tokenizer.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
+        prompts.append([int(t) for t in tokenizer.encode(text)])
+    log(f"  greedy continuations of {len(prompts)} agent prompts (export)")
+    continuations = _greedy(model_dir, prompts)
+    sequences = [p + c for p, c in zip(prompts, continuations)] + [[int(t) for t in tokenizer.encode(HELD_OUT)]]
 
-    ids = tokenizer(HELD_OUT, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        source_nll = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
-    gen = onnx.start(ids[:1])
-    nll = 0.0
-    for token in ids[1:]:
-        nll -= _log_softmax(onnx.logits(gen))[token]
-        gen.append_tokens(np.array([token], dtype=np.int32))
-    onnx_nll = nll / (len(ids) - 1)
+    def progress(name: str) -> Callable[[int, int], None]:
+        def report(i: int, n: int) -> None:
+            if i == n or i % max(1, n // 4) == 0:
+                log(f"  scoring with {name}: {i}/{n}")
+        return report
 
-    agreement = agree / total
+    export = OnnxScorer(model_dir).logits(sequences, progress("the export"))
+    source = reference.logits(sequences, progress(reference.name))
+    agree = total = exact = 0
+    for prompt, cont, e, s in zip(prompts, continuations, export, source):
+        span = slice(len(prompt) - 1, len(prompt) - 1 + len(cont))
+        matches = s[span].argmax(-1) == np.array(cont)  # would the source pick the export's token?
+        agree, total, exact = agree + int(matches.sum()), total + len(cont), exact + int(matches.all())
+    held = sequences[-1]
+    agreement = agree / max(total, 1)
     return {
-        "prompts": len(QUESTIONS),
+        "reference": reference.name,
+        "prompts": len(prompts),
         "top1_agreement": round(agreement, 4),
-        "greedy_exact_match": round(exact / len(QUESTIONS), 4),
-        "perplexity_source": round(math.exp(source_nll), 3),
-        "perplexity_export": round(math.exp(onnx_nll), 3),
+        "greedy_exact_match": round(exact / len(prompts), 4),
+        "held_out_top1_agreement": round(float((export[-1].argmax(-1) == source[-1].argmax(-1)).mean()), 4),
+        "max_abs_logit_diff": round(float(max(np.abs(e - s).max() for e, s in zip(export, source))), 4),
+        "perplexity_source": round(math.exp(_nll(source[-1], held)), 3),
+        "perplexity_export": round(math.exp(_nll(export[-1], held)), 3),
         "agreement_goal": AGREEMENT_GOAL,
         "meets_goal": agreement >= AGREEMENT_GOAL,
     }
@@ -114,10 +170,11 @@ def parity_report(model, tokenizer, onnx_dir: Path) -> dict:
 
 def format_report(report: dict) -> str:
     rows = [
+        ("reference", report.get("reference", "source")),
         ("top-1 next-token agreement", f"{report['top1_agreement']:.1%}"),
         ("greedy continuation exact match", f"{report['greedy_exact_match']:.1%}"),
-        ("perplexity, source (transformers)", f"{report['perplexity_source']:.3f}"),
-        ("perplexity, export (onnxruntime-genai)", f"{report['perplexity_export']:.3f}"),
+        ("perplexity, source", f"{report['perplexity_source']:.3f}"),
+        ("perplexity, export", f"{report['perplexity_export']:.3f}"),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]

@@ -11,7 +11,6 @@ import click
 # name -> "module:attribute" of a click command, imported only when that command runs.
 LAZY_COMMANDS = {
     "export": ("attar.export.cli:export", "Export a model to ONNX INT4 for onnxruntime-genai (needs attar[export])."),
-    "pull": ("attar.export.cli:pull", "Build the default model into the local cache (needs attar[export])."),
     "distill": ("attar.distill.cli:distill", "Distill teacher agent trajectories into a student (needs attar[distill])."),
     "demo": ("attar.distill.cli:demo", "Agent vs CoT distillation end to end on a generated world (needs attar[all])."),
 }
@@ -54,7 +53,8 @@ def main() -> None:
 
 @main.command()
 @click.argument("question", required=False)
-@click.option("--model", "model", help="Exported model folder, or URL#model of an OpenAI-compatible server. Default: the built-in SmolLM2-135M.")
+@click.option("--model", "model", help="A catalog name (`attar models`), an exported model folder, or URL#model of an "
+              "OpenAI-compatible server. Default: the catalog's default.")
 @click.option("--index", "index", type=click.Path(), help="Retrieval index folder behind web_search.")
 @click.option("--max-steps", default=5, show_default=True, type=click.IntRange(1, 50))
 @click.option("--sag", default=1, show_default=True, type=click.IntRange(1, 64),
@@ -71,6 +71,64 @@ def chat(question, model, index, max_steps, sag, temperature, top_p, seed, provi
 
     run_chat(question, model=model, index=index, max_steps=max_steps, sag=sag, temperature=temperature, top_p=top_p,
              seed=seed, provider=provider, as_json=as_json, trace=trace)
+
+
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
+def models_list(as_json: bool) -> None:
+    """List the built-in models: name, size, license, source, and whether it is built here."""
+    import json
+
+    from attar.runtime.models import CATALOG, DEFAULT_MODEL, is_built, model_dir
+
+    rows = [{"name": m.name, "default": m.name == DEFAULT_MODEL, "title": m.title, "gguf_mb": round(m.gguf_bytes / 1e6),
+             "license": m.license, "source": m.source, "built": is_built(model_dir(m.name)),
+             "path": str(model_dir(m.name))} for m in CATALOG.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        flags = ", ".join(f for f in ("default" if r["default"] else "", "built" if r["built"] else "not built") if f)
+        click.echo(f"{r['name']:<20} {r['gguf_mb']:>5} MB  {r['title']}  [{flags}]")
+        click.echo(f"{'':<20} license: {r['license']}; source: {r['source']}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the parity report as JSON.")
+def pull(name: str, as_json: bool) -> None:
+    """Fetch NAME's GGUF (a catalog name, or `default`), verify it and build it, once."""
+    import json
+
+    from attar.runtime.models import ModelError
+    from attar.runtime.models import pull as pull_model
+
+    try:
+        path = pull_model(name)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    parity = path / "parity.json"
+    if as_json and parity.is_file():
+        click.echo(parity.read_text())
+        return
+    click.echo(str(path))
+    if parity.is_file():
+        from attar.export.parity import format_report
+
+        click.echo(format_report(json.loads(parity.read_text())))
+
+
+@main.command("rm")
+@click.argument("name")
+def rm(name: str) -> None:
+    """Delete a catalog model's built folder and cached GGUF."""
+    from attar.runtime.models import ModelError, remove
+
+    try:
+        removed = remove(name)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("\n".join(f"removed {p}" for p in removed) or f"{name} is not on this machine")
 
 
 @main.group()

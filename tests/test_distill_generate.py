@@ -18,7 +18,7 @@ QUESTIONS = [{"id": f"q{i}", "question": f"What is {a} plus {b}?", "answer": str
 @pytest.fixture(scope="module")
 def server():
     pytest.importorskip("llama_cpp.server")
-    from attar.export.default import default_gguf
+    from attar.runtime.models import gguf_path as default_gguf
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,0 +1,434 @@
+"""A GGUF file (llama or qwen2 architecture) -> an onnxruntime-genai model folder, with the GGUF's
+own quantized weights: no torch, no re-quantization, little memory.
+
+The graph is the one onnxruntime-genai's builder writes for these models (GroupQueryAttention with
+rotary embedding, SkipSimplifiedLayerNormalization, MatMulNBits), but every weight comes from
+`quants.block_quant`: the codes and scales llama.cpp multiplies with. Weights are streamed into
+model.onnx.data as they are converted, so peak memory is about one tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader
+from onnx import TensorProto, helper
+
+from attar.export.lora import LoraDelta, LoraError, read_adapter
+from attar.export.quants import OFFSET_BLOCK, SUPPORTED, BlockQuant, block_quant, concat_rows
+
+ARCHITECTURES = ("llama", "qwen2")
+# MatMulNBits compute type: level 4 quantizes activations to int8 per block, as llama.cpp does;
+# it is the fast CPU path (float32 activations, level 1, cost SmolLM2 30% of its decode speed
+# for 98.8% instead of 98.3% top-1 agreement; 8-bit weights have no fast float32 kernel at all).
+ACCURACY_LEVEL = 4
+DATA_FILE = "model.onnx.data"
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+
+
+class GGUFError(Exception):
+    """The GGUF cannot be imported; the message is one line for the user."""
+
+
+@dataclass
+class Hyper:
+    arch: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    eps: float
+    rope_theta: float
+    context: int
+    vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def field(reader: GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def read_hyper(reader: GGUFReader) -> Hyper:
+    arch = field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"unsupported GGUF architecture {arch!r}; attar imports {', '.join(ARCHITECTURES)}")
+    if field(reader, f"{arch}.rope.scaling.type") not in (None, "none"):
+        raise GGUFError(f"{arch} GGUF with rope scaling is not supported")
+
+    def get(key: str, default=None):
+        value = field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise GGUFError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    heads = int(get("attention.head_count"))
+    tokens = field(reader, "tokenizer.ggml.tokens") or []
+    return Hyper(arch, int(get("block_count")), int(get("embedding_length")), heads,
+                 int(get("attention.head_count_kv", heads)), int(get("feed_forward_length")),
+                 float(get("attention.layer_norm_rms_epsilon")), float(get("rope.freq_base", 10000.0)),
+                 int(get("context_length")), int(get("vocab_size", len(tokens))))
+
+
+class Tensors:
+    """GGUF tensors by name, as (N, K) weights in the GGUF's own encoding."""
+
+    def __init__(self, reader: GGUFReader):
+        self.by_name = {t.name: t for t in reader.tensors}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by_name
+
+    def float(self, name: str) -> np.ndarray:
+        t = self.by_name[name]
+        if t.tensor_type not in FLOAT_TYPES:
+            from gguf import dequantize
+
+            return dequantize(t.data, t.tensor_type).astype(np.float32).reshape(self.shape(name))
+        if t.tensor_type == Q.BF16:
+            return (np.asarray(t.data).view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(self.shape(name))
+        return np.asarray(t.data, dtype=np.float32).reshape(self.shape(name))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self.by_name[name].shape))  # GGUF lists dims innermost first
+
+    def weight(self, name: str) -> BlockQuant | np.ndarray:
+        """A BlockQuant where the GGUF's type maps exactly, else float32 (N, K)."""
+        t = self.by_name[name]
+        n, k = self.shape(name)
+        if t.tensor_type in SUPPORTED:
+            return block_quant(t.tensor_type, t.data, n, k)
+        if t.tensor_type in FLOAT_TYPES:
+            return self.float(name)
+        raise GGUFError(f"{name}: GGUF type {t.tensor_type.name} is not supported (supported: "
+                        f"{', '.join(q.name for q in (*SUPPORTED, *FLOAT_TYPES))})")
+
+
+class GraphWriter:
+    """Nodes plus initializers whose bytes go straight into one external data file."""
+
+    def __init__(self, data_path: Path):
+        self.data_path = data_path
+        self.data = open(data_path, "wb")
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._count = 0
+
+    def close(self) -> None:
+        self.data.close()
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        offset = self.data.tell()
+        pad = -offset % 64  # aligned, so onnxruntime can map it
+        self.data.write(b"\0" * pad)
+        self.data.write(array.tobytes())
+        return self.alias(name, array.dtype, array.shape, offset + pad, array.nbytes)
+
+    def alias(self, name: str, dtype, shape, offset: int, length: int) -> str:
+        """Another view (name, shape) of bytes already written: a tied embedding and LM head."""
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=list(shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.initializers.append(tensor)
+        return name
+
+    def small(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(onnx.numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None,
+             **attrs) -> list[str]:
+        self._count += 1
+        name = name or f"/{op}_{self._count}"
+        outputs = [f"{name}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+        return outputs
+
+    def one(self, op: str, inputs: list[str], **kw) -> str:
+        return self.node(op, inputs, **kw)[0]
+
+
+class DecoderBuilder:
+    """Writes the decoder graph layer by layer."""
+
+    def __init__(self, hyper: Hyper, tensors: Tensors, graph: GraphWriter, rope_interleaved: bool,
+                 lora: dict[str, LoraDelta] | None = None):
+        self.h, self.t, self.g = hyper, tensors, graph
+        self.lora = lora or {}
+        self.rope_interleaved = rope_interleaved
+        self._block_sums: dict[str, str] = {}
+        self._summers: dict[int, str] = {}
+        self._embedding: tuple[BlockQuant, str, str] | str | None = None  # for a tied LM head
+
+    # -- weights ----------------------------------------------------------------------------
+    def _quant_inputs(self, name: str, q: BlockQuant) -> tuple[str, str]:
+        n, k = q.codes.shape
+        packed = q.packed().reshape(n, k // q.block, q.block * q.bits // 8)
+        return self.g.const(f"{name}.codes", packed), self.g.const(f"{name}.scales", q.scales)
+
+    def linear(self, x: str, names: list[str], biases: list[str] = (), split: bool = True) -> list[str]:
+        """x times each named weight. Weights that share a quantization layout are fused into one
+        MatMulNBits (their rows concatenated), then split again unless `split` is False (the
+        attention takes packed Q/K/V): fewer, larger kernels."""
+        ws = [self.t.weight(n) for n in names]
+        fusable = all(isinstance(w, BlockQuant) for w in ws) and len({(w.bits, w.block) for w in ws}) == 1
+        if len(ws) > 1 and not fusable:
+            return [self.linear(x, [n], [b] if b else [])[0] for n, b in itertools.zip_longest(names, biases)]
+        sizes = [w.shape[0] if isinstance(w, np.ndarray) else w.codes.shape[0] for w in ws]
+        key = "+".join(names)
+        if isinstance(ws[0], BlockQuant):
+            w = ws[0] if len(ws) == 1 else concat_rows(ws)
+            n, k = w.codes.shape
+            codes, scales = self._quant_inputs(key, w)
+            y = self.g.one("MatMulNBits", [x, codes, scales], domain="com.microsoft", K=k, N=n, bits=w.bits,
+                           block_size=w.block, accuracy_level=ACCURACY_LEVEL)
+            if w.offsets is not None:
+                y = self.g.one("Add", [y, self.offset_term(x, k, self.g.const(f"{key}.offsets", w.offsets.T))])
+        else:
+            y = self.g.one("MatMul", [x, self.g.const(f"{key}.T", ws[0].T.astype(np.float32))])
+        y = self.low_rank(x, y, names, sizes)
+        present = [b for b in biases if b in self.t]
+        if present:
+            y = self.g.one("Add", [y, self.g.const(f"{key}.bias", np.concatenate(
+                [self.t.float(b) if b in self.t else np.zeros(size, np.float32) for b, size in zip(biases, sizes)]))])
+        if len(ws) == 1 or not split:
+            return [y]
+        return self.g.node("Split", [y, self.g.small(f"{key}/sizes", np.array(sizes))], n_out=len(ws), axis=-1)
+
+    def low_rank(self, x: str, y: str, names: list[str], sizes: list[int]) -> str:
+        """y + x·Aᵀ·Bᵀ for the LoRA deltas on these weights (one pair of MatMuls for a fused group)."""
+        deltas = [self.lora.get(n) for n in names]
+        if not any(deltas):
+            return y
+        k = self.t.shape(names[0])[1]
+        for name, d, n in zip(names, deltas, sizes):
+            if d is not None and (d.a.shape[1] != k or d.b.shape[0] != n):
+                raise GGUFError(f"the LoRA adapter's {name} is {d.b.shape[0]}x{d.a.shape[1]}, the model's {n}x{k}: "
+                                "was it trained on this base?")
+        a = np.concatenate([d.a for d in deltas if d is not None])
+        b = np.zeros((sum(sizes), a.shape[0]), np.float32)
+        row = col = 0
+        for d, n in zip(deltas, sizes):
+            if d is not None:
+                b[row:row + n, col:col + d.b.shape[1]] = d.b
+                col += d.b.shape[1]
+            row += n
+        key = "+".join(names)
+        low = self.g.one("MatMul", [x, self.g.const(f"{key}.lora_A", np.ascontiguousarray(a.T))])
+        return self.g.one("Add", [y, self.g.one("MatMul", [low, self.g.const(f"{key}.lora_B", np.ascontiguousarray(b.T))])])
+
+    def offset_term(self, x: str, k: int, offsets_t: str) -> str:
+        """Σ over each block of 32 inputs, times the (K/32, N) offsets: w = s·(q − z) + o exactly.
+        The block sums are one small MatMul per input (a 0/1 matrix), shared by every weight it feeds."""
+        if x not in self._block_sums:
+            if k not in self._summers:
+                ones = np.kron(np.eye(k // OFFSET_BLOCK, dtype=np.float32), np.ones((OFFSET_BLOCK, 1), np.float32))
+                self._summers[k] = self.g.const(f"/block_sum/{k}", ones)
+            self._block_sums[x] = self.g.one("MatMul", [x, self._summers[k]])
+        return self.g.one("MatMul", [self._block_sums[x], offsets_t])
+
+    def embedding(self, ids: str) -> str:
+        name = "token_embd.weight"
+        w = self.t.weight(name)
+        if not isinstance(w, BlockQuant):
+            self._embedding = self.g.const(name, w)
+            return self.g.one("Gather", [self._embedding, ids], axis=0)
+        v, k = w.codes.shape
+        codes = self.g.const(f"{name}.codes", w.packed())
+        scales = self.g.const(f"{name}.scales", w.scales)
+        self._embedding = (w, codes, scales)
+        x = self.g.one("GatherBlockQuantized", [codes, ids, scales], domain="com.microsoft", gather_axis=0,
+                       quantize_axis=1, block_size=w.block, bits=w.bits)
+        if w.offsets is not None:
+            rows = self.g.one("Gather", [self.g.const(f"{name}.offsets", w.offsets), ids], axis=0)  # (B, S, K/32)
+            rows = self.g.one("Unsqueeze", [rows, self.g.small("/embed/last", np.array([-1]))])
+            rows = self.g.one("Expand", [rows, self.g.small("/embed/block", np.array([1, 1, 1, OFFSET_BLOCK]))])
+            rows = self.g.one("Reshape", [rows, self.g.small("/embed/shape", np.array([0, 0, k]))])
+            x = self.g.one("Add", [x, rows])
+        return x
+
+    def lm_head(self, x: str) -> str:
+        if "output.weight" in self.t:
+            return self.linear(x, ["output.weight"])[0]
+        # Tied: the embedding's own bytes, viewed as MatMulNBits wants them.
+        if isinstance(self._embedding, str):
+            return self.g.one("MatMul", [x, self.g.one("Transpose", [self._embedding])])
+        w, codes, scales = self._embedding
+        n, k = w.codes.shape
+        tensor = next(t for t in self.g.initializers if t.name == codes)
+        offset, length = (int(e.value) for e in tensor.external_data if e.key in ("offset", "length"))
+        shape = (n, k // w.block, w.block * w.bits // 8)
+        b = self.g.alias("lm_head.codes", np.uint8, shape, offset, length)
+        y = self.g.one("MatMulNBits", [x, b, scales], domain="com.microsoft", K=k, N=n, bits=w.bits,
+                       block_size=w.block, accuracy_level=ACCURACY_LEVEL)
+        if w.offsets is not None:
+            y = self.g.one("Add", [y, self.offset_term(x, k, self.g.const("lm_head.offsets", w.offsets.T))])
+        return y
+
+    # -- graph --------------------------------------------------------------------------------
+    def rope_caches(self) -> tuple[str, str]:
+        dim = self.h.head_dim
+        inv_freq = 1.0 / (self.h.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        angles = np.outer(np.arange(self.h.context, dtype=np.float64), inv_freq)
+        return (self.g.const("cos_cache", np.cos(angles).astype(np.float32)),
+                self.g.const("sin_cache", np.sin(angles).astype(np.float32)))
+
+    def build(self, progress: Callable[[int, int], None]) -> tuple[list, list]:
+        h, g = self.h, self.g
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", h.vocab])]
+        kv_shape = lambda s: ["batch_size", h.kv_heads, s, h.head_dim]  # noqa: E731
+
+        # The attention mask -> what GroupQueryAttention wants: per-row length − 1, and the total.
+        one = g.small("/one", np.array([1], dtype=np.int64))
+        lengths = g.one("ReduceSum", ["attention_mask", one], keepdims=0)
+        seqlens_k = g.one("Cast", [g.one("Sub", [lengths, one])], to=TensorProto.INT32)
+        total = g.one("Cast", [g.one("Gather", [g.one("Shape", ["attention_mask"]), g.small("/idx1", np.array(1))], axis=0)],
+                      to=TensorProto.INT32)
+        cos, sin = self.rope_caches()
+
+        x = self.embedding("input_ids")
+        residual, hidden = None, None
+        for i in range(h.layers):
+            progress(i, h.layers)
+            p = f"blk.{i}"
+            hidden, residual = self.norm(x, residual, f"{p}.attn_norm.weight")
+            qkv = self.linear(hidden, [f"{p}.attn_{n}.weight" for n in "qkv"], [f"{p}.attn_{n}.bias" for n in "qkv"],
+                              split=False)
+            q, k, v = qkv if len(qkv) == 3 else (qkv[0], "", "")  # packed: GroupQueryAttention splits it
+            past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+            inputs += [helper.make_tensor_value_info(past_k, TensorProto.FLOAT, kv_shape("past_sequence_length")),
+                       helper.make_tensor_value_info(past_v, TensorProto.FLOAT, kv_shape("past_sequence_length"))]
+            attn = f"/layers.{i}/attn/out0"
+            g.nodes.append(helper.make_node(
+                "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total, cos, sin],
+                [attn, f"present.{i}.key", f"present.{i}.value"], name=f"/layers.{i}/attn", domain="com.microsoft",
+                num_heads=h.heads, kv_num_heads=h.kv_heads, scale=1.0 / float(np.sqrt(h.head_dim)), do_rotary=1,
+                rotary_interleaved=int(self.rope_interleaved), local_window_size=-1))
+            outputs += [helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT,
+                                                      kv_shape("total_sequence_length")) for kv in ("key", "value")]
+            x = self.linear(attn, [f"{p}.attn_output.weight"])[0]
+            hidden, residual = self.norm(x, residual, f"{p}.ffn_norm.weight")
+            gate, up = self.linear(hidden, [f"{p}.ffn_gate.weight", f"{p}.ffn_up.weight"])
+            silu = g.one("Mul", [gate, g.one("Sigmoid", [gate])])
+            x = self.linear(g.one("Mul", [silu, up]), [f"{p}.ffn_down.weight"])[0]
+        progress(h.layers, h.layers)
+        hidden, _ = self.norm(x, residual, "output_norm.weight")
+        g.nodes.append(helper.make_node("Identity", [self.lm_head(hidden)], ["logits"]))
+        return inputs, outputs
+
+    def norm(self, x: str, residual: str | None, weight: str) -> tuple[str, str]:
+        """RMSNorm of x + residual; returns (normalized, the new residual)."""
+        gamma = self.g.const(weight, self.t.float(weight))
+        if residual is None:
+            return self.g.one("SimplifiedLayerNormalization", [x, gamma], axis=-1, epsilon=self.h.eps,
+                              stash_type=1), x
+        out = self.g.node("SkipSimplifiedLayerNormalization", [x, residual, gamma], n_out=4, domain="com.microsoft",
+                          epsilon=self.h.eps)
+        return out[0], out[3]
+
+
+def genai_config(h: Hyper, fields: dict) -> dict:
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    # Chat models end a turn with <|im_end|> and a document with <|endoftext|>: stop at either.
+    eos_ids = sorted({i for i in (eos, _token_id(fields, "<|im_end|>"), _token_id(fields, "<|endoftext|>"),
+                                  _token_id(fields, "<|eot_id|>")) if i is not None})
+    return {
+        "model": {
+            "bos_token_id": fields.get("tokenizer.ggml.bos_token_id", eos),
+            "context_length": h.context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx", "head_size": h.head_dim, "hidden_size": h.hidden,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": h.heads, "num_hidden_layers": h.layers, "num_key_value_heads": h.kv_heads,
+            },
+            "eos_token_id": eos_ids if len(eos_ids) > 1 else eos,
+            "pad_token_id": fields.get("tokenizer.ggml.padding_token_id", eos),
+            "type": h.arch,
+            "vocab_size": h.vocab,
+        },
+        "search": {"do_sample": False, "max_length": h.context, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 50, "top_p": 1.0},
+    }
+
+
+def _token_id(fields: dict, text: str) -> int | None:
+    index = fields.get("_token_index")
+    return index.get(text) if index else None
+
+
+def tokenizer_fields(reader: GGUFReader) -> dict:
+    fields = {k: field(reader, k) for k in reader.fields if k.startswith("tokenizer.")}
+    fields["_token_index"] = {t: i for i, t in enumerate(fields.get("tokenizer.ggml.tokens") or [])}
+    return fields
+
+
+def import_gguf(source: Path, out: Path, log: Callable[[str], None] = print, lora: Path | None = None) -> dict:
+    """Write the ONNX model, genai_config.json and tokenizer files of `source` into `out` (a new,
+    empty folder). Returns a summary of what was written."""
+    from attar.export.gguf_tokenizer import write_tokenizer
+
+    try:
+        reader = GGUFReader(source)
+    except Exception as exc:  # the gguf package raises ValueError, struct errors, ... on a bad file
+        raise GGUFError(f"cannot read {source} as GGUF: {type(exc).__name__}: {exc}") from None
+    hyper = read_hyper(reader)
+    fields = tokenizer_fields(reader)
+    fields["context_length"] = hyper.context
+    tensors = Tensors(reader)
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    log(f"  {field(reader, 'general.name', source.name)}: {hyper.arch}, {hyper.layers} layers, hidden {hyper.hidden}, "
+        f"tensors {', '.join(f'{k}×{v}' for k, v in sorted(types.items()))}")
+
+    graph = GraphWriter(out / DATA_FILE)
+    try:
+        # llama.cpp's converter permutes llama's Q/K rows so that rotary pairs are adjacent
+        # (its "normal" rope); qwen2 keeps HF's layout and rotates halves ("neox").
+        deltas = None
+        if lora is not None:
+            try:
+                deltas = read_adapter(lora, hyper.arch, hyper.heads, hyper.kv_heads)
+            except LoraError as exc:
+                raise GGUFError(str(exc)) from None
+            log(f"  LoRA {lora}: {len(deltas)} weights get a low-rank term (kept unmerged)")
+        builder = DecoderBuilder(hyper, tensors, graph, rope_interleaved=hyper.arch == "llama", lora=deltas)
+        step = max(1, hyper.layers // 4)
+
+        def progress(i: int, n: int) -> None:
+            if i % step == 0 or i == n:
+                log(f"  layers {i}/{n}")
+
+        inputs, outputs = builder.build(progress)
+    finally:
+        graph.close()
+    model = helper.make_model(
+        helper.make_graph(graph.nodes, "attar-gguf-decoder", inputs, outputs, graph.initializers),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="attar", ir_version=10)
+    onnx.save_model(model, out / "model.onnx")
+    (out / "genai_config.json").write_text(json.dumps(genai_config(hyper, fields), indent=2))
+    write_tokenizer(fields, out)
+    return {"architecture": hyper.arch, "layers": hyper.layers, "gguf_types": types, "lora": str(lora) if lora else None,
+            "bytes": sum(p.stat().st_size for p in out.iterdir())}
