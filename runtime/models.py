@@ -191,9 +191,13 @@ def check_model_dir(path: str | os.PathLike) -> Path:
 
 def resolve_model(spec: str | os.PathLike | None) -> Path:
     """The model to run: a folder, a catalog name (built on first use), or None for the default."""
-    if spec is None or (str(spec) in CATALOG or str(spec) == "default") and not Path(spec).exists():
-        return pull(DEFAULT_MODEL if spec is None else str(spec))
-    return check_model_dir(spec)
+    if spec is None:
+        return pull(DEFAULT_MODEL)
+    if Path(spec).exists():
+        return check_model_dir(spec)
+    if str(spec) in CATALOG or str(spec) == "default":
+        return pull(str(spec))
+    raise ModelError(f"{str(spec)!r} is neither a model folder nor a catalog name ({', '.join(CATALOG)})")
 
 
 def gguf_path(name: str = "default", log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:

@@ -1,15 +1,11 @@
 """The user's path: a fresh machine, `attar chat "question"` with no model given. The first run
-builds SmolLM2-135M-Instruct into the cache (~1.5 min here); later runs reuse it."""
+fetches the default GGUF and builds it into the cache (torch-free, ~20 s); later runs reuse it."""
 
 import json
 import shutil
 import subprocess
 
 import pytest
-
-from conftest import needs_torch
-
-pytestmark = needs_torch
 
 
 def attar(*args, timeout=900):
@@ -32,9 +28,23 @@ def test_pull_is_cached_and_reports_parity():
     proc = attar("pull", "default", "--json", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
-    assert 0.5 < report["top1_agreement"] <= 1.0
-    assert report["perplexity_export"] < 2 * report["perplexity_source"]
-    assert "building the default model" not in proc.stderr  # built once, by the test above
+    assert report["reference"].startswith("GGUF") and report["precision"] == "gguf (exact)"
+    assert 0.95 <= report["top1_agreement"] <= 1.0
+    assert abs(report["perplexity_export"] - report["perplexity_source"]) < 0.05 * report["perplexity_source"]
+    assert "building" not in proc.stderr  # built once, by the test above
+
+
+def test_models_lists_the_catalog_and_rm_refuses_unknown_names():
+    proc = attar("models", "--json", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"} <= set(rows)
+    assert sum(r["default"] for r in rows.values()) == 1
+    assert all(r["license"] and r["source"] and r["gguf_mb"] > 0 for r in rows.values())
+    proc = attar("rm", "no-such-model", timeout=60)
+    assert proc.returncode == 1 and "unknown model 'no-such-model'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = attar("chat", "hi", "--model", "no-such-model", timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("question", ["", "   "])

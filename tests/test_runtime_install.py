@@ -1,0 +1,31 @@
+"""`pip install attar` alone (no torch, no extras) in a fresh virtual environment, then the
+runtime user's whole path: build the default model from its wheel, ask it a question."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_runtime_only_install_pulls_and_chats(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip"]
+    proc = subprocess.run([*pip, "install", "-q", str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    installed = subprocess.run([*pip, "list", "--format", "json"], capture_output=True, text=True, check=True)
+    names = {p["name"].lower() for p in json.loads(installed.stdout)}
+    assert not names & {"torch", "transformers", "peft", "trl", "optimum"}, names
+
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "ATTAR_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    attar = str(venv / "bin" / "attar")
+    pull = subprocess.run([attar, "pull", "default"], capture_output=True, text=True, timeout=900, env=env)
+    assert pull.returncode == 0, pull.stderr[-3000:]
+    assert "top-1 next-token agreement" in pull.stdout and "GGUF (numpy" in pull.stdout
+    chat = subprocess.run([attar, "chat", "What is 2 + 3?", "--max-steps", "1", "--json"], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    result = json.loads(chat.stdout.strip().splitlines()[-1])
+    assert result["memory"]["tasks"][0]["steps"][0]["completion_tokens"] > 0
