@@ -40,11 +40,17 @@ def parse_code(text: str) -> str | None:
 class RunResult:
     answer: Any
     steps: list[Step]
-    finished_by: str
+    finished_by: str  # "final_answer", or "max_steps": then `answer` is a fallback, not the agent's
     memory: Memory
 
+    @property
+    def is_fallback(self) -> bool:
+        """True when the agent never called final_answer and the answer is a last-call guess."""
+        return self.finished_by == "max_steps"
+
     def to_dict(self) -> dict:
-        return {"answer": self.answer, "finished_by": self.finished_by, "memory": self.memory.to_dict()}
+        return {"answer": self.answer, "finished_by": self.finished_by, "fallback": self.is_fallback,
+                "memory": self.memory.to_dict()}
 
 
 class Agent:
@@ -62,6 +68,7 @@ class Agent:
         limits: Limits = Limits(),
         provider: str = "cpu",
         on_text: Callable[[str], None] | None = None,
+        on_step_start: Callable[[int, bool], None] | None = None,
         system_prompt: str = prompts.SYSTEM,
     ):
         if max_steps < 1:
@@ -86,6 +93,7 @@ class Agent:
             Sandbox.keep_warm(sag, limits)  # forks then cost a replay, not an interpreter boot
         self.limits = limits
         self.on_text = on_text
+        self.on_step_start = on_step_start or (lambda number, fallback: None)  # before the step's text streams
         self.tool_descriptions = "\n".join(describe(t) for t in self.tools.values())
         system = system_prompt.format(tools=self.tool_descriptions)
         self.memory = Memory(system)
@@ -108,12 +116,14 @@ class Agent:
         self.memory.tasks.append(task)
         try:
             for number in range(1, self.max_steps + 1):
+                self.on_step_start(number, False)
                 step = self._step(number, prefix if number == 1 else "")
                 task.steps.append(step)
                 yield step
                 if step.is_final:
                     task.answer, task.finished_by = step.final_answer, "final_answer"
                     return
+            self.on_step_start(self.max_steps + 1, True)
             step = self._final_step(self.max_steps + 1)
             task.steps.append(step)
             task.answer, task.finished_by = step.final_answer, "max_steps"
@@ -197,7 +207,7 @@ class Agent:
         messages[0] = {"role": "system", "content": prompts.FINAL_SYSTEM}
         messages.append({"role": "user", "content": prompts.FINAL_USER.format(question=self.memory.tasks[-1].question)})
         gen = self.backend.generate(messages, sampling=Sampling(max_new_tokens=256), on_text=self.on_text)
-        return Step(number, model_output=gen.text, final_answer=gen.text.strip(), is_final=True,
+        return Step(number, model_output=gen.text, final_answer=gen.text.strip(), is_final=True, is_fallback=True,
                     generation_seconds=gen.seconds, first_token_seconds=gen.first_token_seconds,
                     prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
 
@@ -207,7 +217,7 @@ def _new_step(number: int, gen: Generation) -> Step:
     output = gen.text + ("<end_code>" if gen.stopped_by == "<end_code>" else "")
     return Step(number, model_output=output, code=parse_code(gen.text), generation_seconds=gen.seconds,
                 first_token_seconds=gen.first_token_seconds, prompt_tokens=gen.prompt_tokens,
-                completion_tokens=gen.completion_tokens)
+                completion_tokens=gen.completion_tokens, stopped_by=gen.stopped_by)
 
 
 def _record(step: Step, result: CellResult) -> None:

@@ -9,32 +9,50 @@ from pathlib import Path
 import click
 
 from attar.runtime.llm import Sampling
-from attar.runtime.memory import render_step, to_html
+from attar.runtime.memory import render_step, step_header, to_html
 from attar.runtime.models import ModelError
 
 
-def _build_agent(model, index, max_steps, sag, sampling, provider, stream_tokens: bool):
+def _build_agent(model, index, max_steps, sag, sampling, provider, stream_tokens: bool, quiet: bool):
     from attar.runtime.agent import Agent
     from attar.runtime.retrieval import IndexError_
 
     def on_text(piece: str) -> None:
         click.secho(piece, nl=False, dim=True, err=True)
 
+    def on_step_start(number: int, fallback: bool) -> None:
+        click.echo("", err=True)
+        click.secho(step_header(number, fallback), bold=True, err=True)
+
     try:
         return Agent(model, index=index, max_steps=max_steps, sag=sag, sampling=sampling, provider=provider,
-                     on_text=on_text if stream_tokens else None)
+                     on_text=on_text if stream_tokens else None, on_step_start=None if quiet else on_step_start)
     except (ModelError, IndexError_) as exc:
         raise click.ClickException(str(exc)) from None
 
 
 def _ask(agent, question: str, reset: bool, as_json: bool) -> None:
-    for step in agent.stream(question, reset=reset):
-        if not as_json:
-            click.echo("", err=True)
-            click.echo(render_step(step), err=True)
+    from attar.runtime.llm import BackendError
+
+    try:
+        for step in agent.stream(question, reset=reset):
+            if not as_json:
+                click.echo("", err=True)
+                click.echo(render_step(step), err=True)
+    except BackendError as exc:
+        raise click.ClickException(str(exc)) from None
     task = agent.memory.tasks[-1]
-    if not as_json:
-        click.secho(f"\n{task.answer}", bold=True)
+    if as_json:
+        return
+    if task.finished_by == "max_steps":
+        click.secho(f"\nNo final_answer within {agent.max_steps} steps; the model's fallback answer, from its memory:",
+                    fg="yellow", err=True)
+    click.secho(f"\n{_printable(task.answer)}", bold=True)
+
+
+def _printable(value) -> str:
+    """Guest output can hold lone surrogates, which a UTF-8 terminal cannot print."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def run_chat(question, *, model, index, max_steps, sag, temperature, top_p, seed, provider, as_json, trace) -> None:
@@ -45,7 +63,8 @@ def run_chat(question, *, model, index, max_steps, sag, temperature, top_p, seed
     )
     if question is not None and not question.strip():
         raise click.UsageError("the question is empty")
-    agent = _build_agent(model, index, max_steps, sag, sampling, provider, stream_tokens=not as_json and sag == 1)
+    agent = _build_agent(model, index, max_steps, sag, sampling, provider, stream_tokens=not as_json and sag == 1,
+                         quiet=as_json)
     try:
         if question is not None:
             _ask(agent, question, reset=True, as_json=as_json)
@@ -54,7 +73,8 @@ def run_chat(question, *, model, index, max_steps, sag, temperature, top_p, seed
         if as_json:
             task = agent.memory.tasks[-1]
             click.echo(json.dumps({"answer": task.answer, "finished_by": task.finished_by,
-                                   "memory": agent.memory.to_dict()}, default=repr))
+                                   "fallback": task.finished_by == "max_steps", "memory": agent.memory.to_dict()},
+                                  default=repr))
         if trace:
             Path(trace).write_text(to_html(agent.memory))
             click.echo(f"trace written to {trace}", err=True)

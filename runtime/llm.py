@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +51,24 @@ class Backend(Protocol):
         on_text: Callable[[str], None] | None = None,
         prefix: str = "",  # start of the assistant turn, which the model continues
     ) -> Generation: ...
+
+
+class BackendError(Exception):
+    """The model backend cannot answer (an unreachable server, a rejected request): one line."""
+
+
+def is_repeating(ids: list[int], min_span: int = 48, max_period: int = 64) -> bool:
+    """True when the tail of `ids` is one chunk of up to `max_period` tokens repeated back to back
+    over at least `min_span` tokens (and 3 times): small models loop, and every looped token costs."""
+    n = len(ids)
+    for period in range(1, max_period + 1):
+        reps = max(3, -(-min_span // period))
+        if reps * period > n:
+            break
+        tail = ids[n - period:]
+        if all(ids[n - (r + 1) * period:n - r * period] == tail for r in range(1, reps)):
+            return True
+    return False
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, str | None]:
@@ -105,9 +124,12 @@ class OnnxBackend:
         generator.append_tokens(ids)
         stream = self.tokenizer.create_stream()
         text, first, count, stopped_by = "", None, 0, None
+        tokens: list[int] = []
         while not generator.is_done():
             generator.generate_next_token()
-            piece = stream.decode(generator.get_next_tokens()[0])
+            token = int(generator.get_next_tokens()[0])
+            tokens.append(token)
+            piece = stream.decode(token)
             count += 1
             if first is None:
                 first = time.perf_counter() - began
@@ -120,6 +142,9 @@ class OnnxBackend:
                 break
             if on_text and piece:
                 on_text(piece)
+            if count % 8 == 0 and is_repeating(tokens):
+                stopped_by = "repetition"
+                break
         return Generation(text, len(ids), count, time.perf_counter() - began, first, stopped_by)
 
 
@@ -144,6 +169,7 @@ class OnnxBackend:
         eos = set(self.tokenizer.eos_token_ids)
         streams = [self.tokenizer.create_stream() for _ in range(n)]
         texts, counts, stopped, done = [""] * n, [0] * n, [None] * n, [False] * n
+        rows: list[list[int]] = [[] for _ in range(n)]
         first = None
         while not generator.is_done() and not all(done):
             generator.generate_next_token()
@@ -155,8 +181,11 @@ class OnnxBackend:
                     done[i] = True
                     continue
                 counts[i] += 1
+                rows[i].append(int(token))
                 texts[i] += streams[i].decode(token)
                 texts[i], stopped[i] = cut_at_stop(texts[i], stop)
+                if stopped[i] is None and counts[i] % 8 == 0 and is_repeating(rows[i]):
+                    stopped[i] = "repetition"
                 done[i] = stopped[i] is not None
         seconds = time.perf_counter() - began
         return [Generation(texts[i], prompt_tokens, counts[i], seconds, first, stopped[i]) for i in range(n)]
@@ -178,7 +207,8 @@ class OpenAIBackend:
     (`continue_final_message`, vLLM) or, with `completions=True`, by rendering ChatML locally
     and calling the completions endpoint, which every server has."""
 
-    RETRIES = 5
+    RETRIES = 5  # for overload (429, 5xx, timeouts): the server is up and will answer
+    UNREACHABLE_RETRIES = 2  # a refused or unresolvable address rarely comes back within seconds
 
     def __init__(self, base_url: str | list[str], model: str, api_key: str | None = None, timeout: float = 300.0,
                  completions: bool = False):
@@ -191,8 +221,9 @@ class OpenAIBackend:
         self._next = itertools.count()
 
     def _post(self, path: str, body: dict) -> dict:
-        delay = 1.0
-        for attempt in range(self.RETRIES + 1):
+        """POST with bounded retries; every failure ends in a one-line BackendError."""
+        delay, attempt, unreachable = 1.0, 0, 0
+        while True:
             url = self.base_urls[next(self._next) % len(self.base_urls)] + path
             request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={
                 "Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"})
@@ -200,14 +231,23 @@ class OpenAIBackend:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as exc:
-                if exc.code not in (408, 429) and exc.code < 500 or attempt == self.RETRIES:
-                    raise
-            except (urllib.error.URLError, TimeoutError, ConnectionError):
-                if attempt == self.RETRIES:
-                    raise
+                if exc.code not in (408, 429) and exc.code < 500 or attempt >= self.RETRIES:
+                    detail = exc.read(300).decode("utf-8", "replace").strip().replace("\n", " ")
+                    raise BackendError(f"{url} answered HTTP {exc.code}: {detail or exc.reason}") from None
+                why = f"HTTP {exc.code}"
+            except (urllib.error.URLError, ConnectionError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                timed_out = isinstance(reason, TimeoutError) or isinstance(exc, TimeoutError)
+                unreachable += not timed_out
+                if unreachable > self.UNREACHABLE_RETRIES or attempt >= self.RETRIES:
+                    raise BackendError(f"cannot reach {url}: {reason}") from None
+                why = str(reason)
+            except ValueError as exc:  # the body is not JSON
+                raise BackendError(f"{url} did not answer with JSON: {exc}") from None
+            attempt += 1
+            print(f"{url}: {why}; retrying in {delay:.0f}s ({attempt}/{self.RETRIES})", file=sys.stderr)
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
-        raise AssertionError("unreachable")
 
     def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
         began = time.perf_counter()
@@ -217,14 +257,14 @@ class OpenAIBackend:
             body["seed"] = sampling.seed
         if self.completions:
             reply = self._post("/completions", {**body, "prompt": render_chatml(messages, prefix)})
-            raw = reply["choices"][0].get("text") or ""
+            raw = _choice(reply, url=self.base_urls[0]).get("text") or ""
         else:
             if prefix:
                 messages = [*messages, {"role": "assistant", "content": prefix}]
                 body.update(continue_final_message=True, add_generation_prompt=False)
             reply = self._post("/chat/completions", {**body, "messages": messages})
-            raw = reply["choices"][0]["message"]["content"] or ""
-        choice = reply["choices"][0]
+            raw = (_choice(reply, url=self.base_urls[0]).get("message") or {}).get("content") or ""
+        choice = _choice(reply, url=self.base_urls[0])
         text, stopped_by = cut_at_stop(raw, list(stop))
         if stopped_by is None and choice.get("finish_reason") == "stop" and stop and "```" in text:
             stopped_by = stop[0]  # servers strip the stop string they matched
@@ -234,6 +274,14 @@ class OpenAIBackend:
         seconds = time.perf_counter() - began
         return Generation(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), seconds,
                           seconds, stopped_by)
+
+
+def _choice(reply, url: str) -> dict:
+    """The first choice of a reply, or a BackendError that says what came back instead."""
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        raise BackendError(f"{url} answered without choices: {str(reply)[:200]}")
+    return choices[0]
 
 
 @dataclass

@@ -33,6 +33,7 @@ class Step:
     error: str | None = None  # parse or execution error, shown to the model as the observation
     final_answer: Any = None
     is_final: bool = False
+    is_fallback: bool = False  # the answer-from-memory call after max_steps, not an agent step
     generation_seconds: float = 0.0
     sandbox_seconds: float = 0.0  # includes tool_seconds
     tool_seconds: float = 0.0
@@ -40,6 +41,7 @@ class Step:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     candidates: list[Candidate] = field(default_factory=list)
+    stopped_by: str | None = None  # the stop string, "repetition" or None (EOS or token cap)
 
     @property
     def observation(self) -> str:
@@ -79,9 +81,15 @@ class Memory:
         return json.dumps(self.to_dict(), indent=2, default=repr)
 
 
+def step_header(number: int, fallback: bool) -> str:
+    """Printed when a step starts, before its text streams."""
+    return "━━ Out of steps: asking for an answer from memory ━━" if fallback else f"━━ Step {number} ━━"
+
+
 def render_step(step: Step) -> str:
-    """A readable terminal block for one step."""
-    lines = [f"━━ Step {step.number} ━━ ({step.generation_seconds:.1f}s model, {step.sandbox_seconds * 1000:.0f}ms sandbox)"]
+    """A readable terminal block for one finished step (its header was printed when it began)."""
+    lines = [f"   ({step.generation_seconds:.1f}s model, {step.sandbox_seconds * 1000:.0f}ms sandbox"
+             + (", stopped: the model was repeating itself" if step.stopped_by == "repetition" else "") + ")"]
     if step.candidates:
         lines.append(f"   {len(step.candidates)} candidates, winner with {max(c.votes for c in step.candidates)} votes")
     if step.code:
@@ -93,8 +101,6 @@ def render_step(step: Step) -> str:
             lines += ["Logs:", *("  " + line for line in step.stdout.rstrip().splitlines())]
         if step.output is not None:
             lines.append(f"Out: {step.output}")
-    if step.is_final:
-        lines.append(f"Final answer: {step.final_answer}")
     return "\n".join(lines)
 
 
@@ -116,7 +122,8 @@ def to_html(memory: Memory) -> str:
         parts.append(f"<h1>{html.escape(task.question)}</h1>")
         for step in task.steps:
             cls = "step err" if step.error else ("step final" if step.is_final else "step")
-            parts.append(f"<div class='{cls}'><b>Step {step.number}</b> <span class=meta>"
+            title = "Fallback answer from memory" if step.is_fallback else f"Step {step.number}"
+            parts.append(f"<div class='{cls}'><b>{title}</b> <span class=meta>"
                          f"{step.generation_seconds:.2f}s model · {step.sandbox_seconds * 1000:.1f}ms sandbox · "
                          f"{step.prompt_tokens}+{step.completion_tokens} tokens</span>")
             parts.append(pre(step.model_output))

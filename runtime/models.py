@@ -193,8 +193,8 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
     """The model to run: a folder, a catalog name (built on first use), or None for the default."""
     if spec is None:
         return pull(DEFAULT_MODEL)
-    if Path(spec).exists():
-        return check_model_dir(spec)
+    if Path(spec).exists() or os.sep in str(spec) or str(spec).startswith((".", "~")):
+        return check_model_dir(Path(spec).expanduser())
     if str(spec) in CATALOG or str(spec) == "default":
         return pull(str(spec))
     raise ModelError(f"{str(spec)!r} is neither a model folder nor a catalog name ({', '.join(CATALOG)})")

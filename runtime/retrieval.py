@@ -92,6 +92,9 @@ class Index:
 
         path = Path(path)
         manifest = _read_manifest(path)
+        if not manifest.get("complete"):
+            raise IndexError_(f"index {path} is incomplete (its build was interrupted or failed); "
+                              f"run `attar index build CORPUS -o {path}` again to finish it")
         if manifest["embedder"] != NAME:
             raise IndexError_(f"index {path} was built with embedder {manifest['embedder']!r}; "
                               f"this attar embeds with {NAME!r}")
@@ -198,6 +201,7 @@ def build_index(
     from attar.runtime.embedder import NAME, tokenizer_file
 
     out = Path(out)
+    created = not out.exists()
     if out.exists() and (out / "manifest.json").is_file():
         manifest = _read_manifest(out)
         if manifest.get("complete"):
@@ -212,8 +216,13 @@ def build_index(
         manifest = {"version": FORMAT_VERSION, "embedder": NAME, "dim": 384, "metric": "cos", "dtype": dtype,
                     "connectivity": connectivity, "count": 0, "complete": False}
         _write_json_atomic(out / "manifest.json", manifest)
-    return add_documents(out, corpus, embedder=embedder, batch_size=batch_size, progress=progress,
-                         _allow_incomplete=True)
+    try:
+        return add_documents(out, corpus, embedder=embedder, batch_size=batch_size, progress=progress,
+                             _allow_incomplete=True)
+    except IndexError_:
+        if created and _read_manifest(out).get("count", 0) == 0:
+            shutil.rmtree(out, ignore_errors=True)  # nothing was indexed (an empty or unreadable corpus)
+        raise
 
 
 def add_documents(

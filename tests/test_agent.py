@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attar.runtime import Agent, ScriptedBackend, parse_code
-from attar.runtime.memory import render_step, to_html
+from attar.runtime.llm import is_repeating
+from attar.runtime.memory import render_step, step_header, to_html
 from attar.runtime.sandbox import Limits
 
 LIMITS = Limits(timeout_s=2.0, memory_mb=64)
@@ -90,7 +91,48 @@ def test_memory_json_and_html_trace():
     assert data["memory"]["tasks"][0]["steps"][0]["stdout"] == "<b>hi</b>\n"
     page = to_html(result.memory)
     assert "&lt;script&gt;" in page and "<script>" not in page
-    assert "Step 1" in render_step(result.steps[0])
+    assert "Step 1" in step_header(1, False) and "Code:" in render_step(result.steps[0])
+
+
+def test_max_steps_fallback_is_marked_everywhere(capsys):
+    from attar.runtime.chat import run_chat
+
+    never = [step("t", "print(1)")] * 2 + ["I think the answer is 7."]
+    with Agent(ScriptedBackend(list(never)), max_steps=2, limits=LIMITS) as agent:
+        result = agent.run("q")
+    assert result.finished_by == "max_steps" and result.is_fallback and result.to_dict()["fallback"] is True
+    assert [s.number for s in result.steps] == [1, 2, 3] and result.steps[-1].is_fallback
+    assert "Fallback answer" in to_html(result.memory)
+
+    run_chat("q", model=ScriptedBackend(list(never)), index=None, max_steps=2, sag=1, temperature=None, top_p=None,
+             seed=None, provider="cpu", as_json=False, trace=None)
+    out, err = capsys.readouterr()
+    assert out.strip() == "I think the answer is 7."  # printed once, on stdout
+    assert "No final_answer within 2 steps" in err and "Step 3" not in err
+    assert err.index("━━ Step 1 ━━") < err.index("━━ Step 2 ━━") < err.index("Out of steps")
+
+    run_chat("q", model=ScriptedBackend(list(never)), index=None, max_steps=2, sag=1, temperature=None, top_p=None,
+             seed=None, provider="cpu", as_json=True, trace=None)
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["fallback"] is True and data["finished_by"] == "max_steps"
+
+
+def test_repetition_is_detected_only_when_a_chunk_loops():
+    assert is_repeating([5] * 48)
+    assert is_repeating([1, 2, 3] + [7, 8, 9, 10] * 12)
+    assert not is_repeating(list(range(200)))
+    assert not is_repeating([1, 2] * 10)  # 20 tokens: a short run is fine (e.g. indentation)
+
+
+def test_unreachable_server_is_one_line_and_bounded():
+    import time
+
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "chat", "hi", "--model", "http://127.0.0.1:9/v1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("Error: cannot reach http://127.0.0.1:9/v1")
+    assert time.monotonic() - began < 15
 
 
 def test_agents_share_nothing():

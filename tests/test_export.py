@@ -74,7 +74,7 @@ def test_missing_and_corrupt_sources_fail_in_one_line(tmp_path):
     bad.write_bytes(b"not a gguf at all")
     corrupt = run_cli("export", str(bad), "-o", str(tmp_path / "out"))
     assert corrupt.returncode == 1
-    assert corrupt.stderr.strip().splitlines()[-1].startswith("Error: cannot load")
+    assert corrupt.stderr.strip().splitlines()[-1].startswith("Error: cannot read")
     assert "Traceback" not in corrupt.stderr
     assert not (tmp_path / "out").exists()
 

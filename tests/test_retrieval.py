@@ -125,6 +125,19 @@ def test_cli_search_and_errors(tmp_path, index_dir):
     bad.write_text('{"id": 1, "text": "ok"}\nnot json\n')
     proc = run_cli("build", str(bad), "-o", str(tmp_path / "b"))
     assert proc.returncode == 1 and "bad.jsonl:2" in proc.stderr
+    # A build that indexed nothing leaves nothing behind, so search cannot accept a half index.
+    assert not (tmp_path / "e").exists() and not (tmp_path / "b").exists()
+
+
+def test_search_refuses_an_incomplete_index(tmp_path, index_dir):
+    import shutil
+
+    half = tmp_path / "half"
+    shutil.copytree(index_dir, half)
+    manifest = json.loads((half / "manifest.json").read_text())
+    (half / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    proc = run_cli("search", str(half), "q")
+    assert proc.returncode == 1 and "is incomplete" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_corrupt_index_and_wrong_embedder(tmp_path, index_dir):
