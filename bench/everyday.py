@@ -36,6 +36,8 @@ def correct(answer, expected, kind: str) -> bool:
     """Numbers compare by value (exactly for integers, within 0.5% otherwise); text by its words."""
     if answer is None:
         return False
+    if isinstance(answer, bool):  # "Answer yes or no." answered with a boolean
+        answer = "yes" if answer else "no"
     if kind == "number":
         if isinstance(expected, int) and abs(expected) > 2 ** 52:  # big integers: the digits, exactly
             return re.sub(r"[^\d-]", "", str(answer)) == str(expected)
@@ -67,7 +69,7 @@ agent.close()
 
 
 def gsm_hard(n: int) -> list[dict]:
-    rows = json.loads(GSM_HARD.read_text())[:n]
+    rows = json.loads(GSM_HARD.read_text())["examples"][:n]
     return [{"id": f"gsm-hard-{i}", "category": "gsm-hard", "question": r["question"], "answer": float(r["answer"]),
              "kind": "number"} for i, r in enumerate(rows)]
 

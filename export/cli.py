@@ -9,14 +9,15 @@ import click
 @click.command()
 @click.argument("source", type=click.Path(path_type=str))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Output model folder.")
-@click.option("--lora", type=click.Path(path_type=str),
-              help="PEFT LoRA adapter folder. Over a GGUF it stays unmerged on the exact base; an HF folder gets it merged.")
+@click.option("--lora", multiple=True, metavar="[NAME=]FOLDER",
+              help="PEFT LoRA adapter (repeatable). Over a GGUF each stays unmerged on the exact base, the first "
+                   "active by default (`attar chat --adapter NAME` picks another); an HF folder gets one merged.")
 @click.option("--precision", type=click.Choice(["int4", "int8", "fp16", "fp32"]),
               help="Re-quantize with onnxruntime-genai's builder (needs torch). Default: a GGUF keeps its own "
                    "quantized weights exactly; an HF folder becomes int4.")
 @click.option("--ep", default="cpu", show_default=True, help="Execution provider the model is built for.")
 @click.option("--check/--no-check", default=True, show_default=True, help="Run the parity check.")
-def export(source: str, out: str, lora: str | None, precision: str | None, ep: str, check: bool) -> None:
+def export(source: str, out: str, lora: tuple[str, ...], precision: str | None, ep: str, check: bool) -> None:
     """Export SOURCE (HF folder or .gguf file) to an onnxruntime-genai folder OUT.
 
     The parity report (the export against its source) is printed at the end and kept in
@@ -24,7 +25,7 @@ def export(source: str, out: str, lora: str | None, precision: str | None, ep: s
     from attar.export.convert import ExportError, export_model
 
     try:
-        export_model(source, out, lora=lora, precision=precision, ep=ep, check=check)
+        export_model(source, out, lora=list(lora) or None, precision=precision, ep=ep, check=check)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"exported to {out}")

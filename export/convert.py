@@ -101,7 +101,7 @@ def export_model(
     source: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    lora: str | os.PathLike | None = None,
+    lora: str | os.PathLike | list | dict | None = None,
     precision: str | None = None,
     ep: str = "cpu",
     check: bool = True,
@@ -110,8 +110,9 @@ def export_model(
     """Export SOURCE to an onnxruntime-genai folder at OUT; returns the parity report.
 
     A GGUF file is imported exactly (its own quantized weights, no torch) unless a `precision` is
-    asked for; an HF folder goes through onnxruntime-genai's builder at `precision` (int4 by
-    default). The folder appears at OUT only when complete: everything is written to a sibling
+    asked for, and its LoRA adapters (a folder, a list of them, `NAME=folder` strings or a
+    {name: folder} dict) stay unmerged, the first active by default; an HF folder goes through
+    onnxruntime-genai's builder at `precision` (int4 by default), its one adapter merged. The folder appears at OUT only when complete: everything is written to a sibling
     temp folder first and renamed into place, so an interrupted export leaves nothing behind.
     """
     source, out = Path(source), Path(out)
@@ -124,16 +125,20 @@ def export_model(
     if source.is_file() and source.suffix != ".gguf":
         raise ExportError(f"a source file must be a .gguf model: {source}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    adapters = adapter_names(lora)
     began = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         onnx_dir = work / "onnx"
         onnx_dir.mkdir()
         if source.is_file() and precision is None:
-            reference = _import_exact(source, onnx_dir, Path(lora) if lora else None, log)
+            reference = _import_exact(source, onnx_dir, adapters, log)
         else:
-            reference = _build_with_builder(source, work, onnx_dir, Path(lora) if lora else None, precision or "int4",
-                                            ep, log, keep_log=out.with_name(out.name + ".builder.log"))
+            if len(adapters) > 1:
+                raise ExportError("several adapters stay unmerged only over a GGUF base; the builder merges one")
+            reference = _build_with_builder(source, work, onnx_dir, next(iter(adapters.values()), None),
+                                            precision or "int4", ep, log,
+                                            keep_log=out.with_name(out.name + ".builder.log"))
         report = None
         if check:
             from attar.export.parity import format_report, parity_report
@@ -152,18 +157,40 @@ def export_model(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _import_exact(source: Path, onnx_dir: Path, lora: Path | None, log: Callable[[str], None]):
-    """GGUF -> ONNX with the GGUF's own weights (torch-free); the reference is the GGUF itself."""
+def adapter_names(lora) -> dict[str, Path]:
+    """{name: folder} from what a user passes: a folder (named after it, or after its parent
+    when it is called `adapter`, as `attar distill train` writes it), a list, or NAME=folder."""
+    if lora is None:
+        return {}
+    if isinstance(lora, dict):
+        return {str(k): Path(v) for k, v in lora.items()}
+    out: dict[str, Path] = {}
+    for item in [lora] if isinstance(lora, (str, os.PathLike)) else lora:
+        name, sep, folder = str(item).partition("=")
+        path = Path(folder if sep else item)
+        if not sep:
+            name = path.resolve().parent.name if path.name == "adapter" else path.name
+        if not path.is_dir():
+            raise ExportError(f"LoRA adapter folder not found: {path}")
+        if name in out:
+            raise ExportError(f"two adapters are named {name!r}; name them: --lora NAME=FOLDER")
+        out[name] = path
+    return out
+
+
+def _import_exact(source: Path, onnx_dir: Path, adapters: dict[str, Path], log: Callable[[str], None]):
+    """GGUF -> ONNX with the GGUF's own weights (torch-free); the reference is the GGUF itself,
+    with the default adapter merged in numpy."""
     from attar.export.gguf_import import GGUFError, import_gguf
     from attar.export.reference import GGUFScorer
 
-    log(f"[1/3] reading {source}" + (f" + LoRA {lora} (kept unmerged)" if lora else ""))
+    log(f"[1/3] reading {source}" + (f" + {len(adapters)} LoRA adapter(s), kept unmerged" if adapters else ""))
     log("[2/3] writing its quantized weights into an ONNX graph")
     try:
-        import_gguf(source, onnx_dir, log=log, lora=lora)
+        import_gguf(source, onnx_dir, log=log, adapters=adapters)
     except GGUFError as exc:
         raise ExportError(str(exc)) from None
-    return lambda: GGUFScorer(source, lora)
+    return lambda: GGUFScorer(source, next(iter(adapters.values()), None))
 
 
 def _build_with_builder(source: Path, work: Path, onnx_dir: Path, lora: Path | None, precision: str, ep: str,

@@ -22,6 +22,7 @@ from gguf import GGUFReader
 from onnx import TensorProto, helper
 
 from attar.export.lora import LoraDelta, LoraError, read_adapter
+from attar.runtime.models import ADAPTERS_FILE
 from attar.export.quants import OFFSET_BLOCK, SUPPORTED, BlockQuant, block_quant, concat_rows
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -166,9 +167,12 @@ class DecoderBuilder:
     """Writes the decoder graph layer by layer."""
 
     def __init__(self, hyper: Hyper, tensors: Tensors, graph: GraphWriter, rope_interleaved: bool,
-                 lora: dict[str, LoraDelta] | None = None):
+                 adapters: dict[str, dict[str, LoraDelta]] | None = None):
         self.h, self.t, self.g = hyper, tensors, graph
-        self.lora = lora or {}
+        self.adapters = adapters or {}
+        self.hooked = {name for deltas in self.adapters.values() for name in deltas}
+        self.adapter_params: dict[str, dict[str, np.ndarray]] = {a: {} for a in self.adapters}
+        self.lora_inputs: list[onnx.ValueInfoProto] = []
         self.rope_interleaved = rope_interleaved
         self._block_sums: dict[str, str] = {}
         self._summers: dict[int, str] = {}
@@ -210,26 +214,38 @@ class DecoderBuilder:
         return self.g.node("Split", [y, self.g.small(f"{key}/sizes", np.array(sizes))], n_out=len(ws), axis=-1)
 
     def low_rank(self, x: str, y: str, names: list[str], sizes: list[int]) -> str:
-        """y + x·Aᵀ·Bᵀ for the LoRA deltas on these weights (one pair of MatMuls for a fused group)."""
-        deltas = [self.lora.get(n) for n in names]
-        if not any(deltas):
+        """y + x·Aᵀ·Bᵀ, the LoRA term of these weights (one pair of MatMuls for a fused group).
+
+        A and B are graph inputs whose defaults have rank 0, so the base runs exactly as the GGUF
+        when no adapter is active; each adapter's A and B (at its own rank) live in its
+        .onnx_adapter file and onnxruntime-genai feeds the active one's."""
+        if not self.hooked.intersection(names):
             return y
         k = self.t.shape(names[0])[1]
-        for name, d, n in zip(names, deltas, sizes):
-            if d is not None and (d.a.shape[1] != k or d.b.shape[0] != n):
-                raise GGUFError(f"the LoRA adapter's {name} is {d.b.shape[0]}x{d.a.shape[1]}, the model's {n}x{k}: "
-                                "was it trained on this base?")
-        a = np.concatenate([d.a for d in deltas if d is not None])
-        b = np.zeros((sum(sizes), a.shape[0]), np.float32)
-        row = col = 0
-        for d, n in zip(deltas, sizes):
-            if d is not None:
-                b[row:row + n, col:col + d.b.shape[1]] = d.b
-                col += d.b.shape[1]
-            row += n
         key = "+".join(names)
-        low = self.g.one("MatMul", [x, self.g.const(f"{key}.lora_A", np.ascontiguousarray(a.T))])
-        return self.g.one("Add", [y, self.g.one("MatMul", [low, self.g.const(f"{key}.lora_B", np.ascontiguousarray(b.T))])])
+        a_name, b_name = f"lora.{key}.A", f"lora.{key}.B"
+        for adapter, all_deltas in self.adapters.items():
+            deltas = [all_deltas.get(n) for n in names]
+            for name, d, n in zip(names, deltas, sizes):
+                if d is not None and (d.a.shape[1] != k or d.b.shape[0] != n):
+                    raise GGUFError(f"adapter {adapter}: {name} is {d.b.shape[0]}x{d.a.shape[1]}, the model's "
+                                    f"{n}x{k}: was it trained on this base?")
+            rank = sum(d.a.shape[0] for d in deltas if d is not None)
+            a, b = np.zeros((k, rank), np.float32), np.zeros((rank, sum(sizes)), np.float32)
+            row = col = 0
+            for d, n in zip(deltas, sizes):
+                if d is not None:
+                    r = d.a.shape[0]
+                    a[:, col:col + r], b[col:col + r, row:row + n] = d.a.T, d.b.T
+                    col += r
+                row += n
+            self.adapter_params[adapter][a_name], self.adapter_params[adapter][b_name] = a, b
+        self.lora_inputs += [helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [k, f"{key}.rank"]),
+                             helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [f"{key}.rank", sum(sizes)])]
+        self.g.small(a_name, np.zeros((k, 0), np.float32))
+        self.g.small(b_name, np.zeros((0, sum(sizes)), np.float32))
+        low = self.g.one("MatMul", [x, a_name])
+        return self.g.one("Add", [y, self.g.one("MatMul", [low, b_name])])
 
     def offset_term(self, x: str, k: int, offsets_t: str) -> str:
         """Σ over each block of 32 inputs, times the (K/32, N) offsets: w = s·(q − z) + o exactly.
@@ -328,6 +344,7 @@ class DecoderBuilder:
             silu = g.one("Mul", [gate, g.one("Sigmoid", [gate])])
             x = self.linear(g.one("Mul", [silu, up]), [f"{p}.ffn_down.weight"])[0]
         progress(h.layers, h.layers)
+        inputs += self.lora_inputs
         hidden, _ = self.norm(x, residual, "output_norm.weight")
         g.nodes.append(helper.make_node("Identity", [self.lm_head(hidden)], ["logits"]))
         return inputs, outputs
@@ -383,9 +400,11 @@ def tokenizer_fields(reader: GGUFReader) -> dict:
     return fields
 
 
-def import_gguf(source: Path, out: Path, log: Callable[[str], None] = print, lora: Path | None = None) -> dict:
+def import_gguf(source: Path, out: Path, log: Callable[[str], None] = print,
+                adapters: dict[str, Path] | None = None) -> dict:
     """Write the ONNX model, genai_config.json and tokenizer files of `source` into `out` (a new,
-    empty folder). Returns a summary of what was written."""
+    empty folder). `adapters` (name -> PEFT LoRA folder) stay unmerged: out/adapters/NAME.onnx_adapter,
+    the first one active by default. Returns a summary of what was written."""
     from attar.export.gguf_tokenizer import write_tokenizer
 
     try:
@@ -401,19 +420,19 @@ def import_gguf(source: Path, out: Path, log: Callable[[str], None] = print, lor
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     log(f"  {field(reader, 'general.name', source.name)}: {hyper.arch}, {hyper.layers} layers, hidden {hyper.hidden}, "
         f"tensors {', '.join(f'{k}×{v}' for k, v in sorted(types.items()))}")
+    deltas = {}
+    for name, folder in (adapters or {}).items():
+        try:
+            deltas[name] = read_adapter(folder, hyper.arch, hyper.heads, hyper.kv_heads)
+        except LoraError as exc:
+            raise GGUFError(str(exc)) from None
+        log(f"  LoRA adapter {name!r} ({folder}): {len(deltas[name])} weights, kept unmerged")
 
     graph = GraphWriter(out / DATA_FILE)
     try:
         # llama.cpp's converter permutes llama's Q/K rows so that rotary pairs are adjacent
         # (its "normal" rope); qwen2 keeps HF's layout and rotates halves ("neox").
-        deltas = None
-        if lora is not None:
-            try:
-                deltas = read_adapter(lora, hyper.arch, hyper.heads, hyper.kv_heads)
-            except LoraError as exc:
-                raise GGUFError(str(exc)) from None
-            log(f"  LoRA {lora}: {len(deltas)} weights get a low-rank term (kept unmerged)")
-        builder = DecoderBuilder(hyper, tensors, graph, rope_interleaved=hyper.arch == "llama", lora=deltas)
+        builder = DecoderBuilder(hyper, tensors, graph, rope_interleaved=hyper.arch == "llama", adapters=deltas)
         step = max(1, hyper.layers // 4)
 
         def progress(i: int, n: int) -> None:
@@ -430,5 +449,29 @@ def import_gguf(source: Path, out: Path, log: Callable[[str], None] = print, lor
     onnx.save_model(model, out / "model.onnx")
     (out / "genai_config.json").write_text(json.dumps(genai_config(hyper, fields), indent=2))
     write_tokenizer(fields, out)
-    return {"architecture": hyper.arch, "layers": hyper.layers, "gguf_types": types, "lora": str(lora) if lora else None,
-            "bytes": sum(p.stat().st_size for p in out.iterdir())}
+    if deltas:
+        write_adapters(builder.adapter_params, out / "adapters")
+        (out / ADAPTERS_FILE).write_text(json.dumps({"adapters": list(deltas), "default_adapter": next(iter(deltas)),
+                                                     "sources": {k: str(v) for k, v in adapters.items()}}, indent=2))
+    return {"architecture": hyper.arch, "layers": hyper.layers, "gguf_types": types, "adapters": list(deltas),
+            "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}
+
+
+def write_adapters(params: dict[str, dict[str, np.ndarray]], folder: Path) -> None:
+    """One .onnx_adapter file per adapter (onnxruntime's LoRA format), for og.Adapters."""
+    import onnxruntime as ort
+
+    folder.mkdir()
+    for name, tensors in params.items():
+        adapter = ort.AdapterFormat()
+        adapter.set_adapter_version(1)
+        adapter.set_model_version(1)
+        adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
+        adapter.export_adapter(str(folder / f"{name}.onnx_adapter"))
+
+
+def read_adapter_params(model_dir: Path, name: str) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    adapter = ort.AdapterFormat.read_adapter(str(model_dir / "adapters" / f"{name}.onnx_adapter"))
+    return {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}  # outlives `adapter`

@@ -51,10 +51,19 @@ class OnnxScorer:
 
     name = "export (onnxruntime)"
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, adapter: str | None = "default"):
+        """`adapter`: which of the export's LoRA adapters to feed ("default": its default one;
+        None: the bare base)."""
         import onnxruntime as ort
 
+        from attar.export.gguf_import import read_adapter_params
+        from attar.runtime.models import adapters_of
+
         config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+        self.extra: dict[str, np.ndarray] = {}
+        names, default = adapters_of(model_dir)
+        if adapter and names:
+            self.extra = read_adapter_params(model_dir, default if adapter == "default" else adapter)
         self.layers, self.kv_heads, self.head = (config["num_hidden_layers"], config["num_key_value_heads"],
                                                  config["head_size"])
         options = ort.SessionOptions()
@@ -67,7 +76,7 @@ class OnnxScorer:
         for n, ids in enumerate(sequences):
             progress(n, len(sequences))
             feeds = {"input_ids": np.array([ids], dtype=np.int64),
-                     "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+                     "attention_mask": np.ones((1, len(ids)), dtype=np.int64), **self.extra}
             if "position_ids" in self.inputs:
                 feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
             empty = np.zeros((1, self.kv_heads, 0, self.head), dtype=np.float32)
@@ -100,15 +109,24 @@ class TorchScorer:
 
 
 def _greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
-    """The export's own greedy continuations, through onnxruntime-genai as the runtime runs it."""
+    """The export's own greedy continuations, through onnxruntime-genai as the runtime runs it
+    (its default adapter active)."""
     import onnxruntime_genai as og
 
+    from attar.runtime.models import adapters_of
+
     model = og.Model(str(model_dir))
+    adapter = adapters_of(model_dir)[1]
+    adapters = og.Adapters(model) if adapter else None
+    if adapter:
+        adapters.load(str(model_dir / "adapters" / f"{adapter}.onnx_adapter"), adapter)
     out = []
     for ids in prompts:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + CONTINUATION_TOKENS, do_sample=False)
         gen = og.Generator(model, params)
+        if adapter:
+            gen.set_active_adapter(adapters, adapter)
         gen.append_tokens(np.array(ids, dtype=np.int32))
         tokens = []
         while not gen.is_done() and len(tokens) < CONTINUATION_TOKENS:

@@ -67,6 +67,7 @@ class Agent:
         sag: int = 1,
         limits: Limits = Limits(),
         provider: str = "cpu",
+        adapter: str | None = None,
         on_text: Callable[[str], None] | None = None,
         on_step_start: Callable[[int, bool], None] | None = None,
         system_prompt: str = prompts.SYSTEM,
@@ -78,7 +79,7 @@ class Agent:
         if sampling is None:
             # SAG needs diverse candidates: the paper samples at temperature 0.4, top-p 0.8.
             sampling = Sampling(temperature=0.4, top_p=0.8) if sag > 1 else Sampling()
-        self.backend = model if hasattr(model, "generate") else load_backend(model, provider=provider)
+        self.backend = model if hasattr(model, "generate") else load_backend(model, provider=provider, adapter=adapter)
         tools = list(tools)
         if index is not None:
             from attar.runtime.retrieval import Index, web_search_tool

@@ -13,7 +13,8 @@ from attar.runtime.memory import render_step, step_header, to_html
 from attar.runtime.models import ModelError
 
 
-def _build_agent(model, index, max_steps, sag, sampling, provider, stream_tokens: bool, quiet: bool):
+def _build_agent(model, index, max_steps, sag, sampling, provider, stream_tokens: bool, quiet: bool,
+                 adapter: str | None = None):
     from attar.runtime.agent import Agent
     from attar.runtime.retrieval import IndexError_
 
@@ -25,7 +26,7 @@ def _build_agent(model, index, max_steps, sag, sampling, provider, stream_tokens
         click.secho(step_header(number, fallback), bold=True, err=True)
 
     try:
-        return Agent(model, index=index, max_steps=max_steps, sag=sag, sampling=sampling, provider=provider,
+        return Agent(model, index=index, max_steps=max_steps, sag=sag, sampling=sampling, provider=provider, adapter=adapter,
                      on_text=on_text if stream_tokens else None, on_step_start=None if quiet else on_step_start)
     except (ModelError, IndexError_) as exc:
         raise click.ClickException(str(exc)) from None
@@ -55,7 +56,8 @@ def _printable(value) -> str:
     return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def run_chat(question, *, model, index, max_steps, sag, temperature, top_p, seed, provider, as_json, trace) -> None:
+def run_chat(question, *, model, index, max_steps, sag, temperature, top_p, seed, provider, as_json, trace,
+             adapter=None) -> None:
     sampling = Sampling(
         temperature=temperature if temperature is not None else (0.4 if sag > 1 else 0.0),
         top_p=top_p if top_p is not None else (0.8 if sag > 1 else 1.0),
@@ -64,7 +66,7 @@ def run_chat(question, *, model, index, max_steps, sag, temperature, top_p, seed
     if question is not None and not question.strip():
         raise click.UsageError("the question is empty")
     agent = _build_agent(model, index, max_steps, sag, sampling, provider, stream_tokens=not as_json and sag == 1,
-                         quiet=as_json)
+                         quiet=as_json, adapter=adapter)
     try:
         if question is not None:
             _ask(agent, question, reset=True, as_json=as_json)

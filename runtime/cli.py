@@ -55,6 +55,7 @@ def main() -> None:
 @click.argument("question", required=False)
 @click.option("--model", "model", help="A catalog name (`attar models`), an exported model folder, or URL#model of an "
               "OpenAI-compatible server. Default: the catalog's default.")
+@click.option("--adapter", help="One of the model's LoRA adapters (`base`: none). Default: the export's default one.")
 @click.option("--index", "index", type=click.Path(), help="Retrieval index folder behind web_search.")
 @click.option("--max-steps", default=5, show_default=True, type=click.IntRange(1, 50))
 @click.option("--sag", default=1, show_default=True, type=click.IntRange(1, 64),
@@ -65,12 +66,12 @@ def main() -> None:
 @click.option("--provider", default="cpu", show_default=True, help="onnxruntime execution provider (e.g. QNN, OpenVINO where installed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result and full memory as JSON.")
 @click.option("--trace", type=click.Path(dir_okay=False), help="Write a self-contained HTML trace of the run.")
-def chat(question, model, index, max_steps, sag, temperature, top_p, seed, provider, as_json, trace) -> None:
+def chat(question, model, adapter, index, max_steps, sag, temperature, top_p, seed, provider, as_json, trace) -> None:
     """Ask QUESTION (or start an interactive session) and let the agent answer."""
     from attar.runtime.chat import run_chat
 
     run_chat(question, model=model, index=index, max_steps=max_steps, sag=sag, temperature=temperature, top_p=top_p,
-             seed=seed, provider=provider, as_json=as_json, trace=trace)
+             seed=seed, provider=provider, as_json=as_json, trace=trace, adapter=adapter)
 
 
 @main.command("models")

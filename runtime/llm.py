@@ -84,10 +84,12 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, str | None]:
 class OnnxBackend:
     """An exported student run by onnxruntime-genai on this machine."""
 
-    def __init__(self, model_dir: str | os.PathLike, provider: str = "cpu", provider_options: dict | None = None):
+    def __init__(self, model_dir: str | os.PathLike, provider: str = "cpu", provider_options: dict | None = None,
+                 adapter: str | None = None):
+        """`adapter`: one of the export's LoRA adapters; None runs its default one, "base" none."""
         import onnxruntime_genai as og
 
-        from attar.runtime.models import check_model_dir
+        from attar.runtime.models import ModelError, adapters_of, check_model_dir
 
         self.og = og
         path = check_model_dir(model_dir)
@@ -101,7 +103,23 @@ class OnnxBackend:
                 config.set_provider_option(provider, key, str(value))
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
+        names, default = adapters_of(path)
+        self.adapter = default if adapter is None else (None if adapter == "base" else adapter)
+        if self.adapter is not None and self.adapter not in names:
+            raise ModelError(f"{path.name} has no adapter {self.adapter!r}; it has: "
+                             f"{', '.join(names) or 'none'} (and `base`, none at all)")
+        self.adapters = None
+        if self.adapter:
+            self.adapters = og.Adapters(self.model)
+            self.adapters.load(str(path / "adapters" / f"{self.adapter}.onnx_adapter"), self.adapter)
+            self.name = f"{path.name}+{self.adapter}"
         self.context_length = json.loads((path / "genai_config.json").read_text())["model"].get("context_length", 2048)
+
+    def _generator(self, params):
+        generator = self.og.Generator(self.model, params)
+        if self.adapter:
+            generator.set_active_adapter(self.adapters, self.adapter)
+        return generator
 
     def prompt_ids(self, messages: list[Message], prefix: str = ""):
         text = self.tokenizer.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
@@ -120,7 +138,7 @@ class OnnxBackend:
             if sampling.seed is not None:
                 options["random_seed"] = sampling.seed
         params.set_search_options(**options)
-        generator = self.og.Generator(self.model, params)
+        generator = self._generator(params)
         generator.append_tokens(ids)
         stream = self.tokenizer.create_stream()
         text, first, count, stopped_by = "", None, 0, None
@@ -164,7 +182,7 @@ class OnnxBackend:
         if sampling.seed is not None:
             options["random_seed"] = sampling.seed
         params.set_search_options(**options)
-        generator = self.og.Generator(self.model, params)
+        generator = self._generator(params)
         generator.append_tokens(batch)
         eos = set(self.tokenizer.eos_token_ids)
         streams = [self.tokenizer.create_stream() for _ in range(n)]
@@ -304,13 +322,14 @@ class ScriptedBackend:
         return [self.generate(messages, stop, sampling) for _ in range(n)]
 
 
-def load_backend(model: str | os.PathLike | None, provider: str = "cpu") -> Backend:
-    """A model argument as a user gives it: a folder, an http(s) URL (`URL#model`), or None."""
+def load_backend(model: str | os.PathLike | None, provider: str = "cpu", adapter: str | None = None) -> Backend:
+    """A model argument as a user gives it: a catalog name, a folder, an http(s) URL
+    (`URL#model`), or None for the default; `adapter` picks one of an export's LoRA adapters."""
     if model is not None and str(model).startswith(("http://", "https://")):
         url, _, name = str(model).partition("#")
         return OpenAIBackend(url, name or "default")
     from attar.runtime.models import resolve_model
 
-    return OnnxBackend(resolve_model(model), provider=provider)
+    return OnnxBackend(resolve_model(model), provider=provider, adapter=adapter)
 
 

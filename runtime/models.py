@@ -180,6 +180,21 @@ def remove(name: str) -> list[Path]:
     return removed
 
 
+ADAPTERS_FILE = "attar.json"  # in an export: the LoRA adapters it carries, and the default one
+
+
+def adapters_of(model_dir: Path) -> tuple[list[str], str | None]:
+    """The names of an export's unmerged LoRA adapters (adapters/NAME.onnx_adapter) and the
+    one that runs unless another is asked for."""
+    import json
+
+    path = Path(model_dir) / ADAPTERS_FILE
+    if not path.is_file():
+        return [], None
+    info = json.loads(path.read_text())
+    return list(info.get("adapters", [])), info.get("default_adapter")
+
+
 def check_model_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():

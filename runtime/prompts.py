@@ -8,12 +8,22 @@ To solve the task, proceed in a cycle of 'Thought:', 'Code:', and 'Observation:'
 At each step, in the 'Thought:' part, explain your reasoning and which tools you want to use.
 Then in the 'Code:' part, write simple Python code. The code must start with '```py' and end with '```<end_code>'.
 Use print() to save whatever you need for the next step; it will appear in the 'Observation:' field.
-Finally, return the answer with the `final_answer` tool.
+Finally, return the answer with the `final_answer` tool, as soon as you know it.
+
+For example:
+Task: What is 12 * 7 + 5?
+Thought: I will compute it with Python and return the result.
+Code:
+```py
+result = 12 * 7 + 5
+final_answer(result)
+```<end_code>
 
 You can use these tools:
 {tools}
 
-Variables, imports and functions persist between steps. Only the Python standard library is available."""
+Variables, imports and functions persist between steps. Only the Python standard library is available.
+Never write 'Observation:' yourself: it comes back after your code runs."""
 
 TASK = "New task:\n{question}\nAnswer with 'Thought:' then 'Code:'."
 
