@@ -31,6 +31,7 @@ ARCHITECTURES = ("llama", "qwen2")
 # for 98.8% instead of 98.3% top-1 agreement; 8-bit weights have no fast float32 kernel at all).
 ACCURACY_LEVEL = 4
 DATA_FILE = "model.onnx.data"
+LAST_POSITION = "/model/last_position"  # the node that keeps only the last position for the LM head
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 
 
@@ -124,12 +125,17 @@ class GraphWriter:
         self.data = open(data_path, "wb")
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
+        self._written: set[str] = set()
         self._count = 0
 
     def close(self) -> None:
         self.data.close()
 
     def const(self, name: str, array: np.ndarray) -> str:
+        """An initializer in the data file; a name written before is reused (a second LM head)."""
+        if name in self._written:
+            return name
+        self._written.add(name)
         array = np.ascontiguousarray(array)
         offset = self.data.tell()
         pad = -offset % 64  # aligned, so onnxruntime can map it
@@ -139,6 +145,8 @@ class GraphWriter:
 
     def alias(self, name: str, dtype, shape, offset: int, length: int) -> str:
         """Another view (name, shape) of bytes already written: a tied embedding and LM head."""
+        if any(t.name == name for t in self.initializers):
+            return name
         tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=list(shape))
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(length))):
@@ -346,7 +354,13 @@ class DecoderBuilder:
         progress(h.layers, h.layers)
         inputs += self.lora_inputs
         hidden, _ = self.norm(x, residual, "output_norm.weight")
-        g.nodes.append(helper.make_node("Identity", [self.lm_head(hidden)], ["logits"]))
+        # genai only needs the last position's logits: a prefill of S tokens then costs one row
+        # of the LM head, not S (S × 151936 floats for Qwen). The parity check turns this Slice
+        # into an Identity to score every position (`parity.OnnxScorer`).
+        last = g.one("Slice", [hidden, g.small("/last/start", np.array([-1])), g.small("/last/end", np.array([2**62])),
+                               g.small("/last/axis", np.array([1]))], name=LAST_POSITION)
+        g.nodes.append(helper.make_node("Identity", [self.lm_head(last)], ["logits"]))
+        outputs[0] = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, h.vocab])
         return inputs, outputs
 
     def norm(self, x: str, residual: str | None, weight: str) -> tuple[str, str]:

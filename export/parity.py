@@ -68,7 +68,12 @@ class OnnxScorer:
                                                  config["head_size"])
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_dir / config["filename"]), options)
+        graph = _every_position(model_dir / config["filename"])
+        try:
+            self.session = ort.InferenceSession(str(graph), options)
+        finally:
+            if graph.name == ".every-position.onnx":
+                graph.unlink()
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def logits(self, sequences, progress=lambda i, n: None, positions=None):
@@ -86,6 +91,24 @@ class OnnxScorer:
             out.append(logits if positions is None else logits[positions[n]])
         progress(len(sequences), len(sequences))
         return out
+
+
+def _every_position(model_file: Path) -> Path:
+    """attar's exports compute logits for the last position only; for scoring, a copy of the
+    graph (same weight file) whose LM head sees every position. Other graphs are used as is."""
+    import onnx
+
+    from attar.export.gguf_import import LAST_POSITION
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    node = next((n for n in model.graph.node if n.name == LAST_POSITION), None)
+    if node is None:
+        return model_file
+    node.op_type = "Identity"
+    del node.input[1:]
+    target = model_file.with_name(".every-position.onnx")  # beside it, so the weight file resolves
+    onnx.save(model, str(target))
+    return target
 
 
 class TorchScorer:
