@@ -28,7 +28,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf()), "--port",
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf("smollm2-135m")), "--port",
                                str(port), "--n_ctx", "4096", "--n_threads", "2", "--n_parallel", "4"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

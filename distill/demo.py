@@ -154,7 +154,7 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
     else:
         from attar.runtime.models import gguf_path as default_gguf
 
-        student = str(default_gguf())
+        student = str(default_gguf("smollm2-135m"))
     done("student")
 
     stage("train")

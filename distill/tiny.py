@@ -11,7 +11,7 @@ def save_default_tokenizer(out: Path) -> Path:
 
     from attar.runtime.models import gguf_path as default_gguf
 
-    gguf = default_gguf()
+    gguf = default_gguf("smollm2-135m")
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
     return out
 

