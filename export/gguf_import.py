@@ -482,10 +482,3 @@ def write_adapters(params: dict[str, dict[str, np.ndarray]], folder: Path) -> No
         adapter.set_model_version(1)
         adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
         adapter.export_adapter(str(folder / f"{name}.onnx_adapter"))
-
-
-def read_adapter_params(model_dir: Path, name: str) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    adapter = ort.AdapterFormat.read_adapter(str(model_dir / "adapters" / f"{name}.onnx_adapter"))
-    return {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}  # outlives `adapter`

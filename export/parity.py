@@ -56,14 +56,13 @@ class OnnxScorer:
         None: the bare base)."""
         import onnxruntime as ort
 
-        from attar.export.gguf_import import read_adapter_params
-        from attar.runtime.models import adapters_of
+        from attar.runtime.models import adapter_params, adapters_of
 
         config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
         self.extra: dict[str, np.ndarray] = {}
         names, default = adapters_of(model_dir)
         if adapter and names:
-            self.extra = read_adapter_params(model_dir, default if adapter == "default" else adapter)
+            self.extra = adapter_params(model_dir, default if adapter == "default" else adapter)
         self.layers, self.kv_heads, self.head = (config["num_hidden_layers"], config["num_key_value_heads"],
                                                  config["head_size"])
         options = ort.SessionOptions()

@@ -12,7 +12,12 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol
+
+import numpy as np
+
+from attar.runtime.engine import sample
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -237,6 +242,128 @@ def _check_memory(path) -> None:
                          "(`attar models`) or close other programs.")
 
 
+class EngineBackend:
+    """An exported ChatML model run by attar's engine (`runtime/engine.py`) on the CPU: the KV
+    cache outlives a call, so an agent's next step prefills only what was appended, and the N
+    samples of a SAG step share one prefill of their prompt. Same sampling options as
+    OnnxBackend; greedy decoding gives the same tokens (tests/test_engine.py)."""
+
+    def __init__(self, model_dir: str | os.PathLike, adapter: str | None = None, threads: int | None = None):
+        from tokenizers import Tokenizer
+
+        from attar.runtime.engine import Engine
+        from attar.runtime.models import ModelError, adapters_of, adapter_params, check_model_dir
+
+        path = check_model_dir(model_dir)
+        self.name = path.name
+        names, default = adapters_of(path)
+        self.adapter = default if adapter is None else (None if adapter == "base" else adapter)
+        if self.adapter is not None and self.adapter not in names:
+            raise ModelError(f"{path.name} has no adapter {self.adapter!r}; it has: "
+                             f"{', '.join(names) or 'none'} (and `base`, none at all)")
+        _check_memory(path)
+        extra = adapter_params(path, self.adapter) if self.adapter else {}
+        try:
+            self.engine = Engine(path, threads=threads, extra_inputs=extra)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load {path}: {first[:300]}") from None
+        if self.adapter:
+            self.name = f"{path.name}+{self.adapter}"
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        config = json.loads((path / "genai_config.json").read_text())["model"]
+        eos = config.get("eos_token_id")
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.context_length = config.get("context_length", 2048)
+        self.sequence = self.engine.sequence()
+
+    @staticmethod
+    def supports(model_dir: str | os.PathLike) -> bool:
+        """ChatML (the template attar renders itself) and a graph the engine can drive."""
+        path = Path(model_dir)
+        try:
+            template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template") or ""
+            if not template and (path / "chat_template.jinja").is_file():
+                template = (path / "chat_template.jinja").read_text()
+        except (OSError, ValueError):
+            return False
+        return "<|im_start|>" in template and (path / "tokenizer.json").is_file()
+
+    def _encode(self, messages: list[Message], prefix: str) -> list[int]:
+        return self.tokenizer.encode(render_chatml(messages, prefix), add_special_tokens=False).ids
+
+    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
+        began = time.perf_counter()
+        ids = self._encode(messages, prefix)
+        logits = self.sequence.extend(ids)[0]
+        rng = np.random.default_rng(sampling.seed)
+        out: list[int] = []
+        text, first, stopped_by = "", None, None
+        limit = min(sampling.max_new_tokens, self.context_length - len(ids))
+        while len(out) < limit:
+            token = sample(logits, sampling.temperature, sampling.top_p, sampling.top_k, rng)
+            first = first if first is not None else time.perf_counter() - began
+            if token in self.eos:
+                break
+            out.append(token)
+            full = self.tokenizer.decode(out, skip_special_tokens=False)
+            piece = full[len(text):] if not full.endswith("\ufffd") else ""  # wait for a whole character
+            text = text + piece
+            kept, stopped_by = cut_at_stop(text, stop)
+            if stopped_by is not None:
+                if on_text and len(kept) > len(text) - len(piece):
+                    on_text(kept[len(text) - len(piece):])
+                text = kept
+                break
+            if on_text and piece:
+                on_text(piece)
+            if len(out) % 8 == 0 and is_repeating(out):
+                stopped_by = "repetition"
+                break
+            logits = self.sequence.step([token])[0]
+        return Generation(text, len(ids), len(out), time.perf_counter() - began, first, stopped_by)
+
+    def generate_batch(self, messages, n: int, stop=(), sampling=Sampling()) -> list[Generation]:
+        """N samples of one prompt: prefilled once (reusing the cache of earlier steps), copied
+        into N rows, decoded as one batch; each row cut at its own stop string."""
+        began = time.perf_counter()
+        ids = self._encode(messages, "")
+        first_logits = self.sequence.extend(ids)
+        rows = self.sequence.rows_from(n)
+        logits = np.repeat(first_logits, n, axis=0)
+        rngs = [np.random.default_rng(None if sampling.seed is None else sampling.seed * 1000 + i) for i in range(n)]
+        outs: list[list[int]] = [[] for _ in range(n)]
+        texts, stopped, done = [""] * n, [None] * n, [False] * n
+        first = None
+        pad = next(iter(self.eos))
+        limit = min(sampling.max_new_tokens, self.context_length - len(ids))
+        for _ in range(limit):
+            tokens = []
+            for i in range(n):
+                token = pad if done[i] else sample(logits[i], sampling.temperature, sampling.top_p, sampling.top_k,
+                                                   rngs[i])
+                tokens.append(token)
+                if done[i]:
+                    continue
+                if token in self.eos:
+                    done[i] = True
+                    continue
+                outs[i].append(token)
+                full = self.tokenizer.decode(outs[i], skip_special_tokens=False)
+                if not full.endswith("\ufffd"):
+                    texts[i] = full
+                texts[i], stopped[i] = cut_at_stop(texts[i], stop)
+                if stopped[i] is None and len(outs[i]) % 8 == 0 and is_repeating(outs[i]):
+                    stopped[i] = "repetition"
+                done[i] = stopped[i] is not None
+            first = first if first is not None else time.perf_counter() - began
+            if all(done):
+                break
+            logits = rows.step(tokens)
+        seconds = time.perf_counter() - began
+        return [Generation(texts[i], len(ids), len(outs[i]), seconds, first, stopped[i]) for i in range(n)]
+
+
 def render_chatml(messages: list[Message], prefix: str = "") -> str:
     """ChatML (SmolLM2, Qwen): used where a server must continue a partial assistant message
     through its plain completions endpoint."""
@@ -358,6 +485,10 @@ def load_backend(model: str | os.PathLike | None, provider: str = "cpu", adapter
         return OpenAIBackend(url, name or "default")
     from attar.runtime.models import resolve_model
 
-    return OnnxBackend(resolve_model(model), provider=provider, adapter=adapter)
+    path = resolve_model(model)
+    # attar's engine where it applies (CPU, ChatML); onnxruntime-genai for NPU/GPU providers.
+    if provider == "cpu" and EngineBackend.supports(path):
+        return EngineBackend(path, adapter=adapter)
+    return OnnxBackend(path, provider=provider, adapter=adapter)
 
 

@@ -195,6 +195,15 @@ def adapters_of(model_dir: Path) -> tuple[list[str], str | None]:
     return list(info.get("adapters", [])), info.get("default_adapter")
 
 
+def adapter_params(model_dir: Path, name: str) -> dict:
+    """An adapter's tensors (graph input name -> numpy array) from its .onnx_adapter file."""
+    import numpy as np
+    import onnxruntime as ort
+
+    adapter = ort.AdapterFormat.read_adapter(str(Path(model_dir) / "adapters" / f"{name}.onnx_adapter"))
+    return {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}  # outlives `adapter`
+
+
 def check_model_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
