@@ -106,6 +106,7 @@ def export_model(
     ep: str = "cpu",
     check: bool = True,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    check_questions: int | None = None,
 ) -> dict | None:
     """Export SOURCE to an onnxruntime-genai folder at OUT; returns the parity report.
 
@@ -144,7 +145,7 @@ def export_model(
             from attar.export.parity import format_report, parity_report
 
             log("[3/3] parity check: the export against its source")
-            report = parity_report(reference(), onnx_dir, log)
+            report = parity_report(reference(), onnx_dir, log, questions=check_questions)
             report["precision"] = precision or "gguf (exact)"
             report["export_seconds"] = round(time.perf_counter() - began, 1)
             (onnx_dir / "parity.json").write_text(json.dumps(report, indent=2))

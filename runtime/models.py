@@ -149,7 +149,9 @@ def fetch_gguf(model: CatalogModel, log: Callable[[str], None]) -> Path:
 
 
 def pull(name: str, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), check: bool = True) -> Path:
-    """Fetch and build a catalog model once; later calls return its folder at once."""
+    """Fetch and build a catalog model once; later calls return its folder at once. The parity
+    check uses 3 of its 8 prompts: the GGUF is pinned, so this is a smoke test of the build
+    (`attar export` runs all 8)."""
     model = catalog_entry(name)
     out = model_dir(model.name)
     if is_built(out):
@@ -159,7 +161,7 @@ def pull(name: str, log: Callable[[str], None] = lambda m: print(m, file=sys.std
     from attar.export.convert import ExportError, export_model
 
     try:
-        export_model(gguf, out, check=check, log=log)
+        export_model(gguf, out, check=check, log=log, check_questions=3)
     except ExportError as exc:
         raise ModelError(str(exc)) from None
     return out

@@ -1,0 +1,75 @@
+"""attar's engine beside onnxruntime-genai on the same export, one JSON line per figure:
+time to first token at each step of a 5-step agent conversation (the engine reuses its cache,
+genai prefills the conversation again), and a SAG step of N=8 samples against N=1.
+
+    python bench/engine.py [--model NAME_OR_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from attar.runtime import prompts
+
+QUESTION = "What is the sum of the squares of the first 20 positive integers, minus 15% of 2480?"
+STEP = ("Thought: I will compute the sum of squares first and print it, then go on.\nCode:\n```py\n"
+        "squares = [i * i for i in range(1, 21)]\ntotal = sum(squares)\nprint(total, len(squares))\n```<end_code>")
+OBSERVATION = "Observation:\nExecution logs:\n2870 20\nLast output from code snippet:\nNone"
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def conversation(steps: int) -> list[dict]:
+    from attar.runtime.tools import describe, final_answer
+
+    messages = [{"role": "system", "content": prompts.SYSTEM.format(tools=describe(final_answer))},
+                {"role": "user", "content": prompts.TASK.format(question=QUESTION)}]
+    for _ in range(steps - 1):
+        messages += [{"role": "assistant", "content": STEP}, {"role": "user", "content": OBSERVATION}]
+    return messages
+
+
+def main() -> None:
+    from attar.runtime.llm import EngineBackend, OnnxBackend, Sampling
+    from attar.runtime.models import resolve_model
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    args = parser.parse_args()
+    path = resolve_model(args.model)
+    one = Sampling(max_new_tokens=1)
+    for name, make in (("onnxruntime-genai", lambda: OnnxBackend(path)), ("attar engine", lambda: EngineBackend(path))):
+        runs = []
+        for _ in range(3):
+            backend = make()
+            runs.append([backend.generate(conversation(step), sampling=one).first_token_seconds for step in range(1, 6)])
+        ttft = [statistics.median(r[i] for r in runs) for i in range(5)]
+        emit(figure="time to first token by agent step", backend=name, model=args.model,
+             seconds=[round(t, 3) for t in ttft], step5_over_step1=round(ttft[4] / ttft[0], 2), goal=1.3,
+             prompt_tokens_step5=backend.generate(conversation(5), sampling=one).prompt_tokens)
+
+    sampling = Sampling(temperature=0.4, top_p=0.8, seed=0, max_new_tokens=64)
+    messages = conversation(3)
+    for name, make in (("onnxruntime-genai", lambda: OnnxBackend(path)), ("attar engine", lambda: EngineBackend(path))):
+        walls = {}
+        for n in (1, 8):
+            times = []
+            for _ in range(3):
+                backend = make()
+                backend.generate(conversation(2), sampling=one)  # an agent's earlier step, as in a real run
+                began = time.perf_counter()
+                gens = backend.generate_batch(messages, n, stop=prompts.STOP, sampling=sampling)
+                times.append(time.perf_counter() - began)
+            walls[n] = statistics.median(times)
+        emit(figure="SAG step wall, N=8 vs N=1", backend=name, model=args.model, n1_s=round(walls[1], 3),
+             n8_s=round(walls[8], 3), ratio=round(walls[8] / walls[1], 2), goal=2.0,
+             tokens_n8=sum(g.completion_tokens for g in gens))
+
+
+if __name__ == "__main__":
+    main()
