@@ -76,6 +76,20 @@ def is_repeating(ids: list[int], min_span: int = 48, max_period: int = 64) -> bo
     return False
 
 
+class _Streamer:
+    """Hands generated text to `on_text` as it grows, holding back a tail that might still turn
+    into a stop string (so `<end_code>` never shows as a half-printed `<end_code`)."""
+
+    def __init__(self, on_text: Callable[[str], None] | None, stop) -> None:
+        self.on_text, self.hold, self.sent = on_text, max((len(s) for s in stop), default=1) - 1, 0
+
+    def update(self, text: str, final: bool = False) -> None:
+        end = len(text) if final else max(self.sent, len(text) - self.hold)
+        if self.on_text and end > self.sent:
+            self.on_text(text[self.sent:end])
+        self.sent = max(self.sent, end)
+
+
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, str | None]:
     """Text up to the earliest stop string, and which one it was."""
     best, which = len(text), None
@@ -153,26 +167,22 @@ class OnnxBackend:
         stream = self.tokenizer.create_stream()
         text, first, count, stopped_by = "", None, 0, None
         tokens: list[int] = []
+        shown = _Streamer(on_text, stop)
         while not generator.is_done():
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
             tokens.append(token)
-            piece = stream.decode(token)
             count += 1
             if first is None:
                 first = time.perf_counter() - began
-            text += piece
-            kept, stopped_by = cut_at_stop(text, stop)
+            text, stopped_by = cut_at_stop(text + stream.decode(token), stop)
             if stopped_by is not None:
-                if on_text and len(kept) > len(text) - len(piece):
-                    on_text(kept[len(text) - len(piece):])
-                text = kept
                 break
-            if on_text and piece:
-                on_text(piece)
+            shown.update(text)
             if count % 8 == 0 and is_repeating(tokens):
                 stopped_by = "repetition"
                 break
+        shown.update(text, final=True)
         return Generation(text, len(ids), count, time.perf_counter() - began, first, stopped_by)
 
 
@@ -299,6 +309,7 @@ class EngineBackend:
         rng = np.random.default_rng(sampling.seed)
         out: list[int] = []
         text, first, stopped_by = "", None, None
+        stream = _Streamer(on_text, stop)
         limit = min(sampling.max_new_tokens, self.context_length - len(ids))
         while len(out) < limit:
             token = sample(logits, sampling.temperature, sampling.top_p, sampling.top_k, rng)
@@ -307,20 +318,17 @@ class EngineBackend:
                 break
             out.append(token)
             full = self.tokenizer.decode(out, skip_special_tokens=False)
-            piece = full[len(text):] if not full.endswith("\ufffd") else ""  # wait for a whole character
-            text = text + piece
-            kept, stopped_by = cut_at_stop(text, stop)
+            if not full.endswith("\ufffd"):  # wait for a whole character
+                text = full
+            text, stopped_by = cut_at_stop(text, stop)
             if stopped_by is not None:
-                if on_text and len(kept) > len(text) - len(piece):
-                    on_text(kept[len(text) - len(piece):])
-                text = kept
                 break
-            if on_text and piece:
-                on_text(piece)
+            stream.update(text)
             if len(out) % 8 == 0 and is_repeating(out):
                 stopped_by = "repetition"
                 break
             logits = self.sequence.step([token])[0]
+        stream.update(text, final=True)
         return Generation(text, len(ids), len(out), time.perf_counter() - began, first, stopped_by)
 
     def generate_batch(self, messages, n: int, stop=(), sampling=Sampling()) -> list[Generation]:
