@@ -17,7 +17,7 @@ from pathlib import Path
 from attar.distill.data import JsonlLog, Question
 from attar.distill.scoring import extract_boxed, score
 from attar.runtime import prompts
-from attar.runtime.llm import Backend, OnnxBackend, OpenAIBackend, Sampling
+from attar.runtime.llm import Backend, OpenAIBackend, Sampling, load_backend
 
 TEACHER_EXAMPLES = '''
 Here are two examples of the format.
@@ -82,10 +82,11 @@ def first_paragraph(text: str, max_chars: int = 600) -> str:
 
 
 def load_teacher(spec: str, model: str = "default", completions: bool = False) -> Backend:
-    """A teacher: comma-separated OpenAI-compatible base URLs, or an exported model folder."""
+    """A teacher: comma-separated OpenAI-compatible base URLs, or an exported model (a folder or a
+    catalog name), run by the runtime's engine."""
     if spec.startswith(("http://", "https://")):
         return OpenAIBackend([u.strip() for u in spec.split(",")], model, completions=completions)
-    return OnnxBackend(spec)
+    return load_backend(spec)
 
 
 JUDGE_PROMPT = ("Question: {question}\nGold answer: {gold}\nPredicted answer: {prediction}\n"

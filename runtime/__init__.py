@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "Agent": "agent", "RunResult": "agent", "parse_code": "agent",
-    "OnnxBackend": "llm", "OpenAIBackend": "llm", "Sampling": "llm", "ScriptedBackend": "llm",
+    "EngineBackend": "llm", "OnnxBackend": "llm", "OpenAIBackend": "llm", "Sampling": "llm", "ScriptedBackend": "llm",
     "Memory": "memory", "Step": "memory",
     "Index": "retrieval", "build_index": "retrieval",
     "Limits": "sandbox", "Sandbox": "sandbox",
@@ -18,7 +18,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from attar.runtime.agent import Agent, RunResult, parse_code
-    from attar.runtime.llm import OnnxBackend, OpenAIBackend, Sampling, ScriptedBackend
+    from attar.runtime.llm import EngineBackend, OnnxBackend, OpenAIBackend, Sampling, ScriptedBackend
     from attar.runtime.memory import Memory, Step
     from attar.runtime.retrieval import Index, build_index
     from attar.runtime.sandbox import Limits, Sandbox
