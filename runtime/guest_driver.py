@@ -53,10 +53,6 @@ def _send(msg):
         data = data[_write(1, data):]
 
 
-_config = _request()
-if _config.get("exit"):
-    _exit(0)
-sys.setrecursionlimit(_config["recursion_limit"])
 os.environ.clear()
 # User code sees an empty stdin: input() raises EOFError instead of eating protocol lines.
 sys.stdin = io.StringIO("")
@@ -118,6 +114,13 @@ def _close_the_network():
 
 
 _close_the_network()
+
+
+# Everything above runs while a pooled interpreter waits to be used; from here on, a session's.
+_config = _request()
+if _config.get("exit"):
+    _exit(0)
+sys.setrecursionlimit(_config["recursion_limit"])
 
 
 class OutputLimit(Exception):
@@ -219,5 +222,8 @@ while True:
     if request.get("exit"):
         _exit(0)  # not a normal exit: atexit handlers registered by user code never run
     if not isinstance(request.get("code"), str):  # a stray tool reply, answering a forged request
+        continue
+    if request["code"] == "":  # the host's probe: am I back in this loop?
+        _send({"type": "result", "id": request.get("id"), "stdout": "", "output": None, "error": None, "final": False})
         continue
     _send({**run_cell(request["code"], _config["output_limit"]), "id": request.get("id")})

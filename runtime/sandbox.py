@@ -91,6 +91,7 @@ class _Cell:
     calls: list[_ToolCall] = field(default_factory=list)
     seconds: float = 0.0
     diverged: str | None = None  # set during a replay that met a call the record lacks
+    started: bool = False  # the guest answered something for this cell (a tool call or its result)
 
 
 def _clean(text: str) -> str:
@@ -494,9 +495,16 @@ class Sandbox:
             return CellResult(error=f"SandboxError: {notice}", restarted=True, reset=True)
         if not self._interp.alive:  # lost while idle (user code closed its stdin, say)
             notice = self._restore(f"the interpreter stopped after the last cell ({self._interp.exit_reason})")
+        deadline = time.monotonic() + self.limits.timeout_s
         cell = _Cell(code)
         try:
-            result = self._execute(cell, deadline=time.monotonic() + self.limits.timeout_s)
+            result = self._execute(cell, deadline)
+            if result.restarted and not cell.started and self._interp.kill_reason is None and not notice:
+                # It died reading this cell, before running a line of it (an earlier cell broke
+                # its input): rebuild the session, then run the cell once more.
+                notice = self._restore(f"the interpreter stopped after the last cell ({self._interp.exit_reason})")
+                cell = _Cell(code)
+                result = self._execute(cell, max(deadline, time.monotonic() + 1.0))
         except KeyboardInterrupt:
             # Ctrl-C on the host: stop the guest and put the session back as it was.
             self._interp.kill("interrupted")
@@ -566,7 +574,7 @@ class Sandbox:
         """The interpreter was lost: rebuild the state the last cell started from, within the
         replay budget, or start empty. Returns what happened, in words."""
         self._swap()
-        problem = self._replay(list(self.history))
+        problem = self._replay(list(self.history)) or self._probe()
         if problem is None:
             return f"{why}; the session was restored to its state before this cell"
         self._reset()
@@ -589,6 +597,12 @@ class Sandbox:
                 return f"cell {number} behaved differently on replay: {replayed.diverged}"
             self.history.append(replayed)
         return None
+
+    def _probe(self) -> str | None:
+        """One empty cell on its own: can the rebuilt interpreter still read its input? (A
+        replayed cell that closed its stdin still answers requests already buffered.)"""
+        result = self._execute(_Cell(""), time.monotonic() + 2.0)
+        return f"the replayed session cannot take requests ({result.error})" if result.restarted else None
 
     # -- one cell -----------------------------------------------------------------------
 
@@ -625,6 +639,7 @@ class Sandbox:
             if msg is None:
                 return lost(interp.kill_reason or interp.exit_reason or "the interpreter stopped")
             if msg["type"] == "tool":
+                cell.started = True
                 reply = self._tool_reply(msg, cell, record)
                 if isinstance(msg.get("name"), str) and msg["name"] == "final_answer" and "value" in reply:
                     final = reply
@@ -633,6 +648,7 @@ class Sandbox:
                     return lost(interp.kill_reason)
             elif msg["type"] == "result" and msg.get("id") == interp.cell_id and result is None:
                 result = msg  # results of other ids were forged by user code, or are stale
+                cell.started = True
             elif msg["type"] == "result" and msg.get("id") == probe and result is not None:
                 break
         msg = result
