@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).parent / "everyday"
@@ -75,7 +74,7 @@ def gsm_hard(n: int) -> list[dict]:
 
 
 def main() -> None:
-    from attar.runtime.models import model_dir, pull
+    from attar.runtime.models import pull
     from attar.runtime.retrieval import build_index
 
     parser = argparse.ArgumentParser()

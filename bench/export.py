@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 PROMPT_WORDS = 140  # ~190 tokens, as in FACTS.md
