@@ -113,8 +113,10 @@ def export_model(
     A GGUF file is imported exactly (its own quantized weights, no torch) unless a `precision` is
     asked for, and its LoRA adapters (a folder, a list of them, `NAME=folder` strings or a
     {name: folder} dict) stay unmerged, the first active by default; an HF folder goes through
-    onnxruntime-genai's builder at `precision` (int4 by default), its one adapter merged. The folder appears at OUT only when complete: everything is written to a sibling
-    temp folder first and renamed into place, so an interrupted export leaves nothing behind.
+    onnxruntime-genai's builder at `precision` (int4 by default), its one adapter merged.
+
+    The folder appears at OUT only when complete: everything is written to a sibling temp
+    folder first and renamed into place, so an interrupted export leaves nothing behind.
     """
     source, out = Path(source), Path(out)
     if precision is not None and precision not in PRECISIONS:

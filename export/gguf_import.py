@@ -125,33 +125,35 @@ class GraphWriter:
         self.data = open(data_path, "wb")
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
-        self._written: set[str] = set()
         self._count = 0
 
     def close(self) -> None:
         self.data.close()
 
     def const(self, name: str, array: np.ndarray) -> str:
-        """An initializer in the data file; a name written before is reused (a second LM head)."""
-        if name in self._written:
-            return name
-        self._written.add(name)
+        """An initializer whose bytes go to the data file."""
         array = np.ascontiguousarray(array)
         offset = self.data.tell()
         pad = -offset % 64  # aligned, so onnxruntime can map it
         self.data.write(b"\0" * pad)
         self.data.write(array.tobytes())
-        return self.alias(name, array.dtype, array.shape, offset + pad, array.nbytes)
-
-    def alias(self, name: str, dtype, shape, offset: int, length: int) -> str:
-        """Another view (name, shape) of bytes already written: a tied embedding and LM head."""
-        if any(t.name == name for t in self.initializers):
-            return name
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=list(shape))
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(length))):
+        for key, value in (("location", self.data_path.name), ("offset", str(offset + pad)),
+                           ("length", str(array.nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
+        self.initializers.append(tensor)
+        return name
+
+    def view(self, source: str, name: str, shape: tuple[int, ...]) -> str:
+        """Another name and shape for the bytes of initializer `source` (a tied embedding and LM
+        head share them), without writing them again."""
+        tensor = TensorProto()
+        tensor.CopyFrom(next(t for t in self.initializers if t.name == source))
+        tensor.name = name
+        del tensor.dims[:]
+        tensor.dims.extend(shape)
         self.initializers.append(tensor)
         return name
 
@@ -204,12 +206,7 @@ class DecoderBuilder:
         key = "+".join(names)
         if isinstance(ws[0], BlockQuant):
             w = ws[0] if len(ws) == 1 else concat_rows(ws)
-            n, k = w.codes.shape
-            codes, scales = self._quant_inputs(key, w)
-            y = self.g.one("MatMulNBits", [x, codes, scales], domain="com.microsoft", K=k, N=n, bits=w.bits,
-                           block_size=w.block, accuracy_level=ACCURACY_LEVEL)
-            if w.offsets is not None:
-                y = self.g.one("Add", [y, self.offset_term(x, k, self.g.const(f"{key}.offsets", w.offsets.T))])
+            y = self.block_matmul(x, w, key, *self._quant_inputs(key, w))
         else:
             y = self.g.one("MatMul", [x, self.g.const(f"{key}.T", ws[0].T.astype(np.float32))])
         y = self.low_rank(x, y, names, sizes)
@@ -220,6 +217,15 @@ class DecoderBuilder:
         if len(ws) == 1 or not split:
             return [y]
         return self.g.node("Split", [y, self.g.small(f"{key}/sizes", np.array(sizes))], n_out=len(ws), axis=-1)
+
+    def block_matmul(self, x: str, w: BlockQuant, key: str, codes: str, scales: str) -> str:
+        """x times the BlockQuant `w` (its codes and scales already initializers), offsets included."""
+        n, k = w.codes.shape
+        y = self.g.one("MatMulNBits", [x, codes, scales], domain="com.microsoft", K=k, N=n, bits=w.bits,
+                       block_size=w.block, accuracy_level=ACCURACY_LEVEL)
+        if w.offsets is None:
+            return y
+        return self.g.one("Add", [y, self.offset_term(x, k, self.g.const(f"{key}.offsets", w.offsets.T))])
 
     def low_rank(self, x: str, y: str, names: list[str], sizes: list[int]) -> str:
         """y + x·Aᵀ·Bᵀ, the LoRA term of these weights (one pair of MatMuls for a fused group).
@@ -293,15 +299,8 @@ class DecoderBuilder:
             return self.g.one("MatMul", [x, self.g.one("Transpose", [self._embedding])])
         w, codes, scales = self._embedding
         n, k = w.codes.shape
-        tensor = next(t for t in self.g.initializers if t.name == codes)
-        offset, length = (int(e.value) for e in tensor.external_data if e.key in ("offset", "length"))
-        shape = (n, k // w.block, w.block * w.bits // 8)
-        b = self.g.alias("lm_head.codes", np.uint8, shape, offset, length)
-        y = self.g.one("MatMulNBits", [x, b, scales], domain="com.microsoft", K=k, N=n, bits=w.bits,
-                       block_size=w.block, accuracy_level=ACCURACY_LEVEL)
-        if w.offsets is not None:
-            y = self.g.one("Add", [y, self.offset_term(x, k, self.g.const("lm_head.offsets", w.offsets.T))])
-        return y
+        codes = self.g.view(codes, "lm_head.codes", (n, k // w.block, w.block * w.bits // 8))
+        return self.block_matmul(x, w, "lm_head", codes, scales)
 
     # -- graph --------------------------------------------------------------------------------
     def rope_caches(self) -> tuple[str, str]:

@@ -46,10 +46,9 @@ class GGUFScorer:
             self.name = "GGUF + LoRA merged (numpy, float32)"
 
     def _w(self, name: str) -> np.ndarray:
-        t = self.t.by_name[name]
-        w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(self.t.shape(name))
+        w = self.t.float(name)  # gguf's own dequantizer, not quants.py
         if name in self.deltas:
-            w += self.deltas[name].b @ self.deltas[name].a
+            w = w + self.deltas[name].b @ self.deltas[name].a  # float weights may be read-only file views
         return w
 
     def _b(self, name: str) -> np.ndarray | float:

