@@ -641,7 +641,7 @@ class Sandbox:
             if msg["type"] == "tool":
                 cell.started = True
                 reply = self._tool_reply(msg, cell, record)
-                if isinstance(msg.get("name"), str) and msg["name"] == "final_answer" and "value" in reply:
+                if msg.get("name") == "final_answer" and "value" in reply:
                     final = reply
                 if not interp.send(reply, deadline):
                     interp.kill("the guest stopped reading tool results")
@@ -651,13 +651,12 @@ class Sandbox:
                 cell.started = True
             elif msg["type"] == "result" and msg.get("id") == probe and result is not None:
                 break
-        msg = result
-        stdout = (_text(msg.get("stdout")) or "") + "".join(stdout_extra)
+        stdout = (_text(result.get("stdout")) or "") + "".join(stdout_extra)
         return CellResult(
             stdout=stdout[: self.limits.output_chars],
-            output=_text(msg.get("output")),
-            error=_text(msg.get("error")),
-            is_final=msg.get("final") is True and final is not None,
+            output=_text(result.get("output")),
+            error=_text(result.get("error")),
+            is_final=result.get("final") is True and final is not None,
             final_answer=_clean_value(final["value"]) if final else None,
         )
 
