@@ -1,8 +1,9 @@
 """attar's engine beside onnxruntime-genai on the same export, one JSON line per figure:
 time to first token at each step of a 5-step agent conversation (the engine reuses its cache,
-genai prefills the conversation again), and a SAG step of N=8 samples against N=1.
+genai prefills the conversation again), a SAG step of N=8 samples against N=1, and
+`distill eval` with 8 questions in flight against one at a time (same predictions required).
 
-    python bench/engine.py [--model NAME_OR_DIR]
+    python bench/engine.py [--model NAME_OR_DIR] [--questions N]
 """
 
 from __future__ import annotations
@@ -40,10 +41,17 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--questions", type=int, default=16, help="GSM-Hard questions for the eval figure (0: skip)")
+    parser.add_argument("--only", choices=["ttft", "sag", "eval"])
     args = parser.parse_args()
+    if args.only in (None, "eval") and args.questions:
+        concurrent_eval(args.model, args.questions)
+    if args.only == "eval":
+        return
     path = resolve_model(args.model)
     one = Sampling(max_new_tokens=1)
-    for name, make in (("onnxruntime-genai", lambda: OnnxBackend(path)), ("attar engine", lambda: EngineBackend(path))):
+    backends = (("onnxruntime-genai", lambda: OnnxBackend(path)), ("attar engine", lambda: EngineBackend(path)))
+    for name, make in () if args.only == "sag" else backends:
         runs = []
         for _ in range(3):
             backend = make()
@@ -53,9 +61,11 @@ def main() -> None:
              seconds=[round(t, 3) for t in ttft], step5_over_step1=round(ttft[4] / ttft[0], 2), goal=1.3,
              prompt_tokens_step5=backend.generate(conversation(5), sampling=one).prompt_tokens)
 
+    if args.only == "ttft":
+        return
     sampling = Sampling(temperature=0.4, top_p=0.8, seed=0, max_new_tokens=64)
     messages = conversation(3)
-    for name, make in (("onnxruntime-genai", lambda: OnnxBackend(path)), ("attar engine", lambda: EngineBackend(path))):
+    for name, make in backends:
         walls = {}
         for n in (1, 8):
             times = []
@@ -69,6 +79,31 @@ def main() -> None:
         emit(figure="SAG step wall, N=8 vs N=1", backend=name, model=args.model, n1_s=round(walls[1], 3),
              n8_s=round(walls[8], 3), ratio=round(walls[8] / walls[1], 2), goal=2.0,
              tokens_n8=sum(g.completion_tokens for g in gens))
+
+
+def concurrent_eval(model: str, n: int) -> None:
+    """The first n GSM-Hard questions through `distill eval`, 1 and then 8 in flight."""
+    import tempfile
+    from pathlib import Path
+
+    from attar.distill.evaluate import evaluate
+
+    questions = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "test" / "gsm_hard_500_20250507.json"
+    walls, predictions = {}, {}
+    for concurrency in (1, 8):
+        with tempfile.TemporaryDirectory() as out:
+            began = time.perf_counter()
+            summary = evaluate(model, questions, out, limit=n, concurrency=concurrency, progress=False)
+            walls[concurrency] = time.perf_counter() - began
+            from attar.distill.data import read_jsonl
+
+            predictions[concurrency] = [(r["id"], r["prediction"]) for r in read_jsonl(Path(out) / "predictions.jsonl")]
+            accuracy = summary["accuracy"]
+        emit(figure="distill eval questions/hour", model=model, concurrency=concurrency, questions=n,
+             questions_per_hour=round(3600 * n / walls[concurrency], 1), accuracy=accuracy)
+    same = sorted(predictions[1]) == sorted(predictions[8])
+    emit(figure="distill eval, 8 in flight vs 1", model=model, speedup=round(walls[1] / walls[8], 2), goal=2.5,
+         same_predictions=same)
 
 
 if __name__ == "__main__":

@@ -131,15 +131,17 @@ def train(data, student, out, rank, alpha, lr, epochs, batch_size, grad_accum, m
 @click.option("--max-steps", default=5, show_default=True)
 @click.option("--limit", type=int)
 @click.option("--label", help="Name of this run in `compare`.")
-def eval_(model, questions, out, mode, sag, index, max_steps, limit, label):
+@click.option("--concurrency", default=1, show_default=True,
+              help="Questions in flight; attar's engine decodes them in one batch.")
+def eval_(model, questions, out, mode, sag, index, max_steps, limit, label, concurrency):
     """Evaluate a student over QUESTIONS; resumable; prints the summary."""
     from attar.distill.evaluate import evaluate
     from attar.runtime.models import ModelError
 
     try:
         summary = evaluate(model, questions, out, mode=mode, sag=sag, index=index, max_steps=max_steps, limit=limit,
-                           label=label)
-    except (ValueError, ModelError) as exc:
+                           label=label, concurrency=concurrency)
+    except (ValueError, ModelError, RuntimeError) as exc:
         raise _fail(exc) from None
     click.echo(json.dumps(summary, indent=2))
 

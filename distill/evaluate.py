@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from attar.distill.data import JsonlLog, load_questions
+from attar.distill.data import load_questions
 from attar.distill.scoring import extract_boxed, score
 from attar.distill.sft_data import cot_messages
 from attar.runtime.llm import Sampling
@@ -71,34 +71,33 @@ def _cot_record(backend, q, retrieve) -> dict:
 
 def evaluate(model: str, questions: str | os.PathLike, out_dir: str | os.PathLike, *, mode: str = "agent",
              sag: int = 1, index: str | None = None, max_steps: int = 5, limit: int | None = None,
-             label: str | None = None, progress: bool = True) -> dict:
-    from tqdm import tqdm
+             label: str | None = None, concurrency: int = 1, progress: bool = True) -> dict:
+    """`concurrency` questions run side by side (batched on attar's engine); greedy results do
+    not depend on it, and SAG's samples are seeded per question."""
+    from attar.distill.runner import run_questions
 
     if mode not in ("agent", "cot"):
         raise ValueError(f"mode must be agent or cot, not {mode!r}")
     qs = load_questions(questions, limit)
     backend = load_model(model)
-    retrieve = None
-    if mode == "cot" and index:
+    retrieve = opened = None
+    if index:
         from attar.runtime.retrieval import Index, web_search_tool
 
-        retrieve = web_search_tool(Index.open(index))
+        opened = Index.open(index)  # once: every question's agent searches the same index
+        retrieve = web_search_tool(opened) if mode == "cot" else None
     out_dir = Path(out_dir)
-    log = JsonlLog(out_dir / "predictions.jsonl")
-    bar = tqdm(total=len(qs), initial=sum(q.id in log for q in qs), unit="q", desc="eval", disable=not progress)
-    try:
-        for q in qs:
-            if q.id in log:
-                continue
-            began = time.perf_counter()
-            rec = _agent_record(backend, q, sag, index, max_steps) if mode == "agent" else _cot_record(backend, q, retrieve)
-            log.append({"id": q.id, "question": q.question, "answer": q.answer, **rec,
-                        "seconds": round(time.perf_counter() - began, 2)})
-            bar.update(1)
-    finally:
-        bar.close()
-        log.close()
-    records = [log.records[q.id] for q in qs]
+
+    def one(q) -> dict:
+        began = time.perf_counter()
+        rec = _agent_record(backend, q, sag, opened, max_steps) if mode == "agent" else _cot_record(backend, q, retrieve)
+        return {"id": q.id, "question": q.question, "answer": q.answer, **rec,
+                "seconds": round(time.perf_counter() - began, 2)}
+
+    records, failures = run_questions(qs, lambda q: str(q.id), one, out_dir / "predictions.jsonl", concurrency,
+                                      "eval", progress)
+    if failures:
+        raise RuntimeError(f"{len(failures)} questions failed (rerun to retry them), e.g. {failures[0]}")
     n = len(records)
     method = mode if not (mode == "cot" and index) else "cot+rag"
     summary = {

@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from attar.distill.data import JsonlLog, Question
+from attar.distill.data import Question
 from attar.distill.scoring import score
 from attar.runtime import prompts
 from attar.runtime.llm import Generation, Sampling
@@ -114,31 +114,27 @@ def cot_trace(record: dict, rng: random.Random) -> str:
 
 def generate_oracle(records: list[dict], index, out_dir: str | Path, seed: int = 0, progress: bool = True) -> dict:
     """Oracle trajectories for every record not yet in OUT/trajectories.jsonl (resumable)."""
-    from tqdm import tqdm
-
+    from attar.distill.runner import run_questions
     from attar.distill.teacher import summarize, trajectory_record
     from attar.runtime import Agent
     from attar.runtime.retrieval import web_search_tool
 
     tool = web_search_tool(index)
-    log = JsonlLog(Path(out_dir) / "trajectories.jsonl")
-    todo = [r for r in records if r["id"] not in log]
-    bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="q", desc="oracle", disable=not progress)
-    try:
-        for rec in todo:
-            rng = random.Random(f"{seed}-{rec['id']}")
-            q = Question(rec["id"], rec["question"], rec["answer"], rec.get("kind", "factual"))
-            began = time.perf_counter()
-            oracle = OracleBackend(rec, rng)
-            with Agent(oracle, tools=[tool], max_steps=5) as agent:
-                result = agent.run(q.question)
-                messages = agent.memory.messages()
-            messages[0] = {"role": "system", "content": prompts.SYSTEM.format(tools=agent.tool_descriptions)}
-            correct = result.finished_by == "final_answer" and score(result.answer, q.answer, q.kind)
-            log.append(trajectory_record(q, result, messages, "oracle", began, correct, ftp=None,
-                                         cot=cot_trace(rec, rng), cot_prediction=q.answer, cot_correct=True))
-            bar.update(1)
-    finally:
-        bar.close()
-        log.close()
-    return summarize([log.records[r["id"]] for r in records])
+
+    def one(rec: dict) -> dict:
+        rng = random.Random(f"{seed}-{rec['id']}")
+        q = Question(rec["id"], rec["question"], rec["answer"], rec.get("kind", "factual"))
+        began = time.perf_counter()
+        with Agent(OracleBackend(rec, rng), tools=[tool], max_steps=5) as agent:
+            result = agent.run(q.question)
+            messages = agent.memory.messages()
+        messages[0] = {"role": "system", "content": prompts.SYSTEM.format(tools=agent.tool_descriptions)}
+        correct = result.finished_by == "final_answer" and score(result.answer, q.answer, q.kind)
+        return trajectory_record(q, result, messages, "oracle", began, correct, ftp=None, cot=cot_trace(rec, rng),
+                                 cot_prediction=q.answer, cot_correct=True)
+
+    done, failures = run_questions(records, lambda r: str(r["id"]), one, Path(out_dir) / "trajectories.jsonl",
+                                   desc="oracle", progress=progress)
+    if failures:
+        raise RuntimeError(f"{len(failures)} oracle trajectories failed, e.g. {failures[0]}")
+    return summarize(done)

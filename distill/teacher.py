@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from attar.distill.data import JsonlLog, Question
+from attar.distill.data import Question
 from attar.distill.scoring import extract_boxed, score
 from attar.runtime import prompts
 from attar.runtime.llm import Backend, OpenAIBackend, Sampling, load_backend
@@ -154,29 +152,10 @@ def trajectory_record(q: Question, result, messages: list[dict], teacher: str, b
 def generate(questions: list[Question], teacher: Backend, out_dir: str | os.PathLike, cfg: GenerateConfig = GenerateConfig(),
              tools: list = (), progress: bool = True) -> dict:
     """Run the teacher over every question not yet in OUT/trajectories.jsonl; return a summary."""
-    from tqdm import tqdm
+    from attar.distill.runner import run_questions
 
-    log = JsonlLog(Path(out_dir) / "trajectories.jsonl")
-    todo = [q for q in questions if q.id not in log]
-    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), unit="q", desc="trajectories",
-               disable=not progress)
-    failures: list[str] = []
-    lock = threading.Lock()
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, cfg.concurrency)) as pool:
-            futures = {pool.submit(_trajectory, teacher, q, cfg, list(tools)): q for q in todo}
-            for future in as_completed(futures):
-                q = futures[future]
-                try:
-                    log.append(future.result())
-                except Exception as exc:  # one bad question must not stop the run; it is retried next time
-                    with lock:
-                        failures.append(f"{q.id}: {type(exc).__name__}: {exc}")
-                bar.update(1)
-    finally:
-        bar.close()
-        log.close()
-    records = [log.records[q.id] for q in questions if q.id in log.records]
+    records, failures = run_questions(questions, lambda q: str(q.id), lambda q: _trajectory(teacher, q, cfg, list(tools)),
+                                      Path(out_dir) / "trajectories.jsonl", cfg.concurrency, "trajectories", progress)
     return summarize(records) | {"failed": len(failures), "failures": failures[:5]}
 
 

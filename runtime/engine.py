@@ -1,25 +1,38 @@
 """Token-level generation over an exported decoder, driven by onnxruntime directly.
 
-onnxruntime-genai re-prefills the whole conversation at every agent step and prefills a SAG
-prompt once per candidate. The decoder graph itself is plain ONNX with explicit KV inputs and
-outputs (GroupQueryAttention), so this engine keeps the cache between calls:
+onnxruntime-genai re-prefills the whole conversation at every agent step, prefills a SAG prompt
+once per candidate and serves one caller at a time. The decoder graph itself is plain ONNX with
+explicit KV inputs and outputs (GroupQueryAttention, which takes each row's own length), so this
+engine keeps a pool of KV rows and schedules every caller's requests onto it:
 
-- A `Sequence` owns one KV cache and the token ids it covers. `extend(ids)` keeps the longest
-  common prefix of those ids and prefills only the rest: an agent's next step prefills the
-  observation and the new turn header, not the conversation.
-- `Sequence.rows(n)` copies the prefilled prompt's cache into n rows that then decode in one
-  batch: SAG prefills its prompt once.
+- **Prefix cache.** A row keeps the KV of the ids it last held after its request ends. A new
+  request takes the free row sharing the longest prefix with its ids, copies a longer prefix
+  from any other row if one has it (the system prompt of a run, a SAG prompt), and prefills only
+  the rest: an agent's next step prefills the observation and the next turn's header.
+- **Continuous batching.** Requests from any number of threads (agents in `distill eval` or
+  `generate`, SAG candidates) decode together, one token per active row per step; a finished
+  request leaves the batch at once and a waiting one takes its row. Rows may differ in length:
+  the attention mask tells GroupQueryAttention each row's length.
 
-The cache is "share-buffer": each layer's past and present are one preallocated buffer that
-GroupQueryAttention writes the new keys and values into, in place (no copy per token).
+The active requests always occupy rows 0..k-1 (a finished one swaps with the last), so a step
+runs on one contiguous slice of the cache. Each layer's past and present are one buffer that
+GroupQueryAttention writes into in place ("share-buffer"): no copy per token.
+
+Sampling is per request with its own seeded generator, so a request's tokens do not depend on
+what else is in the batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from dataclasses import dataclass
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -35,11 +48,40 @@ class Shape:
     names: dict  # genai_config's input/output names
 
 
+@dataclass(eq=False)
+class Request:
+    """One generation: `ids` in, sampled tokens out (`out`), EOS and `accept` ending it early."""
+
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    eos: frozenset[int] = frozenset()
+    accept: Callable[[int], bool] = lambda token: False  # sees each new token; True ends the request
+    out: list[int] = field(default_factory=list)
+    reused: int = 0  # prompt ids found already in the cache
+    first_token_s: float | None = None
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.began = time.perf_counter()
+        self.rng = np.random.default_rng(self.seed)
+        self.done = threading.Event()
+        self.next: int | None = None  # sampled, not yet fed to the model
+        self.cancelled = False
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.done.set()
+
+
 class Engine:
-    """One onnxruntime session over a decoder folder; sequences share it."""
+    """One onnxruntime session and its KV pool; thread-safe, batches whatever is submitted."""
 
     def __init__(self, model_dir: str | os.PathLike, threads: int | None = None,
-                 extra_inputs: dict[str, np.ndarray] | None = None):
+                 extra_inputs: dict[str, np.ndarray] | None = None, max_rows: int = 8):
         import onnxruntime as ort
 
         self.ort = ort
@@ -57,96 +99,221 @@ class Engine:
             raise ValueError("this graph takes position_ids; the engine drives GroupQueryAttention graphs only")
         # LoRA inputs of an export (rank 0 unless an adapter is fed) and their values.
         self.extra = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in (extra_inputs or {}).items()}
-
-    def sequence(self) -> "Sequence":
-        return Sequence(self, rows=1)
-
-    def binding(self, cache: "Sequence"):
-        """An IO binding with the cache's buffers bound as both past and present (in place)."""
-        names = self.shape.names
-        io = self.session.io_binding()
-        for i in range(self.shape.layers):
-            for kind in ("key", "value"):
-                value = cache.ort_values[kind][i]
-                io.bind_ortvalue_input(names[f"past_{kind}_names"] % i, value)
-                io.bind_ortvalue_output(names[f"present_{kind}_names"] % i, value)
-        for name, value in self.extra.items():
-            io.bind_ortvalue_input(name, value)
-        return io
-
-    def _run(self, rows: int, ids: np.ndarray, total: int, cache: "Sequence") -> np.ndarray:
-        """Feed `ids` (rows × S) at positions total−S..total−1; logits of the last position."""
-        names = self.shape.names
-        io = cache.io
-        io.bind_cpu_input(names["input_ids"], np.ascontiguousarray(ids, dtype=np.int64))
-        io.bind_cpu_input(names["attention_mask"], np.ones((rows, total), dtype=np.int64))
-        io.bind_output(names["logits"])
-        self.session.run_with_iobinding(io)
-        logits = io.get_outputs()[-1].numpy()
-        return logits[:, -1, :]
-
-
-class Sequence:
-    """A KV cache of `rows` sequences that all hold the same `ids` so far."""
-
-    def __init__(self, engine: Engine, rows: int, capacity: int = GROW):
-        self.engine, self.rows = engine, rows
-        self.ids: list[int] = []
-        self.reused = 0  # ids the last extend() found already in the cache
+        self.max_rows = max_rows
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
-        self._allocate(capacity)
+        self.rows = self.capacity = 0
+        self.held: list[list[int]] = []  # per row: the ids whose KV it holds
+        self.used: list[int] = []  # per row: when it last served a request (least recent is evicted)
+        self.clock = itertools.count()
+        self._allocate(1, GROW)
+        self.active: list[Request] = []  # the request in row i
+        self.queue: deque[Request] = deque()
+        self.lock = threading.Lock()
+        self.worker: threading.Thread | None = None
+        self.steps = 0  # batched decode steps run (for benchmarks)
 
-    def _allocate(self, capacity: int, keep: int = 0) -> None:
-        s = self.engine.shape
-        shape = (self.rows, s.kv_heads, capacity, s.head)
+    # -- the public side ---------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request; the scheduler thread runs while there is work and then exits."""
+        if not request.ids:
+            raise ValueError("a request needs at least one prompt id")
+        if len(request.ids) >= self.shape.context:
+            raise ValueError(f"{len(request.ids)} prompt tokens fill the model's context of {self.shape.context}")
+        with self.lock:
+            self.queue.append(request)
+            if self.worker is None:
+                self.worker = threading.Thread(target=self._loop, daemon=True, name="attar-engine")
+                self.worker.start()
+        return request
+
+    def wait(self, request: Request) -> Request:
+        """Block until `request` ends; an error in the scheduler is raised here. Interrupted
+        (Ctrl-C), the request is cancelled at its next token."""
+        try:
+            while not request.done.wait(0.5):
+                with self.lock:
+                    if self.worker is None and not request.done.is_set():  # only if the loop died
+                        raise RuntimeError("the generation engine stopped without finishing a request")
+        except BaseException:
+            request.cancelled = True
+            raise
+        if request.error is not None:
+            raise request.error
+        return request
+
+    def run(self, request: Request) -> Request:
+        return self.wait(self.submit(request))
+
+    # -- the scheduler -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    admitted = []
+                    while self.queue and len(self.active) + len(admitted) < self.max_rows:
+                        admitted.append(self.queue.popleft())
+                    if not admitted and not self.active:
+                        self.worker = None
+                        return
+                for request in admitted:
+                    self._admit(request)
+                if self.active:
+                    self._decode()
+        except BaseException as exc:  # onnxruntime failed: every caller hears of it, no one waits
+            with self.lock:
+                for request in [*self.active, *self.queue]:
+                    request.finish(exc)
+                self.active.clear()
+                self.queue.clear()
+                self.held = [[] for _ in self.held]  # a half-run step leaves no cache to trust
+                self.worker = None
+
+    def _admit(self, request: Request) -> None:
+        """Give `request` row k (k = active count), prefill what the cache lacks, sample one token."""
+        ids, k = request.ids, len(self.active)
+        try:
+            self._reserve(k + 1, min(self.shape.context, len(ids) + request.max_new_tokens))
+            free = max(range(k, self.rows), key=lambda r: (_common(self.held[r], ids), -self.used[r]))
+            self._swap(free, k)
+            have = _common(self.held[k], ids)
+            donor = max((r for r in range(self.rows) if r != k), key=lambda r: _common(self.held[r], ids), default=None)
+            if donor is not None and _common(self.held[donor], ids) > have:
+                have = _common(self.held[donor], ids)
+                for buf in self.keys + self.values:
+                    buf[k, :, :have] = buf[donor, :, :have]
+            keep = min(have, len(ids) - 1)  # at least one id is fed: its logits are the first sample's
+            request.reused = keep
+            self.held[k] = list(ids[:keep])
+            self.used[k] = next(self.clock)
+            logits = self._forward(k, k + 1, np.array([ids[keep:]], dtype=np.int64), [keep])
+            self.held[k] = list(ids)
+        except Exception as exc:
+            self.held[k] = []
+            request.finish(exc)
+            return
+        self.active.append(request)
+        if self._emit(request, logits[0]):
+            self._release(k)
+
+    def _decode(self) -> None:
+        """One token for every active row, in one batch."""
+        k = len(self.active)
+        tokens = np.array([[r.next] for r in self.active], dtype=np.int64)
+        logits = self._forward(0, k, tokens, [len(self.held[i]) for i in range(k)])
+        self.steps += 1
+        for i, request in enumerate(self.active):
+            self.held[i].append(request.next)
+        finished = [i for i, request in enumerate(self.active) if self._emit(request, logits[i])]
+        for i in reversed(finished):
+            self._release(i)
+
+    def _emit(self, request: Request, logits: np.ndarray) -> bool:
+        """Sample the request's next token; True when the request has ended."""
+        token = sample(logits, request.temperature, request.top_p, request.top_k, request.rng)
+        if request.first_token_s is None:
+            request.first_token_s = time.perf_counter() - request.began
+        if token in request.eos:
+            request.finish()
+            return True
+        request.out.append(token)
+        request.next = token
+        try:
+            ended = request.cancelled or request.accept(token)
+        except Exception as exc:  # the caller's callback failed: that request ends, the batch goes on
+            request.finish(exc)
+            return True
+        if ended or len(request.out) >= request.max_new_tokens or len(request.ids) + len(request.out) >= self.shape.context:
+            request.finish()
+            return True
+        return False
+
+    def _release(self, i: int) -> None:
+        """Row i's request has ended: the last active row takes its place."""
+        last = len(self.active) - 1
+        self._swap(i, last)
+        self.active[i], self.active[last] = self.active[last], self.active[i]
+        self.active.pop()
+
+    # -- the KV pool -------------------------------------------------------------------------
+
+    def _forward(self, start: int, stop: int, ids: np.ndarray, past: list[int]) -> np.ndarray:
+        """Feed `ids` (rows × S) to rows start..stop-1, whose caches hold `past` tokens each;
+        the logits after each row's last id."""
+        names = self.shape.names
+        rows, new = ids.shape
+        total = max(past) + new
+        mask = np.zeros((rows, total), dtype=np.int64)
+        for r, p in enumerate(past):
+            mask[r, :p + new] = 1
+        io = self._binding(start, stop)
+        io.bind_cpu_input(names["input_ids"], ids)
+        io.bind_cpu_input(names["attention_mask"], mask)
+        io.bind_output(names["logits"])
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[-1].numpy()[:, -1, :]
+
+    def _binding(self, start: int, stop: int):
+        """An IO binding with rows start..stop-1 of each cache buffer as both past and present."""
+        key = (start, stop)
+        if key not in self._bindings:
+            names, ortvalue = self.shape.names, self.ort.OrtValue.ortvalue_from_numpy
+            io = self.session.io_binding()
+            for i in range(self.shape.layers):
+                for kind, bufs in (("key", self.keys), ("value", self.values)):
+                    value = ortvalue(bufs[i][start:stop])  # a view: onnxruntime writes into the pool
+                    io.bind_ortvalue_input(names[f"past_{kind}_names"] % i, value)
+                    io.bind_ortvalue_output(names[f"present_{kind}_names"] % i, value)
+            for name, value in self.extra.items():
+                io.bind_ortvalue_input(name, value)
+            self._bindings[key] = io
+        return self._bindings[key]
+
+    def _reserve(self, rows: int, tokens: int) -> None:
+        if rows > self.rows or tokens > self.capacity:
+            capacity = self.capacity if tokens <= self.capacity else \
+                min(self.shape.context, max(tokens + GROW, 2 * self.capacity))
+            self._allocate(max(rows, min(self.max_rows, 2 * self.rows)) if rows > self.rows else self.rows, capacity)
+
+    def _allocate(self, rows: int, capacity: int) -> None:
+        s = self.shape
+        shape = (rows, s.kv_heads, capacity, s.head)
         keys = [np.zeros(shape, np.float32) for _ in range(s.layers)]
         values = [np.zeros(shape, np.float32) for _ in range(s.layers)]
+        keep = max((len(h) for h in self.held), default=0)
         for new, old in zip(keys + values, self.keys + self.values):
-            new[:, :, :keep] = old[:, :, :keep]
-        self.keys, self.values, self.capacity = keys, values, capacity
-        ortvalue = self.engine.ort.OrtValue.ortvalue_from_numpy  # views: onnxruntime writes into these arrays
-        self.ort_values = {"key": [ortvalue(k) for k in keys], "value": [ortvalue(v) for v in values]}
-        self.io = self.engine.binding(self)
+            new[:self.rows, :, :keep] = old[:, :, :keep]
+        self.keys, self.values = keys, values
+        self.held += [[] for _ in range(rows - self.rows)]
+        self.used += [-1] * (rows - self.rows)
+        self.rows, self.capacity = rows, capacity
+        self._bindings: dict = {}
 
-    def _reserve(self, total: int) -> None:
-        if total > self.engine.shape.context:
-            raise ValueError(f"{total} tokens exceed the model's context of {self.engine.shape.context}")
-        if total > self.capacity:
-            self._allocate(min(self.engine.shape.context, max(total + GROW, 2 * self.capacity)), keep=len(self.ids))
+    def _swap(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        n = max(len(self.held[a]), len(self.held[b]))
+        for buf in self.keys + self.values:
+            buf[[a, b], :, :n] = buf[[b, a], :, :n]
+        self.held[a], self.held[b] = self.held[b], self.held[a]
+        self.used[a], self.used[b] = self.used[b], self.used[a]
 
-    def extend(self, ids: list[int]) -> np.ndarray:
-        """Make the cache hold exactly `ids`, prefilling only what differs from what it holds;
-        the logits after the last id (rows × vocab)."""
-        keep = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(ids) - 1)  # at least one id is fed: its logits are the answer
-        self.reused = keep
-        self._reserve(len(ids))
-        new = np.array([ids[keep:]] * self.rows)
-        logits = self.engine._run(self.rows, new, len(ids), self)
-        self.ids = list(ids)
-        return logits
 
-    def step(self, tokens: list[int]) -> np.ndarray:
-        """Feed one token per row (rows that diverge keep their own KV; `ids` then tracks row 0)."""
-        total = len(self.ids) + 1
-        self._reserve(total)
-        logits = self.engine._run(self.rows, np.array(tokens).reshape(self.rows, 1), total, self)
-        self.ids.append(int(tokens[0]))
-        return logits
-
-    def rows_from(self, n: int) -> "Sequence":
-        """n rows that each start from this (one-row) cache: the prompt prefilled once."""
-        batch = Sequence(self.engine, rows=n, capacity=self.capacity)
-        length = len(self.ids)
-        for dst, src in zip(batch.keys + batch.values, self.keys + self.values):
-            dst[:, :, :length] = src[:, :, :length]
-        batch.ids = list(self.ids)
-        return batch
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two id lists."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:

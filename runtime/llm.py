@@ -17,7 +17,6 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from attar.runtime.engine import sample
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -43,6 +42,7 @@ class Generation:
     seconds: float = 0.0
     first_token_seconds: float | None = None
     stopped_by: str | None = None  # the stop string that ended it, if any
+    cached_tokens: int = 0  # prompt tokens whose KV was already cached (attar's engine)
 
 
 class Backend(Protocol):
@@ -100,6 +100,34 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, str | None]:
     return text[:best], which
 
 
+class _Text:
+    """One generation's tokens as text: cut at the first stop string, streamed without a
+    half-printed stop string, ended when the model repeats itself. `accept` takes each token
+    and says whether the generation is over."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop, on_text: Callable[[str], None] | None = None):
+        self.decode, self.stop = decode, list(stop)
+        self.tokens: list[int] = []
+        self.text, self.stopped_by = "", None
+        self.stream = _Streamer(on_text, self.stop)
+
+    def accept(self, token: int) -> bool:
+        self.tokens.append(token)
+        full = self.decode(self.tokens)
+        if not full.endswith("\ufffd"):  # wait for a whole character
+            self.text = full
+        self.text, self.stopped_by = cut_at_stop(self.text, self.stop)
+        if self.stopped_by is None and len(self.tokens) % 8 == 0 and is_repeating(self.tokens):
+            self.stopped_by = "repetition"
+        if self.stopped_by is None:
+            self.stream.update(self.text)
+        return self.stopped_by is not None
+
+    def finish(self) -> str:
+        self.stream.update(self.text, final=True)
+        return self.text
+
+
 class OnnxBackend:
     """An exported student run by onnxruntime-genai on this machine."""
 
@@ -140,51 +168,10 @@ class OnnxBackend:
         text = self.tokenizer.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
         return self.tokenizer.encode(text + prefix)
 
-    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
-        began = time.perf_counter()
-        ids = self.prompt_ids(messages, prefix)
-        params = self.og.GeneratorParams(self.model)
-        options = {"max_length": min(self.context_length, len(ids) + sampling.max_new_tokens)}
-        if sampling.greedy:
-            options["do_sample"] = False
-        else:
-            options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                           top_k=sampling.top_k)
-            if sampling.seed is not None:
-                options["random_seed"] = sampling.seed
-        params.set_search_options(**options)
-        generator = self._generator(params)
-        generator.append_tokens(ids)
-        stream = self.tokenizer.create_stream()
-        text, first, count, stopped_by = "", None, 0, None
-        tokens: list[int] = []
-        shown = _Streamer(on_text, stop)
-        while not generator.is_done():
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            tokens.append(token)
-            count += 1
-            if first is None:
-                first = time.perf_counter() - began
-            text, stopped_by = cut_at_stop(text + stream.decode(token), stop)
-            if stopped_by is not None:
-                break
-            shown.update(text)
-            if count % 8 == 0 and is_repeating(tokens):
-                stopped_by = "repetition"
-                break
-        shown.update(text, final=True)
-        return Generation(text, len(ids), count, time.perf_counter() - began, first, stopped_by)
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(np.array(tokens, dtype=np.int32))
 
-
-    def generate_batch(self, messages, n: int, stop=(), sampling=Sampling()) -> list[Generation]:
-        """N samples of the same prompt in one batched generation, each cut at its own stop string.
-        (onnxruntime-genai 0.18 cannot share the prompt's prefill across the batch, nor drop a
-        finished row; a finished row's tokens are simply ignored.)"""
-        began = time.perf_counter()
-        text = self.tokenizer.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
-        batch = self.tokenizer.encode_batch([text] * n)
-        prompt_tokens = len(self.tokenizer.encode(text))
+    def _search_options(self, sampling: Sampling, prompt_tokens: int, n: int = 1):
         params = self.og.GeneratorParams(self.model)
         options = {"batch_size": n, "max_length": min(self.context_length, prompt_tokens + sampling.max_new_tokens),
                    "do_sample": not sampling.greedy}
@@ -193,31 +180,41 @@ class OnnxBackend:
         if sampling.seed is not None:
             options["random_seed"] = sampling.seed
         params.set_search_options(**options)
-        generator = self._generator(params)
-        generator.append_tokens(batch)
+        return params
+
+    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
+        began = time.perf_counter()
+        ids = self.prompt_ids(messages, prefix)
+        generator = self._generator(self._search_options(sampling, len(ids)))
+        generator.append_tokens(ids)
+        text, first = _Text(self._decode, stop, on_text), None
+        while not generator.is_done():
+            generator.generate_next_token()
+            first = first if first is not None else time.perf_counter() - began
+            if text.accept(int(generator.get_next_tokens()[0])):
+                break
+        return Generation(text.finish(), len(ids), len(text.tokens), time.perf_counter() - began, first,
+                          text.stopped_by)
+
+    def generate_batch(self, messages, n: int, stop=(), sampling=Sampling()) -> list[Generation]:
+        """N samples of the same prompt in one batched generation, each cut at its own stop string.
+        (onnxruntime-genai 0.18 cannot share the prompt's prefill across the batch, nor drop a
+        finished row; a finished row's tokens are simply ignored.)"""
+        began = time.perf_counter()
+        ids = self.prompt_ids(messages)
+        generator = self._generator(self._search_options(sampling, len(ids), n))
+        generator.append_tokens(np.array([ids] * n, dtype=np.int32))
         eos = set(self.tokenizer.eos_token_ids)
-        streams = [self.tokenizer.create_stream() for _ in range(n)]
-        texts, counts, stopped, done = [""] * n, [0] * n, [None] * n, [False] * n
-        rows: list[list[int]] = [[] for _ in range(n)]
-        first = None
+        texts = [_Text(self._decode, stop) for _ in range(n)]
+        done, first = [False] * n, None
         while not generator.is_done() and not all(done):
             generator.generate_next_token()
             first = first if first is not None else time.perf_counter() - began
             for i, token in enumerate(generator.get_next_tokens()):
-                if done[i]:
-                    continue
-                if int(token) in eos:
-                    done[i] = True
-                    continue
-                counts[i] += 1
-                rows[i].append(int(token))
-                texts[i] += streams[i].decode(token)
-                texts[i], stopped[i] = cut_at_stop(texts[i], stop)
-                if stopped[i] is None and counts[i] % 8 == 0 and is_repeating(rows[i]):
-                    stopped[i] = "repetition"
-                done[i] = stopped[i] is not None
+                if not done[i]:
+                    done[i] = int(token) in eos or texts[i].accept(int(token))
         seconds = time.perf_counter() - began
-        return [Generation(texts[i], prompt_tokens, counts[i], seconds, first, stopped[i]) for i in range(n)]
+        return [Generation(t.finish(), len(ids), len(t.tokens), seconds, first, t.stopped_by) for t in texts]
 
 
 def _available_bytes() -> int | None:
@@ -249,11 +246,13 @@ def _load(path: Path, load: Callable):
 
 class EngineBackend:
     """An exported ChatML model run by attar's engine (`runtime/engine.py`) on the CPU: the KV
-    cache outlives a call, so an agent's next step prefills only what was appended, and the N
-    samples of a SAG step share one prefill of their prompt. Same sampling options as
-    OnnxBackend; greedy decoding gives the same tokens (tests/test_engine.py)."""
+    cache outlives a call, so an agent's next step prefills only what was appended, the N
+    samples of a SAG step share one prefill of their prompt, and calls from several threads
+    (agents run side by side) decode in one batch. Same sampling options as OnnxBackend;
+    greedy decoding gives the same tokens (tests/test_engine.py)."""
 
-    def __init__(self, model_dir: str | os.PathLike, adapter: str | None = None, threads: int | None = None):
+    def __init__(self, model_dir: str | os.PathLike, adapter: str | None = None, threads: int | None = None,
+                 max_rows: int = 8):
         from tokenizers import Tokenizer
 
         from attar.runtime.engine import Engine
@@ -263,13 +262,12 @@ class EngineBackend:
         self.adapter = choose_adapter(path, adapter)
         self.name = f"{path.name}+{self.adapter}" if self.adapter else path.name
         extra = adapter_params(path, self.adapter) if self.adapter else {}
-        self.engine = _load(path, lambda: Engine(path, threads=threads, extra_inputs=extra))
+        self.engine = _load(path, lambda: Engine(path, threads=threads, extra_inputs=extra, max_rows=max_rows))
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         config = json.loads((path / "genai_config.json").read_text())["model"]
         eos = config.get("eos_token_id")
-        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.eos = frozenset(eos if isinstance(eos, list) else [eos])
         self.context_length = config.get("context_length", 2048)
-        self.sequence = self.engine.sequence()
 
     @staticmethod
     def supports(model_dir: str | os.PathLike) -> bool:
@@ -286,74 +284,36 @@ class EngineBackend:
     def _encode(self, messages: list[Message], prefix: str) -> list[int]:
         return self.tokenizer.encode(render_chatml(messages, prefix), add_special_tokens=False).ids
 
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    def _request(self, ids: list[int], sampling: Sampling, text: _Text, seed: int | None):
+        from attar.runtime.engine import Request
+
+        return Request(ids, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k, seed,
+                       self.eos, text.accept)
+
     def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
-        began = time.perf_counter()
         ids = self._encode(messages, prefix)
-        logits = self.sequence.extend(ids)[0]
-        rng = np.random.default_rng(sampling.seed)
-        out: list[int] = []
-        text, first, stopped_by = "", None, None
-        stream = _Streamer(on_text, stop)
-        limit = min(sampling.max_new_tokens, self.context_length - len(ids))
-        while len(out) < limit:
-            token = sample(logits, sampling.temperature, sampling.top_p, sampling.top_k, rng)
-            first = first if first is not None else time.perf_counter() - began
-            if token in self.eos:
-                break
-            out.append(token)
-            full = self.tokenizer.decode(out, skip_special_tokens=False)
-            if not full.endswith("\ufffd"):  # wait for a whole character
-                text = full
-            text, stopped_by = cut_at_stop(text, stop)
-            if stopped_by is not None:
-                break
-            stream.update(text)
-            if len(out) % 8 == 0 and is_repeating(out):
-                stopped_by = "repetition"
-                break
-            logits = self.sequence.step([token])[0]
-        stream.update(text, final=True)
-        return Generation(text, len(ids), len(out), time.perf_counter() - began, first, stopped_by)
+        text = _Text(self._decode, stop, on_text)
+        request = self.engine.run(self._request(ids, sampling, text, sampling.seed))
+        return Generation(text.finish(), len(ids), len(request.out), time.perf_counter() - request.began,
+                          request.first_token_s, text.stopped_by, request.reused)
 
     def generate_batch(self, messages, n: int, stop=(), sampling=Sampling()) -> list[Generation]:
-        """N samples of one prompt: prefilled once (reusing the cache of earlier steps), copied
-        into N rows, decoded as one batch; each row cut at its own stop string."""
-        began = time.perf_counter()
+        """N samples of one prompt, decoded as one batch: the first prefills the prompt (reusing
+        the cache of earlier steps), the others copy its cache; each row is cut at its own stop
+        string and leaves the batch when it ends."""
         ids = self._encode(messages, "")
-        first_logits = self.sequence.extend(ids)
-        rows = self.sequence.rows_from(n)
-        logits = np.repeat(first_logits, n, axis=0)
-        rngs = [np.random.default_rng(None if sampling.seed is None else sampling.seed * 1000 + i) for i in range(n)]
-        outs: list[list[int]] = [[] for _ in range(n)]
-        texts, stopped, done = [""] * n, [None] * n, [False] * n
-        first = None
-        pad = next(iter(self.eos))
-        limit = min(sampling.max_new_tokens, self.context_length - len(ids))
-        for _ in range(limit):
-            tokens = []
-            for i in range(n):
-                token = pad if done[i] else sample(logits[i], sampling.temperature, sampling.top_p, sampling.top_k,
-                                                   rngs[i])
-                tokens.append(token)
-                if done[i]:
-                    continue
-                if token in self.eos:
-                    done[i] = True
-                    continue
-                outs[i].append(token)
-                full = self.tokenizer.decode(outs[i], skip_special_tokens=False)
-                if not full.endswith("\ufffd"):
-                    texts[i] = full
-                texts[i], stopped[i] = cut_at_stop(texts[i], stop)
-                if stopped[i] is None and len(outs[i]) % 8 == 0 and is_repeating(outs[i]):
-                    stopped[i] = "repetition"
-                done[i] = stopped[i] is not None
-            first = first if first is not None else time.perf_counter() - began
-            if all(done):
-                break
-            logits = rows.step(tokens)
-        seconds = time.perf_counter() - began
-        return [Generation(texts[i], len(ids), len(outs[i]), seconds, first, stopped[i]) for i in range(n)]
+        texts = [_Text(self._decode, stop) for _ in range(n)]
+        seeds = [None if sampling.seed is None else sampling.seed * 1000 + i for i in range(n)]
+        requests = [self.engine.submit(self._request(ids, sampling, t, s)) for t, s in zip(texts, seeds)]
+        gens = []
+        for text, request in zip(texts, requests):
+            self.engine.wait(request)
+            gens.append(Generation(text.finish(), len(ids), len(request.out), time.perf_counter() - request.began,
+                                   request.first_token_s, text.stopped_by, request.reused))
+        return gens
 
 
 def render_chatml(messages: list[Message], prefix: str = "") -> str:

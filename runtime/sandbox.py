@@ -72,6 +72,7 @@ class CellResult:
     restarted: bool = False  # the interpreter was lost; the session was restored or reset
     reset: bool = False  # ... and could not be restored: earlier variables are gone
     seconds: float = 0.0
+    tools_called: tuple[str, ...] = ()  # the host tools the cell called, in order
 
     @property
     def ok(self) -> bool:
@@ -517,6 +518,7 @@ class Sandbox:
         else:
             cell.seconds = time.perf_counter() - began
             self.history.append(cell)
+            result.tools_called = tuple(call.name for call in cell.calls)
             if notice:
                 result.restarted, result.reset = True, "reset" in notice
                 result.stdout = f"[{notice}]\n" + result.stdout

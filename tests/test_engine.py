@@ -1,6 +1,8 @@
 """attar's generation engine against onnxruntime-genai on the same export, token for token, and
-each optimisation (KV reuse across calls, rewind, shared prefill of a batch, cache growth) against
-the same engine without it."""
+each optimisation (KV reuse across calls, rewind, shared prefill of a batch, batching across
+callers, cache growth) against the same engine without it."""
+
+import threading
 
 import numpy as np
 import pytest
@@ -37,7 +39,7 @@ def test_the_next_step_reuses_the_cache_and_answers_the_same(model_dir):
     reply = agent.generate(first, sampling=GREEDY).text
     second = conversation("What is 17 * 23? Answer with code.", reply, "Observation: 391. Now give the answer.")
     continued = agent.generate(second, sampling=GREEDY)
-    assert agent.sequence.reused > 0.8 * len(agent._encode(first, ""))  # only the appended turns were prefilled
+    assert continued.cached_tokens > 0.8 * len(agent._encode(first, ""))  # only the appended turns were prefilled
     assert continued.text == EngineBackend(model_dir).generate(second, sampling=GREEDY).text
 
 
@@ -45,8 +47,9 @@ def test_a_prompt_that_diverges_rewinds_the_cache(model_dir):
     agent = EngineBackend(model_dir)
     agent.generate(conversation("Tell me about the river Danube."), sampling=GREEDY)
     other = conversation("Tell me about the river Rhine.")
-    assert agent.generate(other, sampling=GREEDY).text == EngineBackend(model_dir).generate(other, sampling=GREEDY).text
-    assert 0 < agent.sequence.reused < len(agent._encode(other, ""))
+    again = agent.generate(other, sampling=GREEDY)
+    assert again.text == EngineBackend(model_dir).generate(other, sampling=GREEDY).text
+    assert 0 < again.cached_tokens < len(agent._encode(other, ""))
 
 
 def test_batch_rows_share_one_prefill_and_match_single_generation(model_dir):
@@ -62,14 +65,60 @@ def test_batch_rows_share_one_prefill_and_match_single_generation(model_dir):
 
 
 def test_a_cache_that_grows_past_its_capacity_stays_exact(model_dir):
-    from attar.runtime.engine import Engine
+    from attar.runtime.engine import Engine, Request
+
+    ids = [int(i) for i in np.random.default_rng(0).integers(300, 40000, 1500)]
+    whole = Engine(model_dir)
+    first = whole.run(Request(ids, max_new_tokens=4)).out
+    pieces = Engine(model_dir)
+    for end in (400, 1000, 1300):  # crosses the 1024-token initial capacity
+        pieces.run(Request(ids[:end], max_new_tokens=1))
+    again = pieces.run(Request(ids, max_new_tokens=4))
+    assert pieces.capacity >= 1500 and again.reused == 1300
+    assert again.out == first
+
+
+def test_agents_in_threads_decode_in_one_batch_and_match_one_at_a_time(model_dir):
+    questions = ["What is 17 * 23? Answer with code.", "Name three rivers in Europe.",
+                 "Write a haiku about the sea.", "How many days are in a leap year? Explain briefly."]
+    stop = ["<end_code>", "Observation:"]
+    alone = [EngineBackend(model_dir).generate(conversation(q), stop, GREEDY).text for q in questions]
+    shared = EngineBackend(model_dir)
+    texts: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: texts.__setitem__(i, shared.generate(
+        conversation(questions[i]), stop, GREEDY).text)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [texts.get(i) for i in range(len(questions))] == alone
+    engine = shared.engine
+    assert engine.steps < sum(len(shared._encode([], t)) for t in alone)  # rows were decoded together
+    assert engine.worker is None and not engine.active  # the scheduler exits when idle
+
+
+def test_rows_of_different_lengths_in_one_batch_keep_their_own_positions(model_dir):
+    from attar.runtime.engine import Engine, Request
 
     engine = Engine(model_dir)
-    ids = [int(i) for i in np.random.default_rng(0).integers(300, 40000, 1500)]
-    whole = engine.sequence().extend(ids)
-    pieces = engine.sequence()
-    for end in (400, 1000, 1300, 1500):  # crosses the 1024-token initial capacity
-        logits = pieces.extend(ids[:end])
-    assert pieces.capacity >= 1500
-    assert np.argmax(whole) == np.argmax(logits)
-    assert np.abs(whole - logits).max() < 0.05 * np.abs(whole).max()
+    long_ids = EngineBackend(model_dir)._encode(conversation("Explain, in detail, how rivers form deltas. " * 8), "")
+    short_ids = long_ids[:12] + long_ids[-5:]
+    alone = [Engine(model_dir).run(Request(ids, max_new_tokens=12)).out for ids in (long_ids, short_ids)]
+    both = [engine.submit(Request(ids, max_new_tokens=12)) for ids in (long_ids, short_ids)]
+    assert [engine.wait(r).out for r in both] == alone
+
+
+def test_a_failing_callback_ends_only_its_own_request(model_dir):
+    from attar.runtime.engine import Engine, Request
+
+    engine = Engine(model_dir)
+    ids = EngineBackend(model_dir)._encode(conversation("Count to ten."), "")
+
+    def broken(token):
+        raise BrokenPipeError("the terminal went away")
+
+    bad = engine.submit(Request(ids, max_new_tokens=8, accept=broken))
+    good = engine.submit(Request(ids, max_new_tokens=8))
+    with pytest.raises(BrokenPipeError):
+        engine.wait(bad)
+    assert len(engine.wait(good).out) == 8
