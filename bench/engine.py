@@ -12,6 +12,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 
 from attar.runtime import prompts
 
@@ -73,7 +74,7 @@ def main() -> None:
                 backend = make()
                 backend.generate(conversation(2), sampling=one)  # an agent's earlier step, as in a real run
                 began = time.perf_counter()
-                gens = backend.generate_batch(messages, n, stop=prompts.STOP, sampling=sampling)
+                gens = backend.generate_batch(messages, [replace(sampling, seed=i) for i in range(n)], stop=prompts.STOP)
                 times.append(time.perf_counter() - began)
             walls[n] = statistics.median(times)
         emit(figure="SAG step wall, N=8 vs N=1", backend=name, model=args.model, n1_s=round(walls[1], 3),

@@ -11,6 +11,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 
 from attar.runtime import prompts
 
@@ -53,7 +54,7 @@ def main() -> None:
             if n == "8 sequential":
                 gens = [backend.generate(messages, stop=prompts.STOP, sampling=sampling) for _ in range(8)]
             else:
-                gens = backend.generate_batch(messages, n, stop=prompts.STOP, sampling=sampling)
+                gens = backend.generate_batch(messages, [replace(sampling, seed=i) for i in range(n)], stop=prompts.STOP)
             generated = time.perf_counter()
             with Sandbox() as session:
                 outcome = run_candidates(session, gens, [parse_code(g.text) for g in gens])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from attar.runtime.llm import Generation, Sampling, cut_at_stop
+from attar.runtime.llm import Generation, Sampling, cut_at_stop, one_by_one
 
 
 class TransformersBackend:
@@ -39,3 +39,6 @@ class TransformersBackend:
             on_text(text)
         seconds = time.perf_counter() - began
         return Generation(text, ids["input_ids"].shape[1], len(new), seconds, None, stopped_by)
+
+    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
+        return one_by_one(self, messages, samplings, stop)

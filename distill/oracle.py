@@ -15,7 +15,7 @@ from pathlib import Path
 from attar.distill.data import Question
 from attar.distill.scoring import score
 from attar.runtime import prompts
-from attar.runtime.llm import Generation, Sampling
+from attar.runtime.llm import Generation, Sampling, one_by_one
 
 ATTR_WORDS = {"population": "population", "area": "area in square kilometres", "river": "river", "founded": "founding year",
               "length": "length in kilometres", "employees": "number of employees", "hq": "headquarters",
@@ -96,6 +96,9 @@ class OracleBackend:
         text = (f"Thought: {self.rng.choice(FINAL_THOUGHTS).format(facts=facts)}\nCode:\n```py\n{assignments}\n"
                 f"answer = {self.expression}\nfinal_answer(answer)\n```")
         return Generation(text, 0, len(text) // 4, 0.0, 0.0, "<end_code>")
+
+    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
+        return one_by_one(self, messages, samplings, stop)
 
 
 def cot_trace(record: dict, rng: random.Random) -> str:

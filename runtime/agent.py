@@ -79,7 +79,8 @@ class Agent:
         if sampling is None:
             # SAG needs diverse candidates: the paper samples at temperature 0.4, top-p 0.8.
             sampling = Sampling(temperature=0.4, top_p=0.8) if sag > 1 else Sampling()
-        self.backend = model if hasattr(model, "generate") else load_backend(model, provider=provider, adapter=adapter)
+        self.backend = load_backend(model, provider=provider, adapter=adapter) if model is None or isinstance(
+            model, (str, Path)) else model
         tools = list(tools)
         if index is not None:
             from attar.runtime.retrieval import Index, web_search_tool
@@ -181,15 +182,13 @@ class Agent:
         return step
 
     def _sag_step(self, number: int) -> Step:
-        """N candidates from one batched generation, each run in its own fork; majority wins."""
+        """N candidates from one batched generation, each run in its own fork; the vote picks
+        one (runtime/sag.py). The first candidate is greedy: SAG then keeps the answer N=1 would
+        give unless the samples agree on another."""
         seed = self.sampling.seed
-        sampling = replace(self.sampling, seed=None if seed is None else seed + number)
-        messages = self.memory.messages()
-        if hasattr(self.backend, "generate_batch"):
-            gens = self.backend.generate_batch(messages, self.sag, stop=prompts.STOP, sampling=sampling)
-        else:  # e.g. a remote server: N requests, each with its own seed
-            gens = [self.backend.generate(messages, stop=prompts.STOP, sampling=replace(
-                sampling, seed=None if seed is None else (seed + number) * 1000 + i)) for i in range(self.sag)]
+        samplings = [replace(self.sampling, temperature=0.0)] + [
+            replace(self.sampling, seed=None if seed is None else (seed + number) * 1000 + i) for i in range(1, self.sag)]
+        gens = self.backend.generate_batch(self.memory.messages(), samplings, stop=prompts.STOP)
         outcome = run_candidates(self.sandbox, gens, [parse_code(g.text) for g in gens])
         step = _new_step(number, gens[outcome.winner if outcome.winner is not None else 0])
         step.completion_tokens = sum(g.completion_tokens for g in gens)

@@ -57,6 +57,15 @@ class Backend(Protocol):
         prefix: str = "",  # start of the assistant turn, which the model continues
     ) -> Generation: ...
 
+    def generate_batch(self, messages: list[Message], samplings: list[Sampling], stop: list[str] = ()) -> list[Generation]:
+        """One generation of the same prompt per sampling (SAG's candidates), batched where the backend can."""
+        ...
+
+
+def one_by_one(backend: Backend, messages: list[Message], samplings: list[Sampling], stop=()) -> list[Generation]:
+    """`generate_batch` for a backend that cannot batch: one call per sampling."""
+    return [backend.generate(messages, stop, sampling) for sampling in samplings]
+
 
 class BackendError(Exception):
     """The model backend cannot answer (an unreachable server, a rejected request): one line."""
@@ -196,10 +205,20 @@ class OnnxBackend:
         return Generation(text.finish(), len(ids), len(text.tokens), time.perf_counter() - began, first,
                           text.stopped_by)
 
-    def generate_batch(self, messages, n: int, stop=(), sampling=Sampling()) -> list[Generation]:
-        """N samples of the same prompt in one batched generation, each cut at its own stop string.
-        (onnxruntime-genai 0.18 cannot share the prompt's prefill across the batch, nor drop a
-        finished row; a finished row's tokens are simply ignored.)"""
+    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
+        """Samplings that differ only in their seed run as one batched generation (genai takes
+        one seed per batch: the first's); each row is cut at its own stop string. (onnxruntime-
+        genai 0.18 cannot share the prompt's prefill across the batch, nor drop a finished row.)"""
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(samplings):
+            groups.setdefault((s.temperature, s.top_p, s.top_k, s.max_new_tokens), []).append(i)
+        gens: list[Generation | None] = [None] * len(samplings)
+        for rows in groups.values():
+            for i, gen in zip(rows, self._batch(messages, samplings[rows[0]], len(rows), stop)):
+                gens[i] = gen
+        return gens
+
+    def _batch(self, messages, sampling: Sampling, n: int, stop) -> list[Generation]:
         began = time.perf_counter()
         ids = self.prompt_ids(messages)
         generator = self._generator(self._search_options(sampling, len(ids), n))
@@ -287,27 +306,26 @@ class EngineBackend:
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=False)
 
-    def _request(self, ids: list[int], sampling: Sampling, text: _Text, seed: int | None):
+    def _request(self, ids: list[int], sampling: Sampling, text: _Text):
         from attar.runtime.engine import Request
 
-        return Request(ids, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k, seed,
-                       self.eos, text.accept)
+        return Request(ids, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
+                       sampling.seed, self.eos, text.accept)
 
     def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
         ids = self._encode(messages, prefix)
         text = _Text(self._decode, stop, on_text)
-        request = self.engine.run(self._request(ids, sampling, text, sampling.seed))
+        request = self.engine.run(self._request(ids, sampling, text))
         return Generation(text.finish(), len(ids), len(request.out), time.perf_counter() - request.began,
                           request.first_token_s, text.stopped_by, request.reused)
 
-    def generate_batch(self, messages, n: int, stop=(), sampling=Sampling()) -> list[Generation]:
-        """N samples of one prompt, decoded as one batch: the first prefills the prompt (reusing
+    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
+        """One request per sampling, decoded as one batch: the first prefills the prompt (reusing
         the cache of earlier steps), the others copy its cache; each row is cut at its own stop
         string and leaves the batch when it ends."""
         ids = self._encode(messages, "")
-        texts = [_Text(self._decode, stop) for _ in range(n)]
-        seeds = [None if sampling.seed is None else sampling.seed * 1000 + i for i in range(n)]
-        requests = [self.engine.submit(self._request(ids, sampling, t, s)) for t, s in zip(texts, seeds)]
+        texts = [_Text(self._decode, stop) for _ in samplings]
+        requests = [self.engine.submit(self._request(ids, s, t)) for s, t in zip(samplings, texts)]
         gens = []
         for text, request in zip(texts, requests):
             self.engine.wait(request)
@@ -400,6 +418,9 @@ class OpenAIBackend:
         return Generation(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), seconds,
                           seconds, stopped_by)
 
+    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
+        return one_by_one(self, messages, samplings, stop)
+
 
 def _choice(reply, url: str) -> dict:
     """The first choice of a reply, or a BackendError that says what came back instead."""
@@ -425,8 +446,8 @@ class ScriptedBackend:
             on_text(text)
         return Generation(text, sum(len(m["content"]) for m in messages) // 4, len(text) // 4, 0.0, 0.0, stopped_by)
 
-    def generate_batch(self, messages, n, stop=(), sampling=Sampling()) -> list[Generation]:
-        return [self.generate(messages, stop, sampling) for _ in range(n)]
+    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
+        return one_by_one(self, messages, samplings, stop)
 
 
 def load_backend(model: str | os.PathLike | None, provider: str = "cpu", adapter: str | None = None) -> Backend:

@@ -1,13 +1,21 @@
 """Self-consistent action generation (SAG): sample N candidate actions in one batch, run each
-in its own fork of the sandbox, drop those that fail to parse or raise, and keep the action
-whose outcome the majority agrees on (ties go to the first valid candidate in sample order).
+in its own fork of the sandbox, drop those that fail to parse or raise, and vote.
+
+The vote has two rounds, because outcomes that mean the same rarely read the same: first the
+*kind* of outcome (a final answer, a tool call such as a search, or a computation), so that
+differently worded searches do not split the vote against one candidate that skipped the
+search; then, within the winning kind, the exact outcome. A tie goes to the candidate whose
+output shares the most words with the others in its kind, then to the earliest candidate (the
+agent puts its greedy sample first).
 
 Unlike the reference implementation, candidates never see each other's side effects: each runs
 in a fork, and the winner's fork becomes the session."""
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from attar.runtime.llm import Generation
@@ -23,6 +31,34 @@ def vote_key(result: CellResult) -> str:
     return f"obs:{stdout}\x00{result.output}"
 
 
+def outcome_kind(result: CellResult) -> str:
+    if result.is_final:
+        return "final"
+    return "tool" if any(name != "final_answer" for name in result.tools_called) else "compute"
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def vote(kinds: list[str | None], keys: list[str | None]) -> int | None:
+    """The winning candidate's index (None when no candidate ran cleanly); see the module doc."""
+    valid = [i for i, k in enumerate(keys) if k is not None]
+    if not valid:
+        return None
+    kind_votes = Counter(kinds[i] for i in valid)
+    top = max(kind_votes.values())
+    kind = next(kinds[i] for i in valid if kind_votes[kinds[i]] == top)  # ties: the earliest candidate's kind
+    members = [i for i in valid if kinds[i] == kind]
+    key_votes = Counter(keys[i] for i in members)
+    words = {i: _words(keys[i]) for i in members}
+
+    def agreement(i: int) -> float:  # how much of the others' outcomes this one shares
+        return sum(len(words[i] & words[j]) / max(1, len(words[i] | words[j])) for j in members if j != i)
+
+    return max(members, key=lambda i: (key_votes[keys[i]], agreement(i), -i))
+
+
 @dataclass
 class Outcome:
     winner: int | None  # index into candidates, None when every candidate failed
@@ -33,53 +69,35 @@ class Outcome:
 
 
 def run_candidates(session: Sandbox, generations: list[Generation], codes: list[str | None]) -> Outcome:
-    """Run each valid, distinct candidate in a fork of `session`, then vote.
-
-    Execution stops early once no remaining candidate could change the winner (adaptive
-    consistency): on a 2-core laptop generation dominates, so candidates run one after another."""
+    """Run each valid, distinct candidate in a fork of `session` (duplicates run once), then vote."""
     began = time.perf_counter()
     candidates = [Candidate(model_output=g.text, code=c) for g, c in zip(generations, codes)]
-    results: dict[str, tuple[CellResult, Sandbox]] = {}  # code -> outcome, so duplicates run once
-    keys: list[str | None] = []
-    counts: dict[str, int] = {}
-    forks_to_close: list[Sandbox] = []
-    for i, cand in enumerate(candidates):
+    results: dict[str, tuple[CellResult, Sandbox]] = {}  # code -> outcome
+    kinds: list[str | None] = []
+    for cand in candidates:
         if cand.code is None:
             cand.error = "parse error: no ```py block"
-            keys.append(None)
-            continue
-        remaining = sum(1 for c in candidates[i:] if c.code is not None)
-        ranked = sorted(counts.values(), reverse=True) + [0, 0]
-        if ranked[0] > ranked[1] + remaining:
-            keys.append(None)
-            cand.error = "not run: the vote was already decided"
+            kinds.append(None)
             continue
         if cand.code not in results:
             fork = session.fork()
-            forks_to_close.append(fork)
             results[cand.code] = (fork.run(cand.code), fork)
         result, _ = results[cand.code]
         if result.error is not None:
             cand.error = result.error
-            keys.append(None)
+            kinds.append(None)
             continue
         cand.observation = result.stdout + ("" if result.output is None else result.output)
         cand.vote_key = vote_key(result)
-        keys.append(cand.vote_key)
-        counts[cand.vote_key] = counts.get(cand.vote_key, 0) + 1
-
-    winner = None
-    if counts:
-        best = max(counts.values())
-        winner = next(i for i, k in enumerate(keys) if k is not None and counts[k] == best)
+        kinds.append(outcome_kind(result))
+    keys = [c.vote_key for c in candidates]
+    counts = Counter(k for k in keys if k is not None)
     for cand in candidates:
         cand.votes = counts.get(cand.vote_key, 0) if cand.vote_key else 0
-    if winner is None:
-        for fork in forks_to_close:
+    winner = vote(kinds, keys)
+    kept = results[candidates[winner].code][1] if winner is not None else None
+    for _, fork in results.values():
+        if fork is not kept:
             fork.close()
-        return Outcome(None, None, None, candidates, time.perf_counter() - began)
-    result, fork = results[candidates[winner].code]
-    for other in forks_to_close:
-        if other is not fork:
-            other.close()
-    return Outcome(winner, result, fork, candidates, time.perf_counter() - began)
+    return Outcome(winner, results[candidates[winner].code][0] if winner is not None else None, kept, candidates,
+                   time.perf_counter() - began)

@@ -53,15 +53,24 @@ def test_a_prompt_that_diverges_rewinds_the_cache(model_dir):
 
 
 def test_batch_rows_share_one_prefill_and_match_single_generation(model_dir):
+    from dataclasses import replace
+
     agent = EngineBackend(model_dir)
     messages = conversation("Write one line of Python that prints 5.")
     single = agent.generate(messages, sampling=GREEDY).text
-    rows = agent.generate_batch(messages, 3, sampling=GREEDY)
+    rows = agent.generate_batch(messages, [GREEDY] * 3)
     assert [g.text for g in rows] == [single] * 3
-    sampled = Sampling(max_new_tokens=24, temperature=0.7, top_p=0.9, seed=5)
+    assert all(g.cached_tokens >= g.prompt_tokens - 1 for g in rows)  # the prompt was prefilled once
+    sampled = [replace(GREEDY, max_new_tokens=24, temperature=0.7, top_p=0.9, seed=s) for s in range(4)]
     again = EngineBackend(model_dir)
-    assert [g.text for g in agent.generate_batch(messages, 4, sampling=sampled)] == \
-           [g.text for g in again.generate_batch(messages, 4, sampling=sampled)]  # seeded: deterministic
+    assert [g.text for g in agent.generate_batch(messages, sampled)] == \
+           [g.text for g in again.generate_batch(messages, sampled)]  # seeded: deterministic
+    alone = []
+    for s in sampled:  # alone, from the same cache state (a full prefill rounds differently)
+        backend = EngineBackend(model_dir)
+        backend.generate(messages, sampling=GREEDY)
+        alone.append(backend.generate(messages, sampling=s).text)
+    assert [g.text for g in agent.generate_batch(messages, sampled)] == alone  # a row samples as it would alone
 
 
 def test_a_cache_that_grows_past_its_capacity_stays_exact(model_dir):

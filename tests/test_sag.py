@@ -39,7 +39,7 @@ def test_candidates_do_not_see_each_others_side_effects():
         agent.sandbox.run("items = []")
         result = agent.run("q", reset=False)
     assert result.steps[0].stdout == "1\n"  # every candidate saw an empty list
-    assert [c.votes for c in result.steps[0].candidates] == [2, 2, 0]  # the third was not needed
+    assert [c.votes for c in result.steps[0].candidates] == [3, 3, 3]
     assert result.answer == ["a"]  # tie goes to the first candidate in sample order
 
 
@@ -52,12 +52,34 @@ def test_all_candidates_fail_is_an_error_observation():
     assert result.answer == 3
 
 
-def test_vote_decided_early_skips_the_rest():
-    backend = ScriptedBackend([act("final_answer(1)")] * 3 + [act("final_answer(2)")])
-    with Agent(backend, sag=4, limits=LIMITS) as agent:
-        result = agent.run("q")
-    assert result.answer == 1
-    assert "already decided" in result.steps[0].candidates[3].error
+def test_the_kind_of_outcome_is_voted_first():
+    """Two searches worded differently outvote one candidate that guessed without searching."""
+    def lookup(query: str) -> str:
+        """Look a fact up.
+
+        Args:
+            query: what to look up
+        """
+        return f"results for {query}: the Oder river flows through Ostrava"
+
+    backend = ScriptedBackend([act("print('Vistula')"), act("print(lookup('Ostrava river'))"),
+                               act("print(lookup('river in Ostrava'))"), act("final_answer('Oder')")] + [
+                              act("final_answer('Oder')")] * 2)
+    with Agent(backend, tools=[lookup], sag=3, limits=LIMITS) as agent:
+        result = agent.run("Which river flows through Ostrava?")
+    first = result.steps[0]
+    assert [c.votes for c in first.candidates] == [1, 1, 1]  # three different observations
+    assert "lookup('Ostrava river')" in first.code  # the earliest of the two searches
+
+
+def test_a_tie_goes_to_the_outcome_the_others_agree_with_most():
+    from attar.runtime.sag import vote
+
+    keys = ["obs:the answer is 12 apples", "obs:the answer is 12 pears", "obs:42", "obs:the answer is 12 apples today"]
+    assert vote(["compute"] * 4, keys) == 0  # shares most words with the others
+    assert vote(["compute"] * 4, [keys[2], keys[1], keys[0], keys[3]]) == 2
+    assert vote([None, "final"], [None, "final:3"]) == 1
+    assert vote([None, None], [None, None]) is None
 
 
 def test_sag_on_a_real_model_is_deterministic_under_a_seed(tiny_onnx):
@@ -71,5 +93,9 @@ def test_sag_on_a_real_model_is_deterministic_under_a_seed(tiny_onnx):
     a, b = run(), run()
     steps = a["memory"]["tasks"][0]["steps"]
     assert len(steps[0]["candidates"]) == 3
+    greedy = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "chat", "What is 6*7?", "--model",
+                             str(tiny_onnx), "--max-steps", "1", "--json"], capture_output=True, text=True, timeout=300)
+    n1 = json.loads(greedy.stdout.strip().splitlines()[-1])["memory"]["tasks"][0]["steps"][0]
+    assert steps[0]["candidates"][0]["model_output"] == n1["model_output"].removesuffix("<end_code>")  # greedy first
     assert [c["model_output"] for c in steps[0]["candidates"]] == \
            [c["model_output"] for c in b["memory"]["tasks"][0]["steps"][0]["candidates"]]
