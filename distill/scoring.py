@@ -4,6 +4,7 @@ Pure Python: the runtime's eval harness and the benches use it without torch."""
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections import Counter
@@ -75,7 +76,11 @@ def math_match(prediction: Any, gold: Any) -> bool:
         from math_verify import parse, verify
     except ImportError:
         return numeric_match(prediction, gold) and re.fullmatch(r"-?[\d.,/]+", normalize_latex(gold)) is not None
-    # Timeouts off: they use SIGALRM, which only works in the main thread (generation runs in many).
+    if len(str(prediction)) > 300:  # sympy on a long expression can run for minutes; no answer is that long
+        return False
+    # Timeouts off: they use SIGALRM, which only works in the main thread (generation runs in many);
+    # math-verify warns about that once per process, which would interleave with progress bars.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
     wrap = lambda x: f"${extract_boxed(str(x)) or x}$"  # noqa: E731
     return verify(parse(wrap(gold), parsing_timeout=None), parse(wrap(prediction), parsing_timeout=None),
                   timeout_seconds=None)

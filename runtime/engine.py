@@ -321,11 +321,11 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng
     smallest set whose probability reaches top-p."""
     if temperature <= 0:
         return int(np.argmax(logits))
-    x = logits.astype(np.float64) / temperature
-    k = min(top_k, x.size) if top_k and top_k > 0 else x.size
-    top = np.argpartition(-x, k - 1)[:k]
-    top = top[np.argsort(-x[top])]
-    p = np.exp(x[top] - x[top[0]])
+    k = min(top_k, logits.size) if top_k and top_k > 0 else logits.size
+    top = np.argpartition(-logits, k - 1)[:k]  # dividing by T > 0 keeps the order: select first
+    top = top[np.argsort(-logits[top], kind="stable")]
+    x = logits[top].astype(np.float64) / temperature
+    p = np.exp(x - x[0])
     p /= p.sum()
     if top_p < 1.0:
         cut = int(np.searchsorted(np.cumsum(p), top_p)) + 1
