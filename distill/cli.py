@@ -75,10 +75,12 @@ def show(file, id_):
 
 
 @distill.command("filter")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(file_okay=False), help="Where the SFT files go (default: the run folder).")
 @click.option("--rag-index", type=click.Path(), help="Also put retrieved passages into the CoT prompts (CoT + RAG).")
-def filter_(run_dir, rag_index) -> None:
-    """Keep correct, well-formed trajectories; write agent_sft.jsonl and cot_sft.jsonl."""
+def filter_(source, out, rag_index) -> None:
+    """Keep correct, well-formed trajectories of SOURCE (a run folder, or a trajectories .jsonl[.gz]
+    file); write agent_sft.jsonl and cot_sft.jsonl."""
     from attar.distill.sft_data import build_sft
 
     retrieve = None
@@ -87,8 +89,8 @@ def filter_(run_dir, rag_index) -> None:
 
         retrieve = web_search_tool(Index.open(rag_index))
     try:
-        click.echo(json.dumps(build_sft(run_dir, retrieve), indent=2))
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+        click.echo(json.dumps(build_sft(source, retrieve, out), indent=2))
+    except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
         raise _fail(exc) from None
 
 

@@ -6,6 +6,7 @@ ids already present are skipped, so a rerun redoes nothing finished and duplicat
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import threading
@@ -97,7 +98,10 @@ class JsonlLog:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Rows of a JSONL file, gzip-compressed if its name ends in .gz."""
+    path = Path(path)
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:

@@ -41,10 +41,11 @@ class DemoConfig:
     train_max_steps: int = -1
     eval_limit: int | None = 30  # test questions evaluated by every run (None = all)
     sag: int = 8
-    # SAG prefills each of its N prompts (onnxruntime-genai shares no prefill): ~8x a step on 2 cores. It
-    # answers the first 15 test questions, and the N=1 agent is also reported on those same 15.
+    # A SAG step costs ~2.7x an N=1 step on 2 cores (the engine shares its prefill). It answers the first
+    # 15 test questions, and the N=1 agent is also reported on those same 15.
     sag_limit: int | None = 15
     max_steps: int = 5
+    concurrency: int = 8  # questions in flight in evaluation (one batch on the engine); SAG runs one at a time
 
 
 QUICK = DemoConfig(people=10, questions_per_person=3, student="tiny", train_max_steps=3, eval_limit=4, sag=3,
@@ -194,8 +195,10 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
         if label == subset and not run_dir.exists():
             _first_predictions(out / "eval" / _slug("agent-distilled (INT4)"), run_dir, n_sag)
         _log(f"eval: {label}")
+        # The engine batches questions in flight; a transformers model and SAG's 8 rows run one question at a time.
+        batched = sag == 1 and (Path(model) / "genai_config.json").is_file()
         summaries.append(evaluate(str(model), test_file, run_dir, mode=mode, sag=sag, index=idx, limit=limit,
-                                  max_steps=cfg.max_steps, label=label))
+                                  max_steps=cfg.max_steps, label=label, concurrency=cfg.concurrency if batched else 1))
         run_dirs.append(run_dir)
     done("eval")
 

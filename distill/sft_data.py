@@ -26,10 +26,19 @@ def cot_messages(question: str, passages: str | None = None) -> list[dict]:
     return [{"role": "system", "content": COT_STUDENT_SYSTEM}, {"role": "user", "content": user}]
 
 
-def build_sft(run_dir: str | os.PathLike, retrieve: Callable[[str], str] | None = None) -> dict:
-    """Write agent_sft.jsonl and cot_sft.jsonl (or cot_rag_sft.jsonl) next to the trajectories."""
-    run_dir = Path(run_dir)
-    records = read_jsonl(run_dir / "trajectories.jsonl")
+def build_sft(source: str | os.PathLike, retrieve: Callable[[str], str] | None = None,
+              out_dir: str | os.PathLike | None = None) -> dict:
+    """Write agent_sft.jsonl and cot_sft.jsonl (or cot_rag_sft.jsonl) into `out_dir`, by default
+    next to the trajectories. `source`: a run folder, or a trajectories file (.jsonl or .jsonl.gz,
+    such as the ones attar ships in datasets/)."""
+    source = Path(source)
+    if source.is_dir():
+        records, run_dir = read_jsonl(source / "trajectories.jsonl"), Path(out_dir or source)
+    elif out_dir is None:
+        raise ValueError(f"{source} is a file: say where the SFT data goes (--out)")
+    else:
+        records, run_dir = read_jsonl(source), Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     agent_rows = [{"messages": r["messages"], "id": r["id"]} for r in records if keep(r)]
     cot_rows = []
     for r in records:

@@ -81,6 +81,19 @@ def test_generate_with_ftp_and_resume(server, tmp_path):
     assert manifest["kept"] + manifest["dropped_no_final_answer"] + manifest["dropped_wrong_answer"] \
         + manifest["dropped_parse_error"] == 3
 
+    # Shipped trajectories are gzip-compressed JSONL: filtering one needs only a place for its output.
+    import gzip
+
+    packed = tmp_path / "trajectories.jsonl.gz"
+    packed.write_bytes(gzip.compress((out / "trajectories.jsonl").read_bytes()))
+    refused = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "filter", str(packed)],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "--out" in refused.stderr and "Traceback" not in refused.stderr
+    again = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "filter", str(packed), "--out",
+                            str(tmp_path / "sft")], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "sft" / "agent_sft.jsonl").read_text() == (out / "agent_sft.jsonl").read_text()
+
 
 def test_killed_run_resumes_without_loss_or_duplicates(server, tmp_path):
     questions = tmp_path / "q.jsonl"
