@@ -32,16 +32,25 @@ def _number(text: str) -> float | None:
 
 
 def correct(answer, expected, kind: str) -> bool:
-    """Numbers compare by value (exactly for integers, within 0.5% otherwise); text by its words."""
+    """Numbers compare by value (exactly for integers, within 0.5% otherwise; GSM-Hard by the
+    evaluation's own rule); text by its words."""
     if answer is None:
         return False
     if isinstance(answer, bool):  # "Answer yes or no." answered with a boolean
         answer = "yes" if answer else "no"
+    if kind == "gsm-hard":
+        from attar.distill.scoring import numeric_match
+
+        return numeric_match(answer, expected)
     if kind == "number":
         if isinstance(expected, int) and abs(expected) > 2 ** 52:  # big integers: the digits, exactly
             return re.sub(r"[^\d-]", "", str(answer)) == str(expected)
         value = _number(str(answer))
-        return value is not None and abs(value - float(expected)) <= max(1e-9, 0.005 * abs(float(expected)))
+        if value is None:
+            return False
+        if isinstance(expected, int):
+            return value == expected
+        return abs(value - float(expected)) <= max(1e-9, 0.005 * abs(float(expected)))
     norm = lambda s: re.sub(r"[^a-z0-9-]+", " ", str(s).lower()).strip()  # noqa: E731
     return norm(answer) == norm(expected) or f" {norm(expected)} " in f" {norm(answer)} "
 
@@ -70,7 +79,7 @@ agent.close()
 def gsm_hard(n: int) -> list[dict]:
     rows = json.loads(GSM_HARD.read_text())["examples"][:n]
     return [{"id": f"gsm-hard-{i}", "category": "gsm-hard", "question": r["question"], "answer": float(r["answer"]),
-             "kind": "number"} for i, r in enumerate(rows)]
+             "kind": "gsm-hard"} for i, r in enumerate(rows)]
 
 
 def main() -> None:

@@ -55,8 +55,12 @@ def _agent_record(backend, q, sag, index, max_steps) -> dict:
     correct = category == "final" and score(result.answer, q.answer, q.kind)
     if category == "final":
         category = "correct" if correct else "wrong_answer"
-    return {"prediction": result.answer, "correct": correct, "category": category, "steps": len(result.steps),
-            "tokens": sum(s.completion_tokens for s in result.steps), "messages": messages[1:]}
+    record = {"prediction": result.answer, "correct": correct, "category": category, "steps": len(result.steps),
+              "tokens": sum(s.completion_tokens for s in result.steps), "messages": messages[1:]}
+    if sag > 1:  # each step's candidates (the first is greedy), so a lost vote can be read back
+        record["candidates"] = [[{"votes": c.votes, "outcome": c.vote_key or c.error} for c in step.candidates]
+                                for step in result.steps if step.candidates]
+    return record
 
 
 def _cot_record(backend, q, retrieve) -> dict:

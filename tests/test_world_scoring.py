@@ -62,7 +62,9 @@ def test_oracle_trajectories_are_correct_real_agent_runs(tmp_path):
 
 @pytest.mark.parametrize("pred, gold, kind, ok", [
     (42, "42", "numeric", True), ("42.0", "42", "numeric", True), ("\\boxed{1,234}", "1234", "numeric", True),
-    (41, "42", "numeric", False), ("\\frac{3}{4}", "\\frac34", "math", True), ("2\\sqrt{2}", "\\sqrt{8}", "math", True),
+    (41, "42", "numeric", False), (9810509, "9810512.0", "numeric", False), (9264256, "9264234.0", "numeric", False),
+    (342250, "342250.2857142857", "numeric", False), ("342250.29", "342250.2857142857", "numeric", True),
+    ("1e999", "5", "numeric", False), ("\\frac{3}{4}", "\\frac34", "math", True), ("2\\sqrt{2}", "\\sqrt{8}", "math", True),
     ("\\frac{1}{3}", "0.33", "math", False), ("x^2+2x", "x(x+2)", "math", True), ("\\dfrac{3}{4}", "\\frac{3}{4}", "math", True),
     ("\\boxed{0.75}", "\\frac{3}{4}", "math", True), ("(-\\infty,-8]\\cup [8,\\infty)", "(-\\infty, -8] \\cup [8, \\infty)", "math", True),
     ("President Richard Nixon", "Richard Nixon", "factual", True), ("the Danube", "Danube", "factual", True),
