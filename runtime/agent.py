@@ -204,7 +204,6 @@ class Agent:
     def _final_step(self, number: int) -> Step:
         """Out of steps: one last call asks for the answer from the memory."""
         messages = self.memory.messages()
-        messages[0] = {"role": "system", "content": prompts.FINAL_SYSTEM}
         messages.append({"role": "user", "content": prompts.FINAL_USER.format(question=self.memory.tasks[-1].question)})
         gen = self.backend.generate(messages, sampling=Sampling(max_new_tokens=256), on_text=self.on_text)
         return Step(number, model_output=gen.text, final_answer=gen.text.strip(), is_final=True, is_fallback=True,

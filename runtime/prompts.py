@@ -40,11 +40,9 @@ PARSE_ERROR = (
     "Write 'Thought:' then 'Code:' and a ```py block ending with ```<end_code>."
 )
 
-FINAL_SYSTEM = (
-    "An agent tried to answer a user query but got stuck and failed to do so. "
-    "You are tasked with providing an answer instead. Here is the agent's memory:"
-)
-
-FINAL_USER = "Based on the above, please provide an answer to the following user request:\n{question}"
+# After the last step, one more turn asks for the answer from the memory. It is appended to the
+# conversation (not a new system prompt) so the model's cache of the conversation still applies.
+FINAL_USER = ("You have used all your steps. Based on the above, give your best final answer to the following "
+              "request, directly, in plain text and without code:\n{question}")
 
 STOP = ["<end_code>", "Observation:"]
