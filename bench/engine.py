@@ -87,6 +87,7 @@ def concurrent_eval(model: str, n: int) -> None:
     import tempfile
     from pathlib import Path
 
+    from attar.distill.data import read_jsonl
     from attar.distill.evaluate import evaluate
 
     questions = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "test" / "gsm_hard_500_20250507.json"
@@ -96,8 +97,6 @@ def concurrent_eval(model: str, n: int) -> None:
             began = time.perf_counter()
             summary = evaluate(model, questions, out, limit=n, concurrency=concurrency, progress=False)
             walls[concurrency] = time.perf_counter() - began
-            from attar.distill.data import read_jsonl
-
             predictions[concurrency] = [(r["id"], r["prediction"]) for r in read_jsonl(Path(out) / "predictions.jsonl")]
             accuracy = summary["accuracy"]
         emit(figure="distill eval questions/hour", model=model, concurrency=concurrency, questions=n,

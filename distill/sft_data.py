@@ -30,7 +30,7 @@ def build_sft(source: str | os.PathLike, retrieve: Callable[[str], str] | None =
               out_dir: str | os.PathLike | None = None) -> dict:
     """Write agent_sft.jsonl and cot_sft.jsonl (or cot_rag_sft.jsonl) into `out_dir`, by default
     next to the trajectories. `source`: a run folder, or a trajectories file (.jsonl or .jsonl.gz,
-    such as the ones attar ships in datasets/)."""
+    such as the ones committed in data/trajectories/)."""
     source = Path(source)
     if source.is_dir():
         records, run_dir = read_jsonl(source / "trajectories.jsonl"), Path(out_dir or source)

@@ -17,7 +17,6 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
 
@@ -285,8 +284,7 @@ class EngineBackend:
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         config = json.loads((path / "genai_config.json").read_text())["model"]
         eos = config.get("eos_token_id")
-        self.eos = frozenset(eos if isinstance(eos, list) else [eos])
-        self.context_length = config.get("context_length", 2048)
+        self.eos = frozenset(eos if isinstance(eos, list) else [eos])  # the engine bounds the context itself
 
     @staticmethod
     def supports(model_dir: str | os.PathLike) -> bool:
@@ -312,12 +310,14 @@ class EngineBackend:
         return Request(ids, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
                        sampling.seed, self.eos, text.accept)
 
-    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
-        ids = self._encode(messages, prefix)
-        text = _Text(self._decode, stop, on_text)
-        request = self.engine.run(self._request(ids, sampling, text))
-        return Generation(text.finish(), len(ids), len(request.out), time.perf_counter() - request.began,
+    @staticmethod
+    def _generation(text: _Text, request) -> Generation:
+        return Generation(text.finish(), len(request.ids), len(request.out), time.perf_counter() - request.began,
                           request.first_token_s, text.stopped_by, request.reused)
+
+    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
+        text = _Text(self._decode, stop, on_text)
+        return self._generation(text, self.engine.run(self._request(self._encode(messages, prefix), sampling, text)))
 
     def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
         """One request per sampling, decoded as one batch: the first prefills the prompt (reusing
@@ -326,12 +326,7 @@ class EngineBackend:
         ids = self._encode(messages, "")
         texts = [_Text(self._decode, stop) for _ in samplings]
         requests = [self.engine.submit(self._request(ids, s, t)) for s, t in zip(samplings, texts)]
-        gens = []
-        for text, request in zip(texts, requests):
-            self.engine.wait(request)
-            gens.append(Generation(text.finish(), len(ids), len(request.out), time.perf_counter() - request.began,
-                                   request.first_token_s, text.stopped_by, request.reused))
-        return gens
+        return [self._generation(text, self.engine.wait(request)) for text, request in zip(texts, requests)]
 
 
 def render_chatml(messages: list[Message], prefix: str = "") -> str:

@@ -95,9 +95,8 @@ def run_candidates(session: Sandbox, generations: list[Generation], codes: list[
     for cand in candidates:
         cand.votes = counts.get(cand.vote_key, 0) if cand.vote_key else 0
     winner = vote(kinds, keys)
-    kept = results[candidates[winner].code][1] if winner is not None else None
+    result, kept = results[candidates[winner].code] if winner is not None else (None, None)
     for _, fork in results.values():
         if fork is not kept:
             fork.close()
-    return Outcome(winner, results[candidates[winner].code][0] if winner is not None else None, kept, candidates,
-                   time.perf_counter() - began)
+    return Outcome(winner, result, kept, candidates, time.perf_counter() - began)
