@@ -30,8 +30,10 @@ def distill() -> None:
 @click.option("--concurrency", default=4, show_default=True, help="Questions in flight.")
 @click.option("--max-new-tokens", default=512, show_default=True, help="Per teacher call.")
 @click.option("--judge", is_flag=True, help="Let the teacher judge factual answers the rules call wrong (LLM judge).")
+@click.option("--retries", default=0, show_default=True,
+              help="Where the greedy run is not kept, up to N sampled runs (T=0.7); distinct kept ones are data too.")
 def generate(questions, teacher, teacher_model, out, ftp, completions, index, limit, max_steps, concurrency,
-             max_new_tokens, judge) -> None:
+             max_new_tokens, judge, retries) -> None:
     """Run the teacher as an agent over QUESTIONS; resumable, one JSONL line per trajectory."""
     from attar.distill.data import load_questions
     from attar.distill.teacher import GenerateConfig, generate as run, load_teacher
@@ -48,7 +50,7 @@ def generate(questions, teacher, teacher_model, out, ftp, completions, index, li
     except (ValueError, ModelError, OSError) as exc:
         raise _fail(exc) from None
     cfg = GenerateConfig(ftp=ftp, judge=judge, max_steps=max_steps, concurrency=concurrency,
-                         max_new_tokens=max_new_tokens, cot_max_new_tokens=max_new_tokens)
+                         max_new_tokens=max_new_tokens, cot_max_new_tokens=max_new_tokens, retries=retries)
     summary = run(qs, backend, out, cfg, tools)
     click.echo(json.dumps(summary, indent=2))
 

@@ -12,23 +12,9 @@ from collections import Counter
 from fractions import Fraction
 from typing import Any
 
+from attar.runtime.answers import extract_boxed
+
 F1_THRESHOLD = 0.8
-
-
-def extract_boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...}, braces balanced."""
-    start = text.rfind("\\boxed")
-    if start == -1:
-        return None
-    i = text.find("{", start)
-    if i == -1:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None
 
 
 def to_number(value: Any) -> float | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from attar.distill.data import read_jsonl, write_jsonl_atomic
-from attar.distill.teacher import keep, summarize
+from attar.distill.teacher import kept_runs, summarize
 
 COT_STUDENT_SYSTEM = "Answer the question step by step, then give the final answer in \\boxed{}."
 RAG_TEMPLATE = "Passages:\n{passages}\n\nQuestion: {question}"
@@ -39,7 +39,7 @@ def build_sft(source: str | os.PathLike, retrieve: Callable[[str], str] | None =
     else:
         records, run_dir = read_jsonl(source), Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    agent_rows = [{"messages": r["messages"], "id": r["id"]} for r in records if keep(r)]
+    agent_rows = [{"messages": t["messages"], "id": r["id"]} for r in records for t in kept_runs(r)]
     cot_rows = []
     for r in records:
         if r.get("cot_correct"):

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attar.distill.data import Question
-from attar.distill.scoring import extract_boxed, score
+from attar.distill.scoring import score
+from attar.runtime.answers import extract_boxed
 from attar.runtime import prompts
+from attar.runtime.agent import canonical_output
 from attar.runtime.llm import Backend, OpenAIBackend, Sampling, load_backend
 
 TEACHER_EXAMPLES = '''
@@ -61,7 +63,9 @@ Code:
 final_answer(1170)
 ```<end_code>
 ---
-Always end with final_answer. For math, give the exact answer as a LaTeX string such as final_answer("\\\\frac{3}{4}").
+Always end with final_answer, in a step of its own once you have seen the result. Give exact answers: for math an
+exact value, never a rounded float: a LaTeX string such as final_answer("\\\\frac{3}{4}"), or the sympy or Fraction
+object itself (final_answer(sympy.sqrt(2) / 2) is sent as LaTeX).
 '''
 
 TEACHER_SYSTEM = prompts.SYSTEM + "\n" + TEACHER_EXAMPLES.replace("{", "{{").replace("}", "}}")  # a format template
@@ -106,12 +110,15 @@ class GenerateConfig:
     concurrency: int = 4
     max_new_tokens: int = 512
     cot_max_new_tokens: int = 512
+    # Rejection sampling (RFT): where the greedy run is not kept, up to this many sampled runs;
+    # each distinct kept one is training data too (a weak teacher's second paths help students).
+    retries: int = 0
+    retry_temperature: float = 0.7
 
 
 def _trajectory(teacher: Backend, q: Question, cfg: GenerateConfig, tools: list) -> dict:
-    """One question: CoT answer (for FTP and the CoT baseline), then the agent run."""
-    from attar.runtime import Agent
-
+    """One question: CoT answer (for FTP and the CoT baseline), then the greedy agent run, then
+    sampled retries while none is kept. The record is the greedy run's; retries go in "retries"."""
     began = time.perf_counter()
     cot = teacher.generate([{"role": "system", "content": COT_SYSTEM}, {"role": "user", "content": q.question}],
                            sampling=Sampling(max_new_tokens=cfg.cot_max_new_tokens))
@@ -120,17 +127,34 @@ def _trajectory(teacher: Backend, q: Question, cfg: GenerateConfig, tools: list)
     if cfg.ftp:
         thought = first_paragraph(cot.text)
         prefix = f"Thought: {thought}" if thought else ""
-    with Agent(teacher, tools=tools, max_steps=cfg.max_steps, system_prompt=TEACHER_SYSTEM,
-               sampling=Sampling(max_new_tokens=cfg.max_new_tokens)) as agent:
+    record = _agent_run(teacher, q, cfg, tools, prefix, Sampling(max_new_tokens=cfg.max_new_tokens), began)
+    record |= {"ftp": prefix or None, "cot": cot.text, "cot_prediction": cot_answer,
+               "cot_correct": score(cot_answer, q.answer, q.kind), "tokens": record["tokens"] + cot.completion_tokens}
+    retries = []
+    for i in range(cfg.retries if not keep(record) else 0):
+        sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.retry_temperature, seed=i)
+        retries.append(_agent_run(teacher, q, cfg, tools, prefix, sampling, time.perf_counter()))
+        if keep(retries[-1]):
+            break
+    return record | {"retries": retries} if cfg.retries else record
+
+
+def _agent_run(teacher: Backend, q: Question, cfg: GenerateConfig, tools: list, prefix: str, sampling: Sampling,
+               began: float) -> dict:
+    from attar.runtime import Agent
+
+    with Agent(teacher, tools=tools, max_steps=cfg.max_steps, system_prompt=TEACHER_SYSTEM, sampling=sampling) as agent:
         result = agent.run(q.question, prefix=prefix)
+        for step in result.steps:  # stored in the one format the student learns
+            if step.code is not None:
+                step.model_output = canonical_output(step.model_output, step.code)
         messages = agent.memory.messages()
         messages[0] = {"role": "system", "content": prompts.SYSTEM.format(tools=agent.tool_descriptions)}
     correct = result.finished_by == "final_answer" and score(result.answer, q.answer, q.kind)
     if not correct and cfg.judge and q.kind == "factual" and result.finished_by == "final_answer":
         correct = judge(teacher, q.question, q.answer, result.answer)
-    return trajectory_record(q, result, messages, teacher.name, began, correct, ftp=prefix or None, cot=cot.text,
-                             cot_prediction=cot_answer, cot_correct=score(cot_answer, q.answer, q.kind),
-                             cot_tokens=cot.completion_tokens)
+    return trajectory_record(q, result, messages, teacher.name, began, correct,
+                             **({} if sampling.greedy else {"temperature": sampling.temperature, "seed": sampling.seed}))
 
 
 def trajectory_record(q: Question, result, messages: list[dict], teacher: str, began: float, correct: bool,
@@ -170,9 +194,22 @@ def summarize(records: list[dict]) -> dict:
             "dropped_wrong_answer": sum(r["finished_by"] == "final_answer" and not r["correct"] for r in dropped),
             "dropped_parse_error": sum(bool(r["correct"]) and r["parse_errors"] > 0 for r in dropped),
             "cot_correct": sum(bool(r.get("cot_correct")) for r in records),
+            "retries": sum(len(r.get("retries", [])) for r in records),
+            "kept_from_retries": sum(len(kept_runs(r)) - keep(r) for r in records),
             "exec_error_runs": sum(r["exec_errors"] > 0 for r in records)}
 
 
 def keep(record: dict) -> bool:
     """The paper's filter: the answer is correct and no step failed to parse."""
     return bool(record["correct"]) and record["parse_errors"] == 0
+
+
+def kept_runs(record: dict) -> list[dict]:
+    """A question's kept runs: the greedy one and each kept retry whose turns differ from all before."""
+    runs, seen = [], set()
+    for run in [record, *record.get("retries", [])]:
+        turns = tuple(m["content"] for m in run["messages"] if m["role"] == "assistant")
+        if keep(run) and turns not in seen:
+            seen.add(turns)
+            runs.append(run)
+    return runs

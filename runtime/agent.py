@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from attar.runtime import prompts
+from attar.runtime.answers import extract_boxed
 from attar.runtime.llm import Backend, Generation, Sampling, load_backend
 from attar.runtime.memory import Memory, Step, Task
 from attar.runtime.sag import run_candidates
@@ -34,6 +35,27 @@ def parse_code(text: str) -> str | None:
         return None
     code = match.group(1).replace("<end_code>", "").strip("\n")
     return code if code.strip() else None
+
+
+def parse_action(text: str) -> str | None:
+    """The code a step runs: its first code block or, where it has none but states its answer
+    as \\boxed{...} (what instruct models write when they think they are done), the
+    final_answer call that answer means."""
+    code = parse_code(text)
+    if code is None and (boxed := extract_boxed(text)) is not None and boxed.strip():
+        code = f"final_answer({boxed.strip()!r})"
+    return code
+
+
+def canonical_output(text: str, code: str) -> str:
+    """A step as the student format writes it: the thought, then `Code:` and a ```py block that
+    ends with <end_code>. Teachers also write ```python, run on past the block into a made-up
+    ```output, or state a boxed answer in prose; the stored trajectory keeps the one format."""
+    fence = text.find("```")
+    thought = re.sub(r"\s*Code:\s*$", "", (text if fence == -1 else text[:fence]).rstrip()).strip()
+    if not thought.startswith("Thought:"):
+        thought = f"Thought: {thought}"
+    return f"{thought}\nCode:\n```py\n{code}\n```<end_code>"
 
 
 @dataclass
@@ -189,7 +211,7 @@ class Agent:
         samplings = [replace(self.sampling, temperature=0.0)] + [
             replace(self.sampling, seed=None if seed is None else (seed + number) * 1000 + i) for i in range(1, self.sag)]
         gens = self.backend.generate_batch(self.memory.messages(), samplings, stop=prompts.STOP)
-        outcome = run_candidates(self.sandbox, gens, [parse_code(g.text) for g in gens])
+        outcome = run_candidates(self.sandbox, gens, [parse_action(g.text) for g in gens])
         step = _new_step(number, gens[outcome.winner if outcome.winner is not None else 0])
         step.completion_tokens = sum(g.completion_tokens for g in gens)
         step.sandbox_seconds, step.candidates = outcome.seconds, outcome.candidates
@@ -214,7 +236,7 @@ class Agent:
 def _new_step(number: int, gen: Generation) -> Step:
     """A step from one generation; the stop string that ended it stays in the transcript."""
     output = gen.text + ("<end_code>" if gen.stopped_by == "<end_code>" else "")
-    return Step(number, model_output=output, code=parse_code(gen.text), generation_seconds=gen.seconds,
+    return Step(number, model_output=output, code=parse_action(gen.text), generation_seconds=gen.seconds,
                 first_token_seconds=gen.first_token_seconds, prompt_tokens=gen.prompt_tokens,
                 completion_tokens=gen.completion_tokens, stopped_by=gen.stopped_by)
 

@@ -116,8 +116,38 @@ def _close_the_network():
 _close_the_network()
 
 
+def _toolbox():
+    # The host's packages (runtime/toolbox.py), read-only at their mount point; the modules the
+    # sandbox lacks fail with a message that names what to use instead.
+    import importlib.abc
+
+    toolbox = _loads(sys.argv[1])
+    if toolbox["path"]:
+        sys.path.insert(0, toolbox["path"])
+    unavailable = toolbox["unavailable"]
+
+    class Unavailable(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            message = unavailable.get(name.partition(".")[0])
+            if message:
+                raise ModuleNotFoundError(message, name=name)
+            return None
+
+    sys.meta_path.insert(0, Unavailable())
+
+
+_toolbox()
+
 # Everything above runs while a pooled interpreter waits to be used; from here on, a session's.
+# A pooled interpreter is first asked to import the toolbox (seconds), so a session never waits.
 _config = _request()
+if isinstance(_config.get("warm"), str):
+    try:
+        exec(_config["warm"], {"__name__": "__warm__"})
+        _send({"type": "warmed"})
+    except BaseException as exc:
+        _send({"type": "warmed", "error": f"{type(exc).__name__}: {exc}"})
+    _config = _request()
 if _config.get("exit"):
     _exit(0)
 sys.setrecursionlimit(_config["recursion_limit"])
@@ -162,8 +192,24 @@ def _call_tool(name, args, kwargs):
     return reply.get("value")
 
 
+def _exact(value):
+    # A final answer crosses as JSON: exact numbers go in the form a reader (or a scorer) takes,
+    # "28/99" or LaTeX, never a repr like "Fraction(28, 99)".
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_exact(v) for v in value]
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): _exact(v) for k, v in value.items()}
+    if type(value).__module__.partition(".")[0] == "sympy":
+        return int(value) if getattr(value, "is_Integer", False) else sys.modules["sympy"].latex(value)
+    return str(value)  # Fraction -> "28/99", Decimal, mpf, anything else: its text
+
+
 def _make_tool(name):
     def tool(*args, **kwargs):
+        if name == "final_answer":
+            args, kwargs = [_exact(a) for a in args], {k: _exact(v) for k, v in kwargs.items()}
         value = _call_tool(name, args, kwargs)
         if name == "final_answer":
             raise _FinalAnswer()
@@ -179,10 +225,16 @@ for _name in _config["tools"]:
 
 
 def _format_error(exc):
-    # Drop this driver's own frames: the model should only see its code's lines.
+    # Drop this driver's own frames (around the cell, and below it where the cell called into
+    # the driver: a tool, an unavailable import): the model should only see its code's lines.
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != "<cell>":
         tb = tb.tb_next
+    frame = tb
+    while frame is not None and frame.tb_next is not None:
+        if frame.tb_next.tb_frame.f_code.co_filename == "<string>":
+            frame.tb_next = None
+        frame = frame.tb_next
     lines = traceback.format_exception(type(exc), exc, tb)
     return "".join(lines).rstrip()
 

@@ -3,6 +3,8 @@ distillation paper). Students are trained on exactly these strings, so change th
 
 from __future__ import annotations
 
+from attar.runtime import toolbox
+
 SYSTEM = """You are an expert assistant who can solve any task using code blobs. You have access to a list of tools: Python functions which you can call with code.
 To solve the task, proceed in a cycle of 'Thought:', 'Code:', and 'Observation:' steps.
 At each step, in the 'Thought:' part, explain your reasoning and which tools you want to use.
@@ -22,8 +24,8 @@ final_answer(result)
 You can use these tools:
 {tools}
 
-Variables, imports and functions persist between steps. Only the Python standard library is available.
-Never write 'Observation:' yourself: it comes back after your code runs."""
+Variables, imports and functions persist between steps. {modules}
+Never write 'Observation:' yourself: it comes back after your code runs.""".replace("{modules}", toolbox.PROMPT)
 
 TASK = "New task:\n{question}\nAnswer with 'Thought:' then 'Code:'."
 
@@ -43,6 +45,7 @@ PARSE_ERROR = (
 # After the last step, one more turn asks for the answer from the memory. It is appended to the
 # conversation (not a new system prompt) so the model's cache of the conversation still applies.
 FINAL_USER = ("You have used all your steps. Based on the above, give your best final answer to the following "
-              "request, directly, in plain text and without code:\n{question}")
+              "request. Reply with the answer alone, no code and no explanation:\n{question}")
 
-STOP = ["<end_code>", "Observation:"]
+# "```output" is how Qwen-family models begin to invent a code block's result themselves.
+STOP = ["<end_code>", "Observation:", "```output"]

