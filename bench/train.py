@@ -32,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--people", type=int, default=40)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=64)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -41,15 +42,16 @@ def main() -> None:
         generate_oracle(world.train, Index.open(tmp / "idx"), tmp / "t", progress=False)
         build_sft(tmp / "t")
         rows = read_jsonl(tmp / "t" / "agent_sft.jsonl")
-        for bf16 in (False, True):
-            trainer = make_trainer(tmp / "t" / "agent_sft.jsonl", "default", tmp / f"run{bf16}",
-                                   TrainConfig(max_steps=args.steps, bf16=bf16, save_steps=10_000))
+        for weights in ("fp32", "bf16"):  # the base's dtype; LoRA weights and optimizer stay fp32
+            trainer = make_trainer(tmp / "t" / "agent_sft.jsonl", "default", tmp / f"run-{weights}",
+                                   TrainConfig(max_steps=args.steps, cpu_weights=weights, save_steps=10_000,
+                                               rank=args.rank, alpha=2 * args.rank))
             tokens_per_step = 8 * sum(len(r["input_ids"]) for r in trainer.train_dataset) / len(trainer.train_dataset)
             began = time.perf_counter()
             trainer.train()
             seconds = (time.perf_counter() - began) / args.steps
             rate = tokens_per_step / seconds
-            emit(figure=f"LoRA r64 SFT, default student, {'bf16 autocast' if bf16 else 'fp32'}", s_per_step=round(seconds, 1),
+            emit(figure=f"LoRA r{args.rank} SFT, default student, {weights} weights", s_per_step=round(seconds, 1),
                  tokens_per_s=round(rate), tokens_per_example=round(tokens_per_step / 8), examples=len(rows),
                  peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
                  paper_epoch_hours_here=round(PAPER_TRAJECTORIES * PAPER_TOKENS / rate / 3600, 2))

@@ -97,7 +97,8 @@ def filter_(source, out, rag_index) -> None:
 
 
 @distill.command()
-@click.option("--data", required=True, type=click.Path(), help="SFT JSONL ({\"messages\": [...]} per line).")
+@click.option("--data", required=True, multiple=True, type=click.Path(),
+              help="SFT JSONL ({\"messages\": [...]} per line); repeat it to mix several.")
 @click.option("--student", default="default", show_default=True, help="HF folder, .gguf file, or 'default'.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder: checkpoints/, then adapter/ (and merged/).")
 @click.option("--rank", default=64, show_default=True)
@@ -107,16 +108,19 @@ def filter_(source, out, rag_index) -> None:
 @click.option("--batch-size", type=int, help="Per device. Default: 1 on CPU (padding is slow there), 2 on GPUs.")
 @click.option("--grad-accum", type=int, help="Default: an effective batch (batch-size x grad-accum x devices) of 8.")
 @click.option("--max-length", default=2048, show_default=True)
-@click.option("--bf16/--fp32", default=None, help="Default: bf16 on GPUs, fp32 on CPUs.")
+@click.option("--bf16/--fp32", default=None, help="bf16 autocast. Default: on GPUs only.")
+@click.option("--cpu-weights", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="The frozen base's dtype on CPU (bf16 reaches AMX; bench/train.py compares them).")
 @click.option("--max-steps", default=-1, show_default=True, help="Stop after N optimizer steps (smoke runs).")
 @click.option("--merge", is_flag=True, help="Also write a merged HF folder (out/merged).")
-def train(data, student, out, rank, alpha, lr, epochs, batch_size, grad_accum, max_length, bf16, max_steps, merge):
+def train(data, student, out, rank, alpha, lr, epochs, batch_size, grad_accum, max_length, bf16, cpu_weights, max_steps,
+          merge):
     """LoRA SFT of STUDENT on DATA (loss on assistant turns only); resumes a killed run."""
     from attar.distill.train import TrainConfig, train as run
     from attar.export.convert import ExportError
 
     cfg = TrainConfig(rank=rank, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
-                      max_length=max_length, bf16=bf16, max_steps=max_steps)
+                      max_length=max_length, bf16=bf16, cpu_weights=cpu_weights, max_steps=max_steps)
     try:
         adapter = run(data, student, out, cfg, merge=merge)
     except (ValueError, ExportError) as exc:
@@ -172,7 +176,8 @@ def compare(runs, chart):
               help="'oracle', or an LLM teacher: OpenAI-compatible base URL(s) or an exported model folder.")
 @click.option("--teacher-model", default="default", show_default=True, help="Model name sent to the server.")
 @click.option("--completions", is_flag=True, help="Continue the first-thought prefix via /completions.")
-def demo(out, quick, seed, limit, teacher, teacher_model, completions):
+@click.option("--data-only", is_flag=True, help="Stop after the SFT data (retrieval trajectories to mix into training).")
+def demo(out, quick, seed, limit, teacher, teacher_model, completions, data_only):
     """Agent distillation vs CoT distillation, end to end, offline."""
     from dataclasses import replace
 
@@ -180,7 +185,7 @@ def demo(out, quick, seed, limit, teacher, teacher_model, completions):
     from attar.runtime.models import ModelError
 
     cfg = replace(QUICK if quick else DemoConfig(), seed=seed, teacher=teacher, teacher_model=teacher_model,
-                  completions=completions)
+                  completions=completions, data_only=data_only)
     if limit is not None:
         cfg = replace(cfg, eval_limit=limit)
     try:

@@ -46,6 +46,7 @@ class DemoConfig:
     sag_limit: int | None = 15
     max_steps: int = 5
     concurrency: int = 8  # questions in flight in evaluation (one batch on the engine); SAG runs one at a time
+    data_only: bool = False  # stop after the SFT data: retrieval trajectories to mix into another training set
 
 
 QUICK = DemoConfig(people=10, questions_per_person=3, student="tiny", train_max_steps=3, eval_limit=4, sag=3,
@@ -146,6 +147,9 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
         rows = read_jsonl(teacher_dir / "cot_sft.jsonl") + read_jsonl(teacher_dir / "cot_rag_sft.jsonl")
         write_jsonl_atomic(teacher_dir / "cot_sft.jsonl", rows)
     done("sft data")
+    if cfg.data_only:
+        _log(f"data: {teacher_dir / 'agent_sft.jsonl'} and {teacher_dir / 'cot_sft.jsonl'}")
+        return {"teacher_summary": teacher_summary, "data": str(teacher_dir)}
 
     stage("student")
     if cfg.student == "tiny":

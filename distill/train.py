@@ -39,8 +39,10 @@ class TrainConfig:
     batch_size: int | None = None  # None: 1 on CPU, 2 on GPUs
     grad_accum: int | None = None  # None: effective batch (batch_size * grad_accum * devices) of 8
     max_length: int = 2048
-    bf16: bool | None = None  # None: on GPUs only. On this CPU, 1100-token sequences train at 148 tok/s
-    # in fp32 and 110 tok/s with bf16 autocast (bf16 only wins on short sequences)
+    bf16: bool | None = None  # bf16 autocast. None: on GPUs only (on CPU autocast was slower than fp32)
+    # The frozen base's dtype on CPU. bf16 weights (no autocast; the LoRA weights and optimizer stay
+    # fp32) put the base matmuls on AMX where the CPU has it: bench/train.py measures both.
+    cpu_weights: str = "bf16"
     save_steps: int = 10  # a killed run loses at most this many steps
     logging_steps: int = 5
     seed: int = 42
@@ -58,26 +60,38 @@ def load_student(student: str):
     return load_source(Path(student))
 
 
-def make_trainer(data: str | os.PathLike, student: str, out: str | os.PathLike, cfg: TrainConfig = TrainConfig()):
+def make_trainer(data: str | os.PathLike | list, student: str, out: str | os.PathLike, cfg: TrainConfig = TrainConfig()):
     import torch
-    from datasets import load_dataset
+    from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    data, out = Path(data), Path(out)
-    if not data.is_file():
-        raise ValueError(f"training data not found: {data}")
-    dataset = load_dataset("json", data_files=str(data), split="train")
-    if len(dataset) == 0 or "messages" not in dataset.column_names:
-        raise ValueError(f"{data}: expected JSONL rows with a \"messages\" list")
-    dataset = dataset.select_columns(["messages"])
+    from attar.distill.data import read_jsonl
+
+    files, out = [Path(f) for f in ([data] if isinstance(data, (str, os.PathLike)) else data)], Path(out)
+    for file in files:
+        if not file.is_file():
+            raise ValueError(f"training data not found: {file}")
+    rows = []
+    for file in files:
+        for i, row in enumerate(read_jsonl(file), 1):
+            if not isinstance(row.get("messages"), list):
+                raise ValueError(f"{file}: row {i} has no \"messages\" list")
+            rows.append({"messages": row["messages"]})
+    if not rows:
+        raise ValueError(f"{', '.join(map(str, files))}: no training rows")
+    dataset = Dataset.from_list(rows)
     model, tokenizer = load_student(student)
+    on_gpu = torch.cuda.is_available()
+    if cfg.cpu_weights not in ("bf16", "fp32"):
+        raise ValueError(f"cpu_weights is bf16 or fp32, not {cfg.cpu_weights!r}")
+    if not on_gpu and cfg.cpu_weights == "bf16":
+        model = model.to(torch.bfloat16)
     if "<|im_start|>" not in tokenizer.get_vocab():
         raise ValueError("this trainer's template is ChatML; the student's tokenizer has no <|im_start|> token")
     tokenizer.chat_template = TRAIN_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    on_gpu = torch.cuda.is_available()
     batch_size = cfg.batch_size or (2 if on_gpu else 1)
     grad_accum = cfg.grad_accum or max(1, 8 // batch_size)
     args = SFTConfig(
@@ -107,7 +121,7 @@ def make_trainer(data: str | os.PathLike, student: str, out: str | os.PathLike, 
                       peft_config=peft_config)
 
 
-def train(data: str | os.PathLike, student: str, out: str | os.PathLike, cfg: TrainConfig = TrainConfig(),
+def train(data: str | os.PathLike | list, student: str, out: str | os.PathLike, cfg: TrainConfig = TrainConfig(),
           merge: bool = False) -> Path:
     """Train, resuming from OUT/checkpoints if a run was killed; returns OUT/adapter."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -127,7 +141,8 @@ def train(data: str | os.PathLike, student: str, out: str | os.PathLike, cfg: Tr
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(tmp)
     trainer.processing_class.save_pretrained(tmp)
-    (tmp / "attar_train.json").write_text(json.dumps({"student": student, "data": str(data), **asdict(cfg),
+    data = [str(f) for f in ([data] if isinstance(data, (str, os.PathLike)) else data)]
+    (tmp / "attar_train.json").write_text(json.dumps({"student": student, "data": data, **asdict(cfg),
                                                       "train_loss": result.training_loss,
                                                       "metrics": result.metrics}, indent=2, default=str))
     os.replace(tmp, adapter)

@@ -66,12 +66,50 @@ def main() -> None:
 @click.option("--provider", default="cpu", show_default=True, help="onnxruntime execution provider (e.g. QNN, OpenVINO where installed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result and full memory as JSON.")
 @click.option("--trace", type=click.Path(dir_okay=False), help="Write a self-contained HTML trace of the run.")
-def chat(question, model, adapter, index, max_steps, sag, temperature, top_p, seed, provider, as_json, trace) -> None:
+@click.option("--server", help="Ask a running `attar serve` at this URL. Default: the local one on port "
+              "8765 when it runs the same model and index, else this process loads the model.")
+@click.option("--local", is_flag=True, help="Never use a running server.")
+def chat(question, model, adapter, index, max_steps, sag, temperature, top_p, seed, provider, as_json, trace, server,
+         local) -> None:
     """Ask QUESTION (or start an interactive session) and let the agent answer."""
     from attar.runtime.chat import run_chat
 
     run_chat(question, model=model, index=index, max_steps=max_steps, sag=sag, temperature=temperature, top_p=top_p,
-             seed=seed, provider=provider, as_json=as_json, trace=trace, adapter=adapter)
+             seed=seed, provider=provider, as_json=as_json, trace=trace, adapter=adapter, server=server, local=local)
+
+
+@main.command()
+@click.option("--model", help="A catalog name or an exported model folder. Default: the catalog's default.")
+@click.option("--adapter", help="One of the model's LoRA adapters (`base`: none).")
+@click.option("--index", type=click.Path(), help="Retrieval index folder behind the agent's web_search.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Anything but loopback needs --api-key.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="ATTAR_API_KEY", help="Required from clients as `Authorization: Bearer KEY` "
+              "[env ATTAR_API_KEY].")
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Requests generating at once (decoded as one batch).")
+@click.option("--queue", default=16, show_default=True, type=click.IntRange(0, 1024),
+              help="Requests that may wait for a turn; more are refused with 429.")
+def serve(model, adapter, index, host, port, api_key, concurrency, queue) -> None:
+    """Serve the model (OpenAI-compatible) and the agent over HTTP, warm between calls (needs attar[serve])."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise click.ClickException(f"`attar serve` needs the serve extra ({exc.name} is missing): "
+                                   "pip install 'attar[serve]'") from None
+    from attar.runtime.llm import load_backend
+    from attar.runtime.models import ModelError
+    from attar.runtime.retrieval import Index, IndexError_
+    from attar.runtime.serve import ServeConfig, index_key, serve as run
+
+    try:
+        backend = load_backend(model, adapter=adapter)
+        opened = Index.open(index) if index else None
+        run(backend, ServeConfig(host=host, port=port, api_key=api_key, concurrency=concurrency, queue=queue), opened,
+            index_key(index), log=lambda m: click.echo(m, err=True))
+    except (ModelError, IndexError_, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from None
 
 
 @main.command("models")
@@ -80,11 +118,11 @@ def models_list(as_json: bool) -> None:
     """List the built-in models: name, size, license, source, and whether it is built here."""
     import json
 
-    from attar.runtime.models import CATALOG, DEFAULT_MODEL, is_built, model_dir
+    from attar.runtime.models import CATALOG, DEFAULT_MODEL, adapter_info, is_built, model_dir
 
     rows = [{"name": m.name, "default": m.name == DEFAULT_MODEL, "title": m.title, "gguf_mb": round(m.gguf_bytes / 1e6),
              "license": m.license, "source": m.source, "built": is_built(model_dir(m.name)),
-             "path": str(model_dir(m.name))} for m in CATALOG.values()]
+             "path": str(model_dir(m.name)), "adapter": adapter_info(m)} for m in CATALOG.values()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -92,6 +130,9 @@ def models_list(as_json: bool) -> None:
         flags = ", ".join(f for f in ("default" if r["default"] else "", "built" if r["built"] else "not built") if f)
         click.echo(f"{r['name']:<20} {r['gguf_mb']:>5} MB  {r['title']}  [{flags}]")
         click.echo(f"{'':<20} license: {r['license']}; source: {r['source']}")
+        if r["adapter"]:
+            click.echo(f"{'':<20} adapter: {r['adapter']['name']} (on by default; --adapter base for the model "
+                       f"without it): {r['adapter']['summary']}")
 
 
 @main.command()

