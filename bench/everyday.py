@@ -4,7 +4,7 @@ tasks.jsonl: arithmetic, big integers, dates, units, money, strings, questions o
 optionally the first GSM-Hard questions. One JSON line per task, then one summary per model:
 accuracy, median seconds per answer, peak RSS and disk.
 
-    python bench/everyday.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--gsm-hard 50] [--limit N]
+    python bench/everyday.py [--models smollm2-135m,qwen2.5-coder-0.5b,FOLDER] [--gsm-hard 50] [--limit N]
 """
 
 from __future__ import annotations
@@ -83,11 +83,12 @@ def gsm_hard(n: int) -> list[dict]:
 
 
 def main() -> None:
-    from attar.runtime.models import pull
+    from attar.runtime.models import resolve_model
     from attar.runtime.retrieval import build_index
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
+    parser.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b",
+                        help="comma-separated catalog names or exported model folders")
     parser.add_argument("--gsm-hard", type=int, default=0)
     parser.add_argument("--limit", type=int)
     parser.add_argument("--out", type=Path, help="also append every JSON line to this file")
@@ -106,7 +107,7 @@ def main() -> None:
         index = Path(tmp) / "index"
         build_index(HERE / "corpus.jsonl", index, progress=False)
         for name in args.models.split(","):
-            path = pull(name)
+            path = resolve_model(name)
             disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             proc = subprocess.Popen([sys.executable, "-c", WORKER, str(path), str(index)], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, text=True)

@@ -56,6 +56,22 @@ def generate(questions, teacher, teacher_model, out, ftp, completions, index, li
 
 
 @distill.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--note", help="Said in the manifest (which questions, which teacher, anything a reader needs).")
+def pack(run, out, note) -> None:
+    """Pack RUN's trajectories into OUT (NAME.jsonl.gz) with NAME.manifest.json beside it: commit
+    both, hourly during a long run; `distill filter OUT --out DIR` trains from them."""
+    from attar.distill.teacher import pack as run_pack
+
+    try:
+        manifest = run_pack(run, out, note)
+    except (ValueError, OSError) as exc:
+        raise _fail(exc) from None
+    click.echo(json.dumps({k: v for k, v in manifest.items() if k != "settings"}, indent=2))
+
+
+@distill.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--id", "id_", help="The trajectory with this id (default: the first).")
 def show(file, id_):

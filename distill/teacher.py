@@ -6,10 +6,12 @@ student prompt, which is what the student is trained and run with."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from attar.distill.data import Question
@@ -175,12 +177,41 @@ def trajectory_record(q: Question, result, messages: list[dict], teacher: str, b
 
 def generate(questions: list[Question], teacher: Backend, out_dir: str | os.PathLike, cfg: GenerateConfig = GenerateConfig(),
              tools: list = (), progress: bool = True) -> dict:
-    """Run the teacher over every question not yet in OUT/trajectories.jsonl; return a summary."""
+    """Run the teacher over every question not yet in OUT/trajectories.jsonl; return a summary.
+    OUT/generate.json records how (`attar distill pack` puts it in the manifest)."""
     from attar.distill.runner import run_questions
 
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"teacher": teacher.name, "tools": [getattr(t, "__name__", str(t)) for t in tools] + ["final_answer"],
+                "decoding": "greedy, then sampled retries" if cfg.retries else "greedy", **asdict(cfg)}
+    (out / "generate.json").write_text(json.dumps(settings, indent=2))
     records, failures = run_questions(questions, lambda q: str(q.id), lambda q: _trajectory(teacher, q, cfg, list(tools)),
                                       Path(out_dir) / "trajectories.jsonl", cfg.concurrency, "trajectories", progress)
     return summarize(records) | {"failed": len(failures), "failures": failures[:5]}
+
+
+def pack(run_dir: str | os.PathLike, out_file: str | os.PathLike, note: str | None = None) -> dict:
+    """A run's trajectories as one gzip JSONL (every trajectory, kept or not) and a manifest beside
+    it (settings, counts, drop reasons), both written atomically: what gets committed, hourly
+    during a long run, so that anyone can filter and train without the teacher."""
+    from attar.distill.data import read_jsonl, write_atomic
+
+    run_dir, out_file = Path(run_dir), Path(out_file)
+    if not out_file.name.endswith(".jsonl.gz"):
+        raise ValueError(f"{out_file}: the packed file is NAME.jsonl.gz")
+    source = run_dir / "trajectories.jsonl"
+    if not source.is_file():
+        raise ValueError(f"{run_dir} holds no trajectories.jsonl")
+    records = read_jsonl(source)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_file, gzip.compress(source.read_bytes(), mtime=0))
+    settings = json.loads((run_dir / "generate.json").read_text()) if (run_dir / "generate.json").is_file() else {}
+    manifest = {"note": note, "settings": settings, "packed": time.strftime("%Y-%m-%d %H:%M"),
+                "tokens": sum(r.get("tokens", 0) for r in records), **summarize(records)}
+    manifest_file = out_file.with_name(out_file.name.removesuffix(".jsonl.gz") + ".manifest.json")
+    write_atomic(manifest_file, json.dumps(manifest, indent=2).encode())
+    return manifest
 
 
 def summarize(records: list[dict]) -> dict:

@@ -410,24 +410,33 @@ class _Interpreter:
         _live.discard(self)
 
 
+WARM_SPARES = 1  # spares per limits kept with the toolbox imported (seconds of CPU each)
+
+
 class _Pool:
     """Interpreters booted ahead of time, so a new session or a fork costs a replay, not a boot.
 
     Booting CPython inside wasm takes ~0.1 s; a booted interpreter waits for its configuration
-    (tool names), so one spare serves any session with the same limits. A spare has imported
-    the toolbox (sympy: seconds) before it is offered: a session that uses it pays nothing, and
-    one that never does pays nothing either, as the import happened in the background.
+    (tool names), so one spare serves any session with the same limits. Up to WARM_SPARES of
+    them also import the toolbox (sympy: seconds), one at a time in the background: a new
+    session takes one of those, so its first sympy cell pays nothing, and a session that never
+    uses sympy waited for nothing. Forks of a session that never used it take cold spares, so
+    SAG's forks do not make the pool import sympy eight times a step.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.spares: dict[Limits, list[_Interpreter]] = {}
         self.target: dict[Limits, int] = {}
+        self.warming: set[Limits] = set()
 
-    def take(self, limits: Limits) -> _Interpreter:
+    def take(self, limits: Limits, warm: bool) -> _Interpreter:
+        """A spare, warmed or cold as asked where there is a choice, or a newly booted one."""
         with self.lock:
             spares = self.spares.setdefault(limits, [])
-            interp = spares.pop() if spares else None
+            interp = next((i for i in reversed(spares) if i.warmed == warm), spares[-1] if spares else None)
+            if interp is not None:
+                spares.remove(interp)
         if self.target.get(limits, 0):
             threading.Thread(target=self._refill, args=(limits,), daemon=True).start()
         if interp is not None and not interp.alive:
@@ -440,18 +449,42 @@ class _Pool:
         self._refill(limits)
 
     def _refill(self, limits: Limits) -> None:
+        """Boot spares up to the target (fast), then warm one in the background if needed."""
         while True:
             with self.lock:
                 if len(self.spares.setdefault(limits, [])) >= self.target.get(limits, 0):
-                    return
+                    break
             interp = _Interpreter(limits)
-            interp.warm()
             with self.lock:
                 if self.target.get(limits, 0) and interp.alive:
                     self.spares[limits].append(interp)
                     continue
             interp.close()  # the pool was closed meanwhile
             return
+        threading.Thread(target=self._warm_one, args=(limits,), daemon=True).start()
+
+    def _warm_one(self, limits: Limits) -> None:
+        with self.lock:
+            spares = self.spares.get(limits, [])
+            cold = next((i for i in spares if not i.warmed), None)
+            if limits in self.warming or cold is None or sum(i.warmed for i in spares) >= WARM_SPARES:
+                return
+            spares.remove(cold)  # out of the pool while it imports: no one waits on it
+            self.warming.add(limits)
+        try:
+            cold.warm()
+        finally:
+            with self.lock:
+                self.warming.discard(limits)
+                keep = bool(self.target.get(limits, 0)) and cold.alive
+                if keep:
+                    self.spares.setdefault(limits, []).append(cold)
+            if not keep:
+                cold.close()
+
+    def has_warm(self, limits: Limits) -> bool:
+        with self.lock:
+            return any(i.warmed for i in self.spares.get(limits, []))
 
     def close(self) -> None:
         with self.lock:
@@ -528,7 +561,8 @@ class Sandbox:
         self._notice: str | None = None  # said by the next result (a fork that could not replay)
         self._slot = _Slot()
         self._finalizer = weakref.finalize(self, self._slot.close)
-        self._slot.interp = self._start(warm=any(_uses_toolbox(cell.code) for cell in _history or ()))
+        # A fork whose history used the toolbox needs it imported; others take a cold spare if any.
+        self._slot.interp = self._start(any(_uses_toolbox(cell.code) for cell in _history) if _history else None)
         if _history:
             problem = self._replay(_history)
             if problem:
@@ -601,13 +635,13 @@ class Sandbox:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def _start(self, warm: bool = False) -> _Interpreter:
+    def _start(self, warm: bool | None) -> _Interpreter:
         """A configured interpreter; two failed boots in a row mean the host is broken. `warm`:
-        it must have imported the toolbox (a replay that imports sympy must not pay for it out
-        of its budget)."""
+        True, it must have imported the toolbox (a replay that imports sympy must not pay for it
+        out of its budget); None (a new session), preferably; False, preferably not."""
         reason = "no ready signal"
         for _ in range(2):
-            interp = _pool.take(self.limits)
+            interp = _pool.take(self.limits, warm is not False)
             if warm and not interp.warmed:
                 interp.warm()
             deadline = time.monotonic() + BOOT_S
@@ -626,7 +660,7 @@ class Sandbox:
         self._slot.interp = None
         if old is not None:
             old.close()
-        self._slot.interp = self._start(warm=any(_uses_toolbox(cell.code) for cell in cells))
+        self._slot.interp = self._start(True if any(_uses_toolbox(cell.code) for cell in cells) else None)
 
     def _reset(self) -> None:
         self._swap()

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -206,9 +207,20 @@ def test_a_killed_host_leaves_nothing_in_tmp(tmp_path):
 TOOLBOX = Limits(timeout_s=8.0, memory_mb=96, output_chars=4_000)  # no other test keeps these warm
 
 
+def warm_pool(limits: Limits, n: int = 1) -> None:
+    """Keep n spares and wait (bounded) until one has imported the toolbox in the background."""
+    from attar.runtime.sandbox import _pool
+
+    Sandbox.keep_warm(n, limits)
+    deadline = time.monotonic() + 60
+    while not _pool.has_warm(limits):
+        assert time.monotonic() < deadline, "no spare imported the toolbox within 60 s"
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def tb():
-    Sandbox.keep_warm(1, TOOLBOX)  # sessions start with sympy imported, as an agent's do
+    warm_pool(TOOLBOX)  # a new session takes a spare with sympy imported
     with Sandbox(limits=TOOLBOX) as sandbox:
         yield sandbox
 
@@ -267,13 +279,16 @@ def test_a_changed_package_is_refused(tmp_path, monkeypatch):
     assert not any((tmp_path / "cache" / "sandbox").glob("lib-*"))  # nothing half-made is left
 
 
-def test_pooled_interpreters_have_the_toolbox_imported_and_forks_keep_it():
-    Sandbox.keep_warm(2, TOOLBOX)
+def test_new_sessions_get_the_toolbox_imported_and_forks_keep_it():
+    warm_pool(TOOLBOX, 2)
     with Sandbox(limits=TOOLBOX) as sb:
         assert sb._interp.warmed
+        plain = sb.fork()  # nothing used sympy yet: a cold spare will do
         assert sb.run("import sympy\nr = sympy.nsimplify(0.125)").ok
-        fork = sb.fork()
-        assert fork.run("r").output == "1/8" and fork._interp.warmed
+        fork = sb.fork()  # its replay imports sympy: it gets (or makes) a warmed interpreter
+        assert fork.run("r").output == "1/8" and fork._interp.warmed and not fork.run("").restarted
+        assert not plain._interp.warmed
+        plain.close()
         fork.close()
 
 
