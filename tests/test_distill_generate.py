@@ -81,11 +81,13 @@ def test_generate_with_ftp_and_resume(server, tmp_path):
     assert manifest["kept"] + manifest["dropped_no_final_answer"] + manifest["dropped_wrong_answer"] \
         + manifest["dropped_parse_error"] == 3
 
-    # Shipped trajectories are gzip-compressed JSONL: filtering one needs only a place for its output.
-    import gzip
-
-    packed = tmp_path / "trajectories.jsonl.gz"
-    packed.write_bytes(gzip.compress((out / "trajectories.jsonl").read_bytes()))
+    # Shipped trajectories are packed (gzip JSONL + manifest): filtering one needs only a place for its output.
+    packed = tmp_path / "data" / "smol.jsonl.gz"
+    pack = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "pack", str(out), str(packed)],
+                          capture_output=True, text=True)
+    assert pack.returncode == 0, pack.stderr[-2000:]
+    shipped = json.loads((tmp_path / "data" / "smol.manifest.json").read_text())
+    assert shipped["trajectories"] == 3 and shipped["settings"]["teacher"] == "smol"
     refused = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "filter", str(packed)],
                              capture_output=True, text=True)
     assert refused.returncode != 0 and "--out" in refused.stderr and "Traceback" not in refused.stderr
@@ -141,3 +143,25 @@ def test_bad_question_file_is_one_line_error(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("Error: ") and "examples" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_retries_add_distinct_kept_runs(tmp_path):
+    from attar.distill.sft_data import build_sft
+    from attar.distill.teacher import summarize
+
+    def run(correct, answer):
+        return {"correct": correct, "parse_errors": 0, "finished_by": "final_answer", "exec_errors": 0,
+                "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                             {"role": "assistant", "content": answer}]}
+
+    records = [
+        {"id": "a", "question": "q", "teacher": "t", **run(True, "greedy a"), "retries": []},
+        {"id": "b", "question": "q", "teacher": "t", **run(False, "greedy b"), "retries": [run(True, "retry b")]},
+        {"id": "c", "question": "q", "teacher": "t", **run(False, "greedy c"), "retries": [run(False, "retry c")]},
+        {"id": "d", "question": "q", "teacher": "t", **run(True, "same"), "retries": [run(True, "same")]},
+    ]
+    (tmp_path / "trajectories.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = build_sft(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "agent_sft.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["messages"][-1]["content"]) for r in rows] == [("a", "greedy a"), ("b", "retry b"), ("d", "same")]
+    assert summarize(records)["kept_from_retries"] == 1 and summary["retries"] == 3
