@@ -119,14 +119,12 @@ _close_the_network()
 def _toolbox():
     # The host's packages (runtime/toolbox.py), read-only at their mount point; the modules the
     # sandbox lacks fail with a message that names what to use instead.
-    import importlib.abc
-
     toolbox = _loads(sys.argv[1])
     if toolbox["path"]:
         sys.path.insert(0, toolbox["path"])
     unavailable = toolbox["unavailable"]
 
-    class Unavailable(importlib.abc.MetaPathFinder):
+    class Unavailable:  # a meta path finder (importlib.abc would cost the cold start its import)
         def find_spec(self, name, path=None, target=None):
             message = unavailable.get(name.partition(".")[0])
             if message:
