@@ -48,6 +48,10 @@ class Shape:
     names: dict  # genai_config's input/output names
 
 
+class ContextFull(ValueError):
+    """The prompt leaves no room in the model's context for even one new token."""
+
+
 @dataclass(eq=False)
 class Request:
     """One generation: `ids` in, sampled tokens out (`out`), EOS and `accept` ending it early."""
@@ -120,7 +124,7 @@ class Engine:
         if not request.ids:
             raise ValueError("a request needs at least one prompt id")
         if len(request.ids) >= self.shape.context:
-            raise ValueError(f"{len(request.ids)} prompt tokens fill the model's context of {self.shape.context}")
+            raise ContextFull(f"{len(request.ids)} prompt tokens fill the model's context of {self.shape.context}")
         with self.lock:
             self.queue.append(request)
             if self.worker is None:

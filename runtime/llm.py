@@ -70,6 +70,10 @@ class BackendError(Exception):
     """The model backend cannot answer (an unreachable server, a rejected request): one line."""
 
 
+class PromptTooLong(BackendError):
+    """The conversation does not fit in the model's context."""
+
+
 def is_repeating(ids: list[int], min_span: int = 48, max_period: int = 64) -> bool:
     """True when the tail of `ids` is one chunk of up to `max_period` tokens repeated back to back
     over at least `min_span` tokens (and 3 times): small models loop, and every looped token costs."""
@@ -316,16 +320,26 @@ class EngineBackend:
                           request.first_token_s, text.stopped_by, request.reused)
 
     def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
+        from attar.runtime.engine import ContextFull
+
         text = _Text(self._decode, stop, on_text)
-        return self._generation(text, self.engine.run(self._request(self._encode(messages, prefix), sampling, text)))
+        try:
+            return self._generation(text, self.engine.run(self._request(self._encode(messages, prefix), sampling, text)))
+        except ContextFull as exc:
+            raise PromptTooLong(f"the conversation is too long for {self.name}: {exc}") from None
 
     def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
         """One request per sampling, decoded as one batch: the first prefills the prompt (reusing
         the cache of earlier steps), the others copy its cache; each row is cut at its own stop
         string and leaves the batch when it ends."""
+        from attar.runtime.engine import ContextFull
+
         ids = self._encode(messages, "")
         texts = [_Text(self._decode, stop) for _ in samplings]
-        requests = [self.engine.submit(self._request(ids, s, t)) for s, t in zip(samplings, texts)]
+        try:
+            requests = [self.engine.submit(self._request(ids, s, t)) for s, t in zip(samplings, texts)]
+        except ContextFull as exc:
+            raise PromptTooLong(f"the conversation is too long for {self.name}: {exc}") from None
         return [self._generation(text, self.engine.wait(request)) for text, request in zip(texts, requests)]
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from attar.runtime.llm import Backend, Sampling
+from attar.runtime.llm import Backend, PromptTooLong, Sampling
 
 AGENT_MODEL = "attar-agent"
 DEFAULT_PORT = 8765
@@ -251,6 +251,8 @@ def create_app(server: Server):
                 return error(exc)
             except Cancelled as exc:
                 return error(HTTPError(504, str(exc), kind="timeout"))
+            except PromptTooLong as exc:
+                return error(HTTPError(400, str(exc), code="context_length_exceeded"))
             except Exception as exc:  # one bad request never takes the server down
                 return error(HTTPError(500, f"{type(exc).__name__}: {str(exc)[:300]}", kind="server_error"))
         return endpoint

@@ -147,6 +147,7 @@ def test_the_agent_streams_its_steps(server, client):
     (json.dumps({"messages": HI, "stop": ["a"] * 9}).encode(), 400),
     (json.dumps({"messages": HI * 300}).encode(), 400),
     (json.dumps({"messages": [{"role": "user", "content": "x" * 300_000}]}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "word " * 20_000}]}).encode(), 400),  # > the context
     (json.dumps({"model": "gpt-9", "messages": HI}).encode(), 404),
     (b"x" * (2 << 20), 413),
 ])
