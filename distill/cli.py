@@ -193,7 +193,8 @@ def compare(runs, chart):
 @click.option("--teacher-model", default="default", show_default=True, help="Model name sent to the server.")
 @click.option("--completions", is_flag=True, help="Continue the first-thought prefix via /completions.")
 @click.option("--data-only", is_flag=True, help="Stop after the SFT data (retrieval trajectories to mix into training).")
-def demo(out, quick, seed, limit, teacher, teacher_model, completions, data_only):
+@click.option("--people", type=click.IntRange(4, 10_000), help="World size (default 72; ~2.8 training questions each).")
+def demo(out, quick, seed, limit, teacher, teacher_model, completions, data_only, people):
     """Agent distillation vs CoT distillation, end to end, offline."""
     from dataclasses import replace
 
@@ -204,6 +205,8 @@ def demo(out, quick, seed, limit, teacher, teacher_model, completions, data_only
                   completions=completions, data_only=data_only)
     if limit is not None:
         cfg = replace(cfg, eval_limit=limit)
+    if people is not None:
+        cfg = replace(cfg, people=people)
     try:
         run_demo(out, cfg)
     except (ValueError, ModelError) as exc:

@@ -589,10 +589,9 @@ class Sandbox:
         try:
             result = self._execute(cell, deadline)
             if result.restarted and not cell.started and self._interp.kill_reason is None and not notice:
-                # It died reading this cell, before running a line of it (the last cell broke
-                # its input): rebuild the session without that cell, then run this one again.
-                notice = self._restore(f"the interpreter stopped after the last cell ({self._interp.exit_reason})",
-                                       drop_last=True)
+                # It died before answering anything for this cell: the last cell broke its input,
+                # or this one ended it at once. Rebuild the session, then run this cell once more.
+                notice = self._restore(f"the interpreter stopped after the last cell ({self._interp.exit_reason})")
                 cell = _Cell(code)
                 result = self._execute(cell, max(deadline, time.monotonic() + 1.0))
         except KeyboardInterrupt:
@@ -668,16 +667,23 @@ class Sandbox:
 
     def _restore(self, why: str, drop_last: bool = False) -> str:
         """The interpreter was lost: rebuild the state the last cell started from, within the
-        replay budget, or start empty. `drop_last`: the last recorded cell is what ended the
-        interpreter, so replaying it would end this one too; rebuild the state before it.
-        Returns what happened, in words."""
-        cells = self.history[:-1] if drop_last else list(self.history)
-        self._swap(cells)
-        problem = self._replay(cells) or self._probe()
-        if problem is None:
-            if drop_last:
-                return f"{why}; the session was restored to its state before that cell"
-            return f"{why}; the session was restored to its state before this cell"
+        replay budget, or start empty. A replay that fails (not for lack of time) is tried again
+        without the last recorded cell, which may be what ended the interpreter; `drop_last` goes
+        there at once (the interpreter ended after that cell had answered). Returns what happened,
+        in words."""
+        cells, problem, began = list(self.history), "nothing to restore", time.monotonic()
+        if not drop_last:
+            self._swap(cells)
+            problem = self._replay(cells) or self._probe()
+            if problem is None:
+                return f"{why}; the session was restored to its state before this cell"
+        if cells and time.monotonic() - began < REPLAY_BUDGET_S:
+            # The last cell may be what ended the interpreter (it ends this one too): without it.
+            self.history = cells
+            self._swap(cells[:-1])
+            problem = self._replay(cells[:-1]) or self._probe()
+            if problem is None:
+                return f"{why}; the session was restored to its state before the last cell, which stopped it"
         self._reset()
         return f"{why}; the session could not be restored ({problem}) and was reset: earlier variables are gone"
 

@@ -301,4 +301,4 @@ def test_a_cell_that_ends_its_interpreter_is_not_replayed(sb):
     if r.restarted:  # this platform ended it during the cell: restored without it either way
         assert nxt.output == "5"
     else:
-        assert nxt.output == "5" and nxt.restarted and not nxt.reset and "before that cell" in nxt.stdout
+        assert nxt.output == "5" and nxt.restarted and not nxt.reset and "before the last cell" in nxt.stdout
