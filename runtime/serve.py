@@ -153,7 +153,10 @@ class Server:
 
     def __init__(self, backend: Backend, cfg: ServeConfig = ServeConfig(), index: Any = None,
                  index_path: str | None = None):
+        from attar.runtime.sandbox import Limits, Sandbox
+
         self.backend, self.cfg, self.index, self.index_path = backend, cfg, index, index_path
+        Sandbox.keep_warm(min(cfg.concurrency, 4), Limits())  # an agent request's sandbox is ready
         self.slots = threading.BoundedSemaphore(cfg.concurrency)
         self.waiting = 0  # requests admitted and not yet finished, running or not
         self.running = 0
