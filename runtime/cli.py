@@ -118,11 +118,11 @@ def models_list(as_json: bool) -> None:
     """List the built-in models: name, size, license, source, and whether it is built here."""
     import json
 
-    from attar.runtime.models import CATALOG, DEFAULT_MODEL, adapter_info, is_built, model_dir
+    from attar.runtime.models import CATALOG, DEFAULT_MODEL, is_built, model_dir
 
     rows = [{"name": m.name, "default": m.name == DEFAULT_MODEL, "title": m.title, "gguf_mb": round(m.gguf_bytes / 1e6),
              "license": m.license, "source": m.source, "built": is_built(model_dir(m.name)),
-             "path": str(model_dir(m.name)), "adapter": adapter_info(m)} for m in CATALOG.values()]
+             "path": str(model_dir(m.name))} for m in CATALOG.values()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -130,9 +130,6 @@ def models_list(as_json: bool) -> None:
         flags = ", ".join(f for f in ("default" if r["default"] else "", "built" if r["built"] else "not built") if f)
         click.echo(f"{r['name']:<20} {r['gguf_mb']:>5} MB  {r['title']}  [{flags}]")
         click.echo(f"{'':<20} license: {r['license']}; source: {r['source']}")
-        if r["adapter"]:
-            click.echo(f"{'':<20} adapter: {r['adapter']['name']} (on by default; --adapter base for the model "
-                       f"without it): {r['adapter']['summary']}")
 
 
 @main.command()

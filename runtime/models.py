@@ -30,30 +30,10 @@ class CatalogModel:
     member: str  # the file inside each wheel ends with this; "{i}" is the part number
     gguf_bytes: int
     sha256: str
-    # A student distilled by attar and shipped with it (runtime/adapters/NAME: a PEFT LoRA folder and
-    # attar_adapter.json saying what it was trained on). Built in unmerged and on by default;
-    # `--adapter base` runs the model without it.
-    adapter: str | None = None
 
     @property
     def gguf_name(self) -> str:
         return f"{self.name}.gguf"
-
-    @property
-    def adapter_dir(self) -> Path | None:
-        return ADAPTERS_DIR / self.adapter if self.adapter else None
-
-
-ADAPTERS_DIR = Path(__file__).with_name("adapters")
-
-
-def adapter_info(model: CatalogModel) -> dict | None:
-    """What the model's shipped adapter is and what it was trained on (its attar_adapter.json)."""
-    import json
-
-    if model.adapter_dir is None:
-        return None
-    return {"name": model.adapter, **json.loads((model.adapter_dir / "attar_adapter.json").read_text())}
 
 
 CATALOG: dict[str, CatalogModel] = {m.name: m for m in (
@@ -174,18 +154,14 @@ def pull(name: str, log: Callable[[str], None] = lambda m: print(m, file=sys.std
     (`attar export` runs all 8)."""
     model = catalog_entry(name)
     out = model_dir(model.name)
-    if is_built(out) and (model.adapter is None or model.adapter in adapters_of(out)[0]):
+    if is_built(out):
         return out
-    if out.exists():  # built before attar shipped its adapter: built again, with it
-        shutil.rmtree(out)
-    log(f"building {model.title} into {out}" + (f" with attar's {model.adapter} adapter" if model.adapter else "") +
-        "; this happens once")
+    log(f"building {model.title} into {out}; this happens once")
     gguf = fetch_gguf(model, log)
     from attar.export.convert import ExportError, export_model
 
     try:
-        export_model(gguf, out, check=check, log=log, check_questions=3,
-                     lora={model.adapter: model.adapter_dir} if model.adapter else None)
+        export_model(gguf, out, check=check, log=log, check_questions=3)
     except ExportError as exc:
         raise ModelError(str(exc)) from None
     return out
