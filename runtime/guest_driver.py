@@ -121,7 +121,7 @@ def _toolbox():
     # sandbox lacks fail with a message that names what to use instead.
     toolbox = _loads(sys.argv[1])
     if toolbox["path"]:
-        sys.path.insert(0, toolbox["path"])
+        sys.path.append(toolbox["path"])  # after the standard library: its imports never look here
     unavailable = toolbox["unavailable"]
 
     class Unavailable:  # a meta path finder (importlib.abc would cost the cold start its import)

@@ -476,7 +476,7 @@ class _Pool:
         finally:
             with self.lock:
                 self.warming.discard(limits)
-                keep = bool(self.target.get(limits, 0)) and cold.alive
+                keep = bool(self.target.get(limits, 0)) and cold.alive and cold.warmed  # else it may be mid-import
                 if keep:
                     self.spares.setdefault(limits, []).append(cold)
             if not keep:
