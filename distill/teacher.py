@@ -187,7 +187,7 @@ def generate(questions: list[Question], teacher: Backend, out_dir: str | os.Path
                 "decoding": "greedy, then sampled retries" if cfg.retries else "greedy", **asdict(cfg)}
     (out / "generate.json").write_text(json.dumps(settings, indent=2))
     records, failures = run_questions(questions, lambda q: str(q.id), lambda q: _trajectory(teacher, q, cfg, list(tools)),
-                                      Path(out_dir) / "trajectories.jsonl", cfg.concurrency, "trajectories", progress)
+                                      out / "trajectories.jsonl", cfg.concurrency, "trajectories", progress)
     return summarize(records) | {"failed": len(failures), "failures": failures[:5]}
 
 

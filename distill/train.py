@@ -60,6 +60,11 @@ def load_student(student: str):
     return load_source(Path(student))
 
 
+def data_files(data: str | os.PathLike | list) -> list[Path]:
+    """One training file or several (mixed into one set)."""
+    return [Path(f) for f in ([data] if isinstance(data, (str, os.PathLike)) else data)]
+
+
 def make_trainer(data: str | os.PathLike | list, student: str, out: str | os.PathLike, cfg: TrainConfig = TrainConfig()):
     import torch
     from datasets import Dataset
@@ -68,7 +73,7 @@ def make_trainer(data: str | os.PathLike | list, student: str, out: str | os.Pat
 
     from attar.distill.data import read_jsonl
 
-    files, out = [Path(f) for f in ([data] if isinstance(data, (str, os.PathLike)) else data)], Path(out)
+    files, out = data_files(data), Path(out)
     for file in files:
         if not file.is_file():
             raise ValueError(f"training data not found: {file}")
@@ -141,8 +146,8 @@ def train(data: str | os.PathLike | list, student: str, out: str | os.PathLike, 
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(tmp)
     trainer.processing_class.save_pretrained(tmp)
-    data = [str(f) for f in ([data] if isinstance(data, (str, os.PathLike)) else data)]
-    (tmp / "attar_train.json").write_text(json.dumps({"student": student, "data": data, **asdict(cfg),
+    (tmp / "attar_train.json").write_text(json.dumps({"student": student, "data": list(map(str, data_files(data))),
+                                                      **asdict(cfg),
                                                       "train_loss": result.training_loss,
                                                       "metrics": result.metrics}, indent=2, default=str))
     os.replace(tmp, adapter)

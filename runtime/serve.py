@@ -148,6 +148,14 @@ def parse_agent(body: dict, cfg: ServeConfig) -> dict:
 # -- the app ----------------------------------------------------------------------------------
 
 
+_END = object()
+
+
+@dataclass
+class Done:
+    value: Any
+
+
 class Server:
     """The warm state every request shares: one backend (the engine), the index, the limits."""
 
@@ -205,6 +213,21 @@ class Server:
         except BaseException:
             gone.set()  # cancelled (the client went away mid-stream): the thread stops at its next token
             raise
+
+    async def stream(self, work: Callable[[Callable[[], None], Callable[[Any], None]], Any]):
+        """`work(check, put)` as `run` runs it, yielding each item it puts as soon as it is put,
+        then a `Done` with what it returned (its exception is raised here instead). Leaving the
+        iteration early (the client went away) stops the work at its next `check()`."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
+        task = asyncio.ensure_future(self.run(None, lambda check: work(check, put)))
+        task.add_done_callback(lambda _: put(_END))
+        try:
+            while (item := await queue.get()) is not _END:
+                yield item
+            yield Done(task.result())
+        finally:
+            task.cancel()
 
     def model_names(self) -> list[str]:
         return [self.backend.name, AGENT_MODEL]
@@ -292,8 +315,7 @@ def create_app(server: Server):
             params = parse_agent({"question": question, "seed": body.get("seed")}, cfg)
             done = await server.run(request, lambda check: _agent_run(server, params, check, lambda *_: None))
             text = _answer_text(done["answer"])
-            usage = {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
-                     "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
+            usage = _usage(done["prompt_tokens"], done["completion_tokens"])
             if stream:
                 parts = [chunk({"role": "assistant", "content": ""}), chunk({"content": text}), chunk({}, "stop")]
                 if options.get("include_usage"):
@@ -314,32 +336,24 @@ def create_app(server: Server):
         def finish_reason(gen) -> str:
             return "length" if gen.stopped_by is None and gen.completion_tokens >= sampling.max_new_tokens else "stop"
 
-        def usage_of(gen) -> dict:
-            return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                    "total_tokens": gen.prompt_tokens + gen.completion_tokens}
-
         if not stream:
             gen = await server.run(request, generate)
             return JSONResponse(_completion(ident, created, model or server.backend.name, gen.text, finish_reason(gen),
-                                            usage_of(gen)))
+                                            _usage(gen.prompt_tokens, gen.completion_tokens)))
 
         async def events():
-            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-            put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
-            task = asyncio.ensure_future(server.run(None, lambda check: generate(check, lambda piece: put(piece))))
-            task.add_done_callback(lambda _: put(None))
+            yield chunk({"role": "assistant", "content": ""})
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                while (piece := await queue.get()) is not None:
-                    yield chunk({"content": piece})
-                gen = task.result()
-                yield chunk({}, finish_reason(gen))
-                if options.get("include_usage"):
-                    yield chunk({}, usage=usage_of(gen))
+                async for item in server.stream(generate):
+                    if isinstance(item, Done):
+                        gen = item.value
+                        yield chunk({}, finish_reason(gen))
+                        if options.get("include_usage"):
+                            yield chunk({}, usage=_usage(gen.prompt_tokens, gen.completion_tokens))
+                    else:
+                        yield chunk({"content": item})
             except (HTTPError, Cancelled) as exc:
                 yield f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n"
-            finally:
-                task.cancel()  # the client left: the generation stops at its next token
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -352,23 +366,15 @@ def create_app(server: Server):
                                                                                   lambda *_: None)))
 
         async def events():
-            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-            def emit(kind: str, data: dict) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, data))
-
-            task = asyncio.ensure_future(server.run(None, lambda check: _agent_run(server, params, check, emit)))
-            task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+            run = lambda check, put: _agent_run(server, params, check, lambda kind, data: put((kind, data)))  # noqa: E731
             try:
-                while (item := await queue.get()) is not None:
-                    yield f"event: {item[0]}\ndata: {json.dumps(item[1], default=repr)}\n\n"
-                yield f"event: done\ndata: {json.dumps(task.result(), default=repr)}\n\n"
+                async for item in server.stream(run):
+                    kind, data = ("done", item.value) if isinstance(item, Done) else item
+                    yield f"event: {kind}\ndata: {json.dumps(data, default=repr)}\n\n"
             except (HTTPError, Cancelled) as exc:
                 yield f"event: error\ndata: {json.dumps({'message': str(exc)})}\n\n"
             except Exception as exc:
                 yield f"event: error\ndata: {json.dumps({'message': f'{type(exc).__name__}: {str(exc)[:300]}'})}\n\n"
-            finally:
-                task.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -384,6 +390,11 @@ def _completion(ident: str, created: int, model: str, text: str, finish: str, us
     return {"id": ident, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
             "usage": usage, **extra}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _answer_text(answer: Any) -> str:
