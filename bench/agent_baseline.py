@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "test" / "gsm_hard_500_20250507.json"
 
 
 def main() -> None:
-    from attar.distill.scoring import numeric_match
+    from attar.distill.scoring import Outcome, score_run
     from attar.runtime import Agent
 
     parser = argparse.ArgumentParser()
@@ -24,23 +25,15 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=DATASET)
     args = parser.parse_args()
     examples = json.loads(args.dataset.read_text())["examples"][: args.n]
-    outcomes = {"correct": 0, "wrong": 0, "parse_error": 0, "sandbox_error": 0, "max_steps": 0}
+    outcomes = Counter()
     began = time.perf_counter()
     with Agent(sag=args.sag) as agent:
         for ex in examples:
-            result = agent.run(ex["question"])
-            if result.finished_by == "final_answer":
-                outcomes["correct" if numeric_match(result.answer, ex["answer"]) else "wrong"] += 1
-            elif all(s.code is None for s in result.steps[:-1]):
-                outcomes["parse_error"] += 1
-            elif any(s.error and s.code for s in result.steps):
-                outcomes["sandbox_error"] += 1
-            else:
-                outcomes["max_steps"] += 1
+            outcomes[score_run(agent.run(ex["question"]), ex["answer"], "numeric")] += 1
     n = len(examples)
     print(json.dumps({"figure": "untrained default model as agent, GSM-Hard", "questions": n, "sag": args.sag,
-                      "accuracy": round(outcomes["correct"] / n, 4),
-                      **{f"share_{k}": round(v / n, 4) for k, v in outcomes.items() if k != "correct"},
+                      "accuracy": round(outcomes[Outcome.CORRECT] / n, 4),
+                      **{f"share_{o.value}": round(outcomes[o] / n, 4) for o in Outcome if o != Outcome.CORRECT},
                       "seconds_per_question": round((time.perf_counter() - began) / n, 2)}))
 
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 
 from attar.runtime import prompts
+from attar.runtime.sag import SAMPLING as SAG_SAMPLING
 
 QUESTION = "What is the sum of the squares of the first 20 positive integers, minus 15% of 2480?"
 STEP = ("Thought: I will compute the sum of squares first and print it, then go on.\nCode:\n```py\n"
@@ -29,7 +30,7 @@ def emit(**row) -> None:
 def conversation(steps: int) -> list[dict]:
     from attar.runtime.tools import describe, final_answer
 
-    messages = [{"role": "system", "content": prompts.SYSTEM.format(tools=describe(final_answer))},
+    messages = [{"role": "system", "content": prompts.system(describe(final_answer))},
                 {"role": "user", "content": prompts.TASK.format(question=QUESTION)}]
     for _ in range(steps - 1):
         messages += [{"role": "assistant", "content": STEP}, {"role": "user", "content": OBSERVATION}]
@@ -64,7 +65,7 @@ def main() -> None:
 
     if args.only == "ttft":
         return
-    sampling = Sampling(temperature=0.4, top_p=0.8, seed=0, max_new_tokens=64)
+    sampling = replace(SAG_SAMPLING, seed=0, max_new_tokens=64)
     messages = conversation(3)
     for name, make in backends:
         walls = {}

@@ -89,8 +89,8 @@ print(json.dumps({"seconds": time.perf_counter() - t, "rss_mb": hwm / 1024}))
 
 def export(gguf: Path, out: Path, how: str) -> None:
     """Export in a child process (a clean peak RSS), then check it against the GGUF."""
-    from attar.export.parity import parity_report
-    from attar.export.reference import GGUFScorer
+    from attar.runtime.parity import parity_report
+    from attar.runtime.reference import GGUFScorer
 
     result = subprocess.run([sys.executable, "-c", EXPORT_WORKER, str(gguf), str(out), how], capture_output=True,
                             text=True)

@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--requests", type=int, default=1000)
     args = parser.parse_args()
-    from attar.runtime.llm import Sampling, load_backend
+    from attar.runtime.llm import Sampling
+    from attar.runtime.models import load_backend
 
     attar = os.path.join(os.path.dirname(sys.executable), "attar")
     port = free_port()

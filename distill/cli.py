@@ -37,7 +37,7 @@ def generate(questions, teacher, teacher_model, out, ftp, completions, index, li
     """Run the teacher as an agent over QUESTIONS; resumable, one JSONL line per trajectory."""
     from attar.distill.data import load_questions
     from attar.distill.teacher import GenerateConfig, generate as run, load_teacher
-    from attar.runtime.models import ModelError
+    from attar.runtime.modeldir import ModelError
 
     try:
         qs = load_questions(questions, limit)
@@ -160,7 +160,7 @@ def train(data, student, out, rank, alpha, lr, epochs, batch_size, grad_accum, m
 def eval_(model, questions, out, mode, sag, index, max_steps, limit, label, concurrency):
     """Evaluate a student over QUESTIONS; resumable; prints the summary."""
     from attar.distill.evaluate import evaluate
-    from attar.runtime.models import ModelError
+    from attar.runtime.modeldir import ModelError
 
     try:
         summary = evaluate(model, questions, out, mode=mode, sag=sag, index=index, max_steps=max_steps, limit=limit,
@@ -199,7 +199,7 @@ def demo(out, quick, seed, limit, teacher, teacher_model, completions, data_only
     from dataclasses import replace
 
     from attar.distill.demo import QUICK, DemoConfig, run_demo
-    from attar.runtime.models import ModelError
+    from attar.runtime.modeldir import ModelError
 
     cfg = replace(QUICK if quick else DemoConfig(), seed=seed, teacher=teacher, teacher_model=teacher_model,
                   completions=completions, data_only=data_only)

@@ -12,6 +12,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from attar.distill.scoring import kind_of
 
@@ -97,11 +98,49 @@ class JsonlLog:
         self.close()
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a JSONL file, gzip-compressed if its name ends in .gz."""
+def check_messages(messages: object) -> None:
+    """A conversation as attar stores it: a list of {"role", "content"} with a known role."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("\"messages\" must be a non-empty list")
+    for m in messages:
+        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)):
+            raise ValueError("each message needs a role (system, user or assistant) and text content")
+
+
+MAX_LINE_BYTES = 64 << 20  # a record longer than this is refused, not read
+
+
+def read_jsonl(path: str | os.PathLike, check: Callable[[dict], None] | None = None) -> list[dict]:
+    """The records of a JSONL file (gzip-compressed if its name ends in .gz), read line by line;
+    a line that is not a JSON object, or that `check` refuses (a ValueError), is a ValueError
+    naming the file and line."""
     path = Path(path)
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = []
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            line_no = 0
+            while line := f.readline(MAX_LINE_BYTES + 1):
+                line_no += 1
+                if len(line) > MAX_LINE_BYTES:
+                    raise ValueError(f"{path}:{line_no}: line longer than {MAX_LINE_BYTES >> 20} MiB")
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (ValueError, UnicodeDecodeError):
+                    raise ValueError(f"{path}:{line_no}: not a JSON record") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{line_no}: a record must be a JSON object")
+                if check is not None:
+                    try:
+                        check(row)
+                    except ValueError as exc:
+                        raise ValueError(f"{path}:{line_no}: {exc}") from None
+                rows.append(row)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise ValueError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    return rows
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -109,6 +148,30 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def claim_folder(folder: str | os.PathLike, made_by: dict, what: str, record: str = "made_by.json",
+                 outputs: tuple[str, ...] = ()) -> None:
+    """Key a resumable job's output folder by what produces it. The first run writes `record`;
+    a later run with other settings is refused, so results of two models (or question sets)
+    are never mixed in one folder. A folder that holds `outputs` but no record is refused too."""
+    folder = Path(folder)
+    file = folder / record
+    if file.is_file():
+        try:
+            old = json.loads(file.read_text())
+        except (OSError, ValueError):
+            raise ValueError(f"{file}: unreadable; this folder's {what} cannot be matched to their run") from None
+        changed = [k for k in made_by if old.get(k) != made_by[k]]
+        if changed:
+            k = changed[0]
+            raise ValueError(f"{folder} holds {what} made with {k} {old.get(k)!r}, not {made_by[k]!r}; "
+                             "use another --out (or delete the folder)")
+        return
+    if any((folder / name).exists() for name in outputs):
+        raise ValueError(f"{folder} holds {what} with no record of what made them; use another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(file, json.dumps(made_by, indent=2).encode())
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:

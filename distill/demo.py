@@ -16,11 +16,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from attar.distill.data import read_jsonl, write_jsonl_atomic
+from attar.distill.data import load_questions, read_jsonl, write_jsonl_atomic
+from attar.distill.evaluate import compare, evaluate
+from attar.distill.oracle import generate_oracle
+from attar.distill.sft_data import build_sft
+from attar.distill.teacher import generate, load_teacher
+from attar.distill.tiny import make_tiny_llama
+from attar.distill.train import TrainConfig, train
+from attar.distill.world import make_world
+from attar.export.convert import export_model
+from attar.runtime.models import gguf_path, is_built
+from attar.runtime.retrieval import Index, build_index, web_search_tool
 
 
 @dataclass
@@ -64,6 +75,7 @@ def _slug(label: str) -> str:
 def _first_predictions(src: Path, dst: Path, n: int) -> None:
     """A run made of another run's first n predictions: `evaluate` then only summarizes it."""
     dst.mkdir(parents=True)
+    shutil.copy(src / "made_by.json", dst / "made_by.json")  # the same model and questions made them
     write_jsonl_atomic(dst / "predictions.jsonl", read_jsonl(src / "predictions.jsonl")[:n])
 
 
@@ -84,14 +96,6 @@ def _check_cache(out: Path, cfg: DemoConfig) -> None:
 
 
 def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
-    from attar.distill.evaluate import compare, evaluate
-    from attar.distill.oracle import generate_oracle
-    from attar.distill.sft_data import build_sft
-    from attar.distill.train import TrainConfig, train
-    from attar.distill.world import make_world
-    from attar.export.convert import export_model
-    from attar.runtime.retrieval import Index, build_index, web_search_tool
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_cache(out, cfg)
@@ -131,9 +135,6 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
     if cfg.teacher == "oracle":
         teacher_summary = generate_oracle(train_q, index, teacher_dir, seed=cfg.seed)
     else:
-        from attar.distill.data import load_questions
-        from attar.distill.teacher import generate, load_teacher
-
         teacher = load_teacher(cfg.teacher, cfg.teacher_model, cfg.completions)
         teacher_summary = generate(load_questions(world_dir / "train.jsonl"), teacher, teacher_dir,
                                    tools=[web_search_tool(index)])
@@ -153,13 +154,9 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
 
     stage("student")
     if cfg.student == "tiny":
-        from attar.distill.tiny import make_tiny_llama
-
         student = str(make_tiny_llama(out / "tiny-student"))
     else:
-        from attar.runtime.models import gguf_path as default_gguf
-
-        student = str(default_gguf("smollm2-135m"))
+        student = str(gguf_path("smollm2-135m"))
     done("student")
 
     stage("train")
@@ -200,7 +197,7 @@ def run_demo(out: str | os.PathLike, cfg: DemoConfig = DemoConfig()) -> dict:
             _first_predictions(out / "eval" / _slug("agent-distilled (INT4)"), run_dir, n_sag)
         _log(f"eval: {label}")
         # The engine batches questions in flight; a transformers model and SAG's 8 rows run one question at a time.
-        batched = sag == 1 and (Path(model) / "genai_config.json").is_file()
+        batched = sag == 1 and is_built(Path(model))
         summaries.append(evaluate(str(model), test_file, run_dir, mode=mode, sag=sag, index=idx, limit=limit,
                                   max_steps=cfg.max_steps, label=label, concurrency=cfg.concurrency if batched else 1))
         run_dirs.append(run_dir)

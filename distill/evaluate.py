@@ -4,58 +4,45 @@ come (resumable); the summary carries accuracy and a breakdown of failures."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from attar.distill.data import load_questions
-from attar.distill.scoring import extract_boxed, score
+from attar.distill.data import claim_folder, load_questions
+from attar.distill.hf_backend import TransformersBackend
+from attar.distill.runner import run_questions
+from attar.distill.scoring import Outcome, extract_boxed, score, score_run
 from attar.distill.sft_data import cot_messages
+from attar.runtime.agent import Agent
+from attar.runtime.fetch import sha256_file
 from attar.runtime.llm import Sampling
-
-CATEGORIES = ("correct", "wrong_answer", "parse_error", "execution_error", "max_steps")
+from attar.runtime.models import is_built, load_backend
+from attar.runtime.retrieval import Index, web_search_tool
+from attar.runtime.sag import SAMPLING as SAG_SAMPLING
 
 
 def load_model(spec: str):
     """An exported ONNX folder, an OpenAI-compatible URL (URL#model), or an HF folder."""
     path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file() and not (path / "genai_config.json").is_file():
-        from attar.distill.hf_backend import TransformersBackend
-
+    if path.is_dir() and (path / "config.json").is_file() and not is_built(path):
         return TransformersBackend(path)
-    from attar.runtime.llm import load_backend
-
     return load_backend(spec)
 
 
-def categorize(result) -> str:
-    if result.finished_by == "final_answer":
-        return "final"
-    last_action = next((s for s in reversed(result.steps) if not (s.is_final and s.code is None)), None)
-    if last_action is not None and last_action.code is None:
-        return "parse_error"
-    if last_action is not None and last_action.error:
-        return "execution_error"
-    return "max_steps"
-
-
 def _agent_record(backend, q, sag, index, max_steps) -> dict:
-    from attar.runtime import Agent
-
     # 256 new tokens a step: a teacher's longest step is ~150; a looping student would spend 512.
     sampling = Sampling(max_new_tokens=256)
     if sag > 1:  # the paper's SAG sampling, seeded so a rerun draws the same candidates
-        sampling = replace(sampling, temperature=0.4, top_p=0.8, seed=0)
+        sampling = replace(SAG_SAMPLING, max_new_tokens=sampling.max_new_tokens, seed=0)
     with Agent(backend, index=index, max_steps=max_steps, sag=sag, sampling=sampling) as agent:
         result = agent.run(q.question)
         messages = agent.memory.messages()
-    category = categorize(result)
-    correct = category == "final" and score(result.answer, q.answer, q.kind)
-    if category == "final":
-        category = "correct" if correct else "wrong_answer"
-    record = {"prediction": result.answer, "correct": correct, "category": category, "steps": len(result.steps),
+    outcome = score_run(result, q.answer, q.kind)
+    record = {"prediction": result.answer, "correct": outcome == Outcome.CORRECT, "category": outcome,
+              "steps": len(result.steps),
               "tokens": sum(s.completion_tokens for s in result.steps), "messages": messages[1:]}
     if sag > 1:  # each step's candidates (the first is greedy), so a lost vote can be read back
         record["candidates"] = [[{"votes": c.votes, "outcome": c.vote_key or c.error} for c in step.candidates]
@@ -68,7 +55,7 @@ def _cot_record(backend, q, retrieve) -> dict:
     gen = backend.generate(cot_messages(q.question, passages), sampling=Sampling(max_new_tokens=512))
     prediction = extract_boxed(gen.text)
     correct = score(prediction, q.answer, q.kind)
-    category = "correct" if correct else ("wrong_answer" if prediction is not None else "parse_error")
+    category = Outcome.CORRECT if correct else (Outcome.WRONG_ANSWER if prediction is not None else Outcome.PARSE_ERROR)
     return {"prediction": prediction, "output": gen.text, "correct": correct, "category": category, "steps": 1,
             "tokens": gen.completion_tokens}
 
@@ -78,19 +65,18 @@ def evaluate(model: str, questions: str | os.PathLike, out_dir: str | os.PathLik
              label: str | None = None, concurrency: int = 1, progress: bool = True) -> dict:
     """`concurrency` questions run side by side (batched on attar's engine); greedy results do
     not depend on it, and SAG's samples are seeded per question."""
-    from attar.distill.runner import run_questions
-
     if mode not in ("agent", "cot"):
         raise ValueError(f"mode must be agent or cot, not {mode!r}")
     qs = load_questions(questions, limit)
+    out_dir = Path(out_dir)
+    claim_folder(out_dir, {"model": _identity(model), "questions": _identity(questions), "mode": mode, "sag": sag,
+                           "max_steps": max_steps, "index": _identity(index) if index else None},
+                 "predictions", outputs=("predictions.jsonl",))
     backend = load_model(model)
     retrieve = opened = None
     if index:
-        from attar.runtime.retrieval import Index, web_search_tool
-
         opened = Index.open(index)  # once: every question's agent searches the same index
         retrieve = web_search_tool(opened) if mode == "cot" else None
-    out_dir = Path(out_dir)
 
     def one(q) -> dict:
         began = time.perf_counter()
@@ -110,12 +96,26 @@ def evaluate(model: str, questions: str | os.PathLike, out_dir: str | os.PathLik
         "accuracy": round(sum(r["correct"] for r in records) / n, 4),
         "tokens_per_question": round(sum(r["tokens"] for r in records) / n, 1),
         "seconds_per_question": round(sum(r["seconds"] for r in records) / n, 2),
-        "breakdown": {c: sum(r["category"] == c for r in records) for c in CATEGORIES},
+        "breakdown": {c.value: sum(r["category"] == c for r in records) for c in Outcome},
     }
     tmp = out_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out_dir / "summary.json")
     return summary
+
+
+def _identity(spec: str | os.PathLike) -> str:
+    """What a model, question file or index is, for keying results: a file by its path and
+    SHA-256, a folder by its path and its files' sizes and times, anything else as given."""
+    path = Path(spec)
+    if path.is_file():
+        return f"{path.resolve()} sha256:{sha256_file(path)}"
+    if path.is_dir():  # an index's SQLite journal files come and go as it is read: not part of what it is
+        stamp = sorted((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and not p.name.endswith(("-wal", "-shm")))
+        return f"{path.resolve()} files:{hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]}"
+    return str(spec)
 
 
 def compare(run_dirs: list[str | os.PathLike], chart: str | os.PathLike | None = None) -> str:

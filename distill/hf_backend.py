@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from attar.runtime.llm import Generation, Sampling, cut_at_stop, one_by_one
+from attar.runtime.llm import Backend, Generation, Sampling, cut_at_stop
+from attar.runtime.turns import renderer
 
 
-class TransformersBackend:
+class TransformersBackend(Backend):
     def __init__(self, path: str | Path):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,10 +19,11 @@ class TransformersBackend:
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.render = renderer(self.tokenizer.chat_template or "")
 
     def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
         began = time.perf_counter()
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
+        text = self.render(messages, prefix)
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         kwargs = {"max_new_tokens": sampling.max_new_tokens, "do_sample": not sampling.greedy,
                   "pad_token_id": self.tokenizer.eos_token_id}
@@ -38,7 +40,5 @@ class TransformersBackend:
         if on_text:
             on_text(text)
         seconds = time.perf_counter() - began
-        return Generation(text, ids["input_ids"].shape[1], len(new), seconds, None, stopped_by)
-
-    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
-        return one_by_one(self, messages, samplings, stop)
+        return Generation(text=text, prompt_tokens=ids["input_ids"].shape[1], completion_tokens=len(new),
+                          seconds=seconds, stopped_by=stopped_by)

@@ -13,9 +13,13 @@ import time
 from pathlib import Path
 
 from attar.distill.data import Question
-from attar.distill.scoring import score
+from attar.distill.runner import run_questions
+from attar.distill.scoring import Outcome, score_run
+from attar.distill.teacher import summarize, trajectory_record
 from attar.runtime import prompts
-from attar.runtime.llm import Generation, Sampling, one_by_one
+from attar.runtime.agent import Agent
+from attar.runtime.llm import Backend, Generation, Sampling
+from attar.runtime.retrieval import web_search_tool
 
 ATTR_WORDS = {"population": "population", "area": "area in square kilometres", "river": "river", "founded": "founding year",
               "length": "length in kilometres", "employees": "number of employees", "hq": "headquarters",
@@ -31,7 +35,7 @@ def _literal(value) -> str:
     return repr(value)
 
 
-class OracleBackend:
+class OracleBackend(Backend):
     """Acts out one question's plan; a Backend for the runtime's Agent."""
 
     name = "oracle"
@@ -73,7 +77,7 @@ class OracleBackend:
                 self.gave_up = True
                 text = ("Thought: I could not find the facts I need in the documents, so I cannot compute it.\nCode:\n"
                         "```py\nfinal_answer('unknown')\n```")
-                return Generation(text, 0, len(text) // 4, 0.0, 0.0, "<end_code>")
+                return _said(text)
             what = " and the ".join(ATTR_WORDS[f["attribute"]] + f" of {f['entity']}" for f in batch)
             lines = []
             for fact in batch:
@@ -83,7 +87,7 @@ class OracleBackend:
                     lines.append(line)
             self.pending = batch
             text = f"Thought: {self.rng.choice(SEARCH_THOUGHTS).format(what=what)}\nCode:\n```py\n" + "\n".join(lines) + "\n```"
-            return Generation(text, 0, len(text) // 4, 0.0, 0.0, "<end_code>")
+            return _said(text)
         facts = ", ".join(f"{f['attribute']} of {f['entity']} is {f['value']}" for f in self.plan)
         assignments = "\n".join(f"{f['var']} = {_literal(f['value'])}" for f in self.plan
                                 if not isinstance(f["value"], str))
@@ -92,13 +96,15 @@ class OracleBackend:
             text = (f"Thought: {self.rng.choice(FINAL_THOUGHTS).format(facts=facts)}\nCode:\n```py\n"
                     f"answer = {self.expression.replace(self.plan[-1]['var'], self.plan[-1]['var'] + '_value')}\n"
                     "final_answer(answer)\n```")
-            return Generation(text, 0, len(text) // 4, 0.0, 0.0, "<end_code>")
+            return _said(text)
         text = (f"Thought: {self.rng.choice(FINAL_THOUGHTS).format(facts=facts)}\nCode:\n```py\n{assignments}\n"
                 f"answer = {self.expression}\nfinal_answer(answer)\n```")
-        return Generation(text, 0, len(text) // 4, 0.0, 0.0, "<end_code>")
+        return _said(text)
 
-    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
-        return one_by_one(self, messages, samplings, stop)
+
+def _said(text: str) -> Generation:
+    """A scripted step, as a model's generation that stopped at <end_code>."""
+    return Generation(text=text, completion_tokens=len(text) // 4, stopped_by="<end_code>")
 
 
 def cot_trace(record: dict, rng: random.Random) -> str:
@@ -117,11 +123,6 @@ def cot_trace(record: dict, rng: random.Random) -> str:
 
 def generate_oracle(records: list[dict], index, out_dir: str | Path, seed: int = 0, progress: bool = True) -> dict:
     """Oracle trajectories for every record not yet in OUT/trajectories.jsonl (resumable)."""
-    from attar.distill.runner import run_questions
-    from attar.distill.teacher import summarize, trajectory_record
-    from attar.runtime import Agent
-    from attar.runtime.retrieval import web_search_tool
-
     tool = web_search_tool(index)
 
     def one(rec: dict) -> dict:
@@ -131,8 +132,8 @@ def generate_oracle(records: list[dict], index, out_dir: str | Path, seed: int =
         with Agent(OracleBackend(rec, rng), tools=[tool], max_steps=5) as agent:
             result = agent.run(q.question)
             messages = agent.memory.messages()
-        messages[0] = {"role": "system", "content": prompts.SYSTEM.format(tools=agent.tool_descriptions)}
-        correct = result.finished_by == "final_answer" and score(result.answer, q.answer, q.kind)
+        messages[0] = {"role": "system", "content": prompts.system(agent.tool_descriptions)}
+        correct = score_run(result, q.answer, q.kind) == Outcome.CORRECT
         return trajectory_record(q, result, messages, "oracle", began, correct, ftp=None, cot=cot_trace(rec, rng),
                                  cot_prediction=q.answer, cot_correct=True)
 

@@ -9,10 +9,12 @@ import math
 import re
 import string
 from collections import Counter
+from enum import Enum
 from fractions import Fraction
-from typing import Any
+from typing import Any, Callable
 
 from attar.runtime.answers import extract_boxed
+from attar.runtime.memory import Finish
 
 F1_THRESHOLD = 0.8
 
@@ -110,6 +112,34 @@ def score(prediction: Any, gold: Any, kind: str) -> bool:
     if kind == "math":
         return math_match(prediction, gold)
     return factual_match(prediction, gold) or numeric_match(prediction, gold)
+
+
+class Outcome(str, Enum):
+    """How an agent run on a question with a known answer went: the one classification that
+    evaluation, the teacher's filter, the oracle and the benches share."""
+
+    CORRECT = "correct"
+    WRONG_ANSWER = "wrong_answer"  # it called final_answer with a wrong answer
+    PARSE_ERROR = "parse_error"  # out of steps; its last action had no code block
+    EXECUTION_ERROR = "execution_error"  # out of steps; its last action's code failed
+    MAX_STEPS = "max_steps"  # out of steps otherwise (or interrupted)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def score_run(result, gold: Any, kind: str, judge: Callable[[Any], bool] | None = None) -> Outcome:
+    """The outcome of an agent's RunResult against `gold`. `judge` gets a second say on a final
+    answer the rules call wrong (the paper's LLM judge for factual answers)."""
+    if result.finished_by == Finish.FINAL_ANSWER:
+        right = score(result.answer, gold, kind) or (judge is not None and judge(result.answer))
+        return Outcome.CORRECT if right else Outcome.WRONG_ANSWER
+    last_action = next((s for s in reversed(result.steps) if not s.is_fallback), None)
+    if last_action is not None and last_action.code is None:
+        return Outcome.PARSE_ERROR
+    if last_action is not None and last_action.error:
+        return Outcome.EXECUTION_ERROR
+    return Outcome.MAX_STEPS
 
 
 def kind_of(dataset_name: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from attar.distill.data import read_jsonl, write_jsonl_atomic
-from attar.distill.teacher import kept_runs, summarize
+from attar.distill.teacher import check_trajectory, kept_runs, summarize
 
 COT_STUDENT_SYSTEM = "Answer the question step by step, then give the final answer in \\boxed{}."
 RAG_TEMPLATE = "Passages:\n{passages}\n\nQuestion: {question}"
@@ -33,11 +33,11 @@ def build_sft(source: str | os.PathLike, retrieve: Callable[[str], str] | None =
     such as the ones committed in data/trajectories/)."""
     source = Path(source)
     if source.is_dir():
-        records, run_dir = read_jsonl(source / "trajectories.jsonl"), Path(out_dir or source)
+        records, run_dir = read_jsonl(source / "trajectories.jsonl", check_trajectory), Path(out_dir or source)
     elif out_dir is None:
         raise ValueError(f"{source} is a file: say where the SFT data goes (--out)")
     else:
-        records, run_dir = read_jsonl(source), Path(out_dir)
+        records, run_dir = read_jsonl(source, check_trajectory), Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     agent_rows = [{"messages": t["messages"], "id": r["id"]} for r in records for t in kept_runs(r)]
     cot_rows = []

@@ -14,12 +14,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from attar.distill.data import Question
-from attar.distill.scoring import score
-from attar.runtime.answers import extract_boxed
+from attar.distill.data import Question, check_messages, claim_folder, read_jsonl, write_atomic
+from attar.distill.runner import run_questions
+from attar.distill.scoring import Outcome, score, score_run
 from attar.runtime import prompts
-from attar.runtime.agent import canonical_output
-from attar.runtime.llm import Backend, OpenAIBackend, Sampling, load_backend
+from attar.runtime.agent import Agent, canonical_output
+from attar.runtime.answers import extract_boxed
+from attar.runtime.llm import Backend, OpenAIBackend, Sampling
+from attar.runtime.memory import Finish
+from attar.runtime.models import load_backend
 
 TEACHER_EXAMPLES = '''
 Here are two examples of the format.
@@ -70,7 +73,7 @@ exact value, never a rounded float: a LaTeX string such as final_answer("\\\\fra
 object itself (final_answer(sympy.sqrt(2) / 2) is sent as LaTeX).
 '''
 
-TEACHER_SYSTEM = prompts.SYSTEM + "\n" + TEACHER_EXAMPLES.replace("{", "{{").replace("}", "}}")  # a format template
+TEACHER_SYSTEM = prompts.SYSTEM + "\n" + TEACHER_EXAMPLES
 
 COT_SYSTEM = ("Answer the question. Think step by step, one short paragraph per step, and end with the final "
               "answer in \\boxed{}.")
@@ -143,18 +146,15 @@ def _trajectory(teacher: Backend, q: Question, cfg: GenerateConfig, tools: list)
 
 def _agent_run(teacher: Backend, q: Question, cfg: GenerateConfig, tools: list, prefix: str, sampling: Sampling,
                began: float) -> dict:
-    from attar.runtime import Agent
-
     with Agent(teacher, tools=tools, max_steps=cfg.max_steps, system_prompt=TEACHER_SYSTEM, sampling=sampling) as agent:
         result = agent.run(q.question, prefix=prefix)
         for step in result.steps:  # stored in the one format the student learns
             if step.code is not None:
                 step.model_output = canonical_output(step.model_output, step.code)
         messages = agent.memory.messages()
-        messages[0] = {"role": "system", "content": prompts.SYSTEM.format(tools=agent.tool_descriptions)}
-    correct = result.finished_by == "final_answer" and score(result.answer, q.answer, q.kind)
-    if not correct and cfg.judge and q.kind == "factual" and result.finished_by == "final_answer":
-        correct = judge(teacher, q.question, q.answer, result.answer)
+        messages[0] = {"role": "system", "content": prompts.system(agent.tool_descriptions)}
+    second_say = (lambda answer: judge(teacher, q.question, q.answer, answer)) if cfg.judge and q.kind == "factual" else None
+    correct = score_run(result, q.answer, q.kind, second_say) == Outcome.CORRECT
     return trajectory_record(q, result, messages, teacher.name, began, correct,
                              **({} if sampling.greedy else {"temperature": sampling.temperature, "seed": sampling.seed}))
 
@@ -167,7 +167,7 @@ def trajectory_record(q: Question, result, messages: list[dict], teacher: str, b
         "id": q.id, "question": q.question, "answer": q.answer, "kind": q.kind,
         "prediction": result.answer, "correct": correct,
         "finished_by": result.finished_by,
-        "parse_errors": sum(1 for s in steps if s.code is None and not (s.is_final and result.finished_by == "max_steps")),
+        "parse_errors": sum(1 for s in steps if s.code is None and not s.is_fallback),
         "exec_errors": sum(1 for s in steps if s.code is not None and s.error),
         "steps": len(steps), **cot, "messages": messages, "teacher": teacher,
         "tokens": sum(s.completion_tokens for s in steps) + cot_tokens,
@@ -179,13 +179,12 @@ def generate(questions: list[Question], teacher: Backend, out_dir: str | os.Path
              tools: list = (), progress: bool = True) -> dict:
     """Run the teacher over every question not yet in OUT/trajectories.jsonl; return a summary.
     OUT/generate.json records how (`attar distill pack` puts it in the manifest)."""
-    from attar.distill.runner import run_questions
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"teacher": teacher.name, "tools": [getattr(t, "__name__", str(t)) for t in tools] + ["final_answer"],
                 "decoding": "greedy, then sampled retries" if cfg.retries else "greedy", **asdict(cfg)}
-    (out / "generate.json").write_text(json.dumps(settings, indent=2))
+    claim_folder(out, {k: v for k, v in settings.items() if k != "concurrency"}, "trajectories",
+                 record="generate.json", outputs=("trajectories.jsonl",))
     records, failures = run_questions(questions, lambda q: str(q.id), lambda q: _trajectory(teacher, q, cfg, list(tools)),
                                       out / "trajectories.jsonl", cfg.concurrency, "trajectories", progress)
     return summarize(records) | {"failed": len(failures), "failures": failures[:5]}
@@ -195,15 +194,13 @@ def pack(run_dir: str | os.PathLike, out_file: str | os.PathLike, note: str | No
     """A run's trajectories as one gzip JSONL (every trajectory, kept or not) and a manifest beside
     it (settings, counts, drop reasons), both written atomically: what gets committed, hourly
     during a long run, so that anyone can filter and train without the teacher."""
-    from attar.distill.data import read_jsonl, write_atomic
-
     run_dir, out_file = Path(run_dir), Path(out_file)
     if not out_file.name.endswith(".jsonl.gz"):
         raise ValueError(f"{out_file}: the packed file is NAME.jsonl.gz")
     source = run_dir / "trajectories.jsonl"
     if not source.is_file():
         raise ValueError(f"{run_dir} holds no trajectories.jsonl")
-    records = read_jsonl(source)
+    records = read_jsonl(source, check_trajectory)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out_file, gzip.compress(source.read_bytes(), mtime=0))
     settings = json.loads((run_dir / "generate.json").read_text()) if (run_dir / "generate.json").is_file() else {}
@@ -221,13 +218,32 @@ def summarize(records: list[dict]) -> dict:
     dropped = [r for r in records if not keep(r)]
     return {"trajectories": len(records), "correct": sum(r["correct"] for r in records),
             "kept": len(kept), "kept_share": round(len(kept) / n, 4),
-            "dropped_no_final_answer": sum(r["finished_by"] != "final_answer" for r in dropped),
-            "dropped_wrong_answer": sum(r["finished_by"] == "final_answer" and not r["correct"] for r in dropped),
+            "dropped_no_final_answer": sum(r["finished_by"] != Finish.FINAL_ANSWER for r in dropped),
+            "dropped_wrong_answer": sum(r["finished_by"] == Finish.FINAL_ANSWER and not r["correct"] for r in dropped),
             "dropped_parse_error": sum(bool(r["correct"]) and r["parse_errors"] > 0 for r in dropped),
             "cot_correct": sum(bool(r.get("cot_correct")) for r in records),
             "retries": sum(len(r.get("retries", [])) for r in records),
             "kept_from_retries": sum(len(kept_runs(r)) - keep(r) for r in records),
             "exec_error_runs": sum(r["exec_errors"] > 0 for r in records)}
+
+
+_FIELDS = {"id": (str, int), "question": str, "correct": bool, "finished_by": str, "parse_errors": int,
+           "exec_errors": int, "messages": list}
+
+
+def check_trajectory(record: dict) -> None:
+    """A trajectory record as `trajectory_record` writes it (retries included), or a ValueError
+    that says what is wrong: files are read from anywhere, so nothing is assumed."""
+    for run in [record, *record.get("retries", [])] if isinstance(record.get("retries", []), list) else [None]:
+        if not isinstance(run, dict):
+            raise ValueError("\"retries\" must be a list of trajectory records")
+        for key, kind in _FIELDS.items():
+            if not isinstance(run.get(key), kind) or (kind is int and isinstance(run.get(key), bool)):
+                raise ValueError(f"a trajectory needs {key!r} ({getattr(kind, '__name__', 'str or int')}), "
+                                 f"got {type(run.get(key)).__name__}")
+        check_messages(run["messages"])
+    if record.get("cot") is not None and not isinstance(record["cot"], str):
+        raise ValueError("\"cot\" must be text")
 
 
 def keep(record: dict) -> bool:

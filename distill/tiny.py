@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from attar.runtime.models import gguf_path
+
 
 def save_default_tokenizer(out: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from attar.runtime.models import gguf_path as default_gguf
-
-    gguf = default_gguf("smollm2-135m")
+    gguf = gguf_path("smollm2-135m")
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
     return out
 

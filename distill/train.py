@@ -13,18 +13,13 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# ChatML with TRL's {% generation %} markers around each assistant turn (and its <|im_end|>):
-# that is what `assistant_only_loss` masks by. Observations are user turns, so they carry no loss.
-TRAIN_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from tokenizers import Tokenizer
+
+from attar.distill.data import check_messages, read_jsonl
+from attar.export.convert import load_source
+from attar.runtime.gguf_import import gguf_tokenizer
+from attar.runtime.models import gguf_path
+from attar.runtime.turns import START, encode_for_training
 
 
 @dataclass
@@ -51,13 +46,31 @@ class TrainConfig:
 
 def load_student(student: str):
     """(model, tokenizer) in float32 from "default", an HF folder or a GGUF file."""
-    from attar.export.convert import load_source
+    return load_source(student_path(student))
 
-    if student == "default":
-        from attar.runtime.models import gguf_path as default_gguf
 
-        student = str(default_gguf())
-    return load_source(Path(student))
+def student_path(student: str) -> Path:
+    return gguf_path() if student == "default" else Path(student)
+
+
+def runtime_tokenizer(student: str) -> Tokenizer:
+    """The tokenizer the exported student will read with: training encodes with it, so the ids a
+    student learns are the ids the runtime gives it (transformers' GGUF loader splits digits
+    differently for SmolLM2, for one)."""
+    path = student_path(student)
+    if path.is_file():
+        return gguf_tokenizer(path)
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError(f"{path}: the student has no tokenizer.json (a fast tokenizer is needed)")
+    return Tokenizer.from_file(str(path / "tokenizer.json"))
+
+
+def tokenized(messages: list[dict], tokenizer: Tokenizer, max_length: int) -> dict:
+    """One training row: the conversation's ids as the runtime renders them, loss on the assistant's
+    own tokens only (`turns.encode_for_training`), cut to `max_length`."""
+    ids, trained = encode_for_training(tokenizer, messages)
+    ids, trained = ids[:max_length], trained[:max_length]
+    return {"input_ids": ids, "labels": [i if t else -100 for i, t in zip(ids, trained)]}
 
 
 def data_files(data: str | os.PathLike | list) -> list[Path]:
@@ -71,18 +84,15 @@ def make_trainer(data: str | os.PathLike | list, student: str, out: str | os.Pat
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from attar.distill.data import read_jsonl
-
     files, out = data_files(data), Path(out)
     for file in files:
         if not file.is_file():
             raise ValueError(f"training data not found: {file}")
+    encoder = runtime_tokenizer(student)
     rows = []
     for file in files:
-        for i, row in enumerate(read_jsonl(file), 1):
-            if not isinstance(row.get("messages"), list):
-                raise ValueError(f"{file}: row {i} has no \"messages\" list")
-            rows.append({"messages": row["messages"]})
+        for row in read_jsonl(file, lambda row: check_messages(row.get("messages"))):
+            rows.append(tokenized(row["messages"], encoder, cfg.max_length))
     if not rows:
         raise ValueError(f"{', '.join(map(str, files))}: no training rows")
     dataset = Dataset.from_list(rows)
@@ -92,16 +102,14 @@ def make_trainer(data: str | os.PathLike | list, student: str, out: str | os.Pat
         raise ValueError(f"cpu_weights is bf16 or fp32, not {cfg.cpu_weights!r}")
     if not on_gpu and cfg.cpu_weights == "bf16":
         model = model.to(torch.bfloat16)
-    if "<|im_start|>" not in tokenizer.get_vocab():
-        raise ValueError("this trainer's template is ChatML; the student's tokenizer has no <|im_start|> token")
-    tokenizer.chat_template = TRAIN_TEMPLATE
+    if encoder.token_to_id(START) is None:
+        raise ValueError(f"attar's turn format is ChatML; the student's tokenizer has no {START} token")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch_size = cfg.batch_size or (2 if on_gpu else 1)
     grad_accum = cfg.grad_accum or max(1, 8 // batch_size)
     args = SFTConfig(
         output_dir=str(out / "checkpoints"),
-        assistant_only_loss=True,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=batch_size,
@@ -163,7 +171,7 @@ def _merge(student: str, adapter: Path, out: Path) -> None:
 
     model, _ = load_student(student)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    _save_merged(merged, AutoTokenizer.from_pretrained(adapter), out)  # the adapter's copy has the train template
+    _save_merged(merged, AutoTokenizer.from_pretrained(adapter), out)
 
 
 def _save_merged(model, tokenizer, out: Path) -> None:

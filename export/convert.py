@@ -7,16 +7,16 @@ transformers has written a plain float32 copy."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable
+
+from attar.runtime.build import Writer, build, gguf_writer
+from attar.runtime.modeldir import ModelError, check_adapter_name
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 
@@ -123,41 +123,21 @@ def export_model(
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if not source.exists():
         raise ExportError(f"source not found: {source}")
-    if out.exists():
-        raise ExportError(f"output folder already exists: {out}")
     if source.is_file() and source.suffix != ".gguf":
         raise ExportError(f"a source file must be a .gguf model: {source}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    adapters = adapter_names(lora)
-    began = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        onnx_dir = work / "onnx"
-        onnx_dir.mkdir()
+        adapters = adapter_names(lora)
         if source.is_file() and precision is None:
-            reference = _import_exact(source, onnx_dir, adapters, log)
+            write = gguf_writer(source, adapters, log)
+        elif len(adapters) > 1:
+            raise ExportError("several adapters stay unmerged only over a GGUF base; the builder merges one")
         else:
-            if len(adapters) > 1:
-                raise ExportError("several adapters stay unmerged only over a GGUF base; the builder merges one")
-            reference = _build_with_builder(source, work, onnx_dir, next(iter(adapters.values()), None),
-                                            precision or "int4", ep, log,
-                                            keep_log=out.with_name(out.name + ".builder.log"))
-        report = None
-        if check:
-            from attar.export.parity import format_report, parity_report
-
-            log("[3/3] parity check: the export against its source")
-            report = parity_report(reference(), onnx_dir, log, questions=check_questions)
-            report["precision"] = precision or "gguf (exact)"
-            report["export_seconds"] = round(time.perf_counter() - began, 1)
-            (onnx_dir / "parity.json").write_text(json.dumps(report, indent=2))
-            log(format_report(report))
-        else:
-            log("[3/3] parity check skipped (--no-check)")
-        os.replace(onnx_dir, out)
-        return report
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            write = _builder_writer(source, next(iter(adapters.values()), None), precision or "int4", ep, log,
+                                    keep_log=out.with_name(out.name + ".builder.log"))
+        return build(out, write, check=check, log=log, questions=check_questions,
+                     precision=precision or "gguf (exact)")
+    except ModelError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def adapter_names(lora) -> dict[str, Path]:
@@ -175,37 +155,47 @@ def adapter_names(lora) -> dict[str, Path]:
             name = path.resolve().parent.name if path.name == "adapter" else path.name
         if not path.is_dir():
             raise ExportError(f"LoRA adapter folder not found: {path}")
+        check_adapter_name(name)
         if name in out:
             raise ExportError(f"two adapters are named {name!r}; name them: --lora NAME=FOLDER")
         out[name] = path
     return out
 
 
-def _import_exact(source: Path, onnx_dir: Path, adapters: dict[str, Path], log: Callable[[str], None]):
-    """GGUF -> ONNX with the GGUF's own weights (torch-free); the reference is the GGUF itself,
-    with the default adapter merged in numpy."""
-    from attar.export.gguf_import import GGUFError, import_gguf
-    from attar.export.reference import GGUFScorer
-
-    log(f"[1/3] reading {source}" + (f" + {len(adapters)} LoRA adapter(s), kept unmerged" if adapters else ""))
-    log("[2/3] writing its quantized weights into an ONNX graph")
-    try:
-        import_gguf(source, onnx_dir, log=log, adapters=adapters)
-    except GGUFError as exc:
-        raise ExportError(str(exc)) from None
-    return lambda: GGUFScorer(source, next(iter(adapters.values()), None))
-
-
-def _build_with_builder(source: Path, work: Path, onnx_dir: Path, lora: Path | None, precision: str, ep: str,
-                        log: Callable[[str], None], keep_log: Path):
+def _builder_writer(source: Path, lora: Path | None, precision: str, ep: str, log: Callable[[str], None],
+                    keep_log: Path) -> Writer:
     """Any source through transformers and onnxruntime-genai's builder (re-quantizes a GGUF)."""
-    from attar.export.parity import TorchScorer
 
-    log(f"[1/3] loading {source}" + (f" + LoRA {lora}" if lora else ""))
-    model, tokenizer = load_source(source, lora)
-    hf_dir = work / "hf"
-    model.save_pretrained(hf_dir)
-    tokenizer.save_pretrained(hf_dir)
-    log(f"[2/3] building the {precision} ONNX model for {ep} with onnxruntime-genai's builder")
-    build_onnx(hf_dir, onnx_dir, precision, ep, keep_log)
-    return lambda: TorchScorer(model)
+    def write(onnx_dir: Path):
+        log(f"[1/3] loading {source}" + (f" + LoRA {lora}" if lora else ""))
+        model, tokenizer = load_source(source, lora)
+        hf_dir = onnx_dir.parent / "hf"
+        model.save_pretrained(hf_dir)
+        tokenizer.save_pretrained(hf_dir)
+        log(f"[2/3] building the {precision} ONNX model for {ep} with onnxruntime-genai's builder")
+        build_onnx(hf_dir, onnx_dir, precision, ep, keep_log)
+        return lambda: TorchScorer(model)
+
+    return write
+
+
+class TorchScorer:
+    """A transformers model (an HF-folder source of the builder path)."""
+
+    name = "source (transformers, float32)"
+
+    def __init__(self, model):
+        self.model = model
+
+    def logits(self, sequences, progress=lambda i, n: None, positions=None):
+        import torch
+
+        out = []
+        for n, ids in enumerate(sequences):
+            progress(n, len(sequences))
+            with torch.no_grad():
+                logits = self.model(torch.tensor([ids])).logits[0].float().numpy()
+            out.append(logits if positions is None else logits[positions[n]])
+        return out
+
+

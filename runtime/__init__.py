@@ -11,7 +11,7 @@ _EXPORTS = {
     "EngineBackend": "llm", "OnnxBackend": "llm", "OpenAIBackend": "llm", "Sampling": "llm", "ScriptedBackend": "llm",
     "Memory": "memory", "Step": "memory",
     "Index": "retrieval", "build_index": "retrieval",
-    "Limits": "sandbox", "Sandbox": "sandbox",
+    "Limits": "executor", "Sandbox": "sandbox",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from attar.runtime.llm import EngineBackend, OnnxBackend, OpenAIBackend, Sampling, ScriptedBackend
     from attar.runtime.memory import Memory, Step
     from attar.runtime.retrieval import Index, build_index
-    from attar.runtime.sandbox import Limits, Sandbox
+    from attar.runtime.executor import Limits
+    from attar.runtime.sandbox import Sandbox
 
 
 def __getattr__(name: str):

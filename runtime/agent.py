@@ -18,10 +18,14 @@ from typing import Any, Callable, Iterator
 
 from attar.runtime import prompts
 from attar.runtime.answers import extract_boxed
-from attar.runtime.llm import Backend, Generation, Sampling, load_backend
-from attar.runtime.memory import Memory, Step, Task
+from attar.runtime.executor import CellResult, Executor, ExecutorFactory, Limits
+from attar.runtime.llm import Backend, Generation, PromptTooLong, Sampling
+from attar.runtime.memory import Finish, Memory, Step, Task
+from attar.runtime.models import load_backend
+from attar.runtime.retrieval import Index, web_search_tool
+from attar.runtime.sag import SAMPLING as SAG_SAMPLING
 from attar.runtime.sag import run_candidates
-from attar.runtime.sandbox import CellResult, Limits, Sandbox
+from attar.runtime.sandbox import Sandbox
 from attar.runtime.tools import Tool, describe, validate
 
 _CODE = re.compile(r"```(?:py|python)?[ \t]*\n(.*?)(?:\n```|$)", re.DOTALL)
@@ -62,13 +66,13 @@ def canonical_output(text: str, code: str) -> str:
 class RunResult:
     answer: Any
     steps: list[Step]
-    finished_by: str  # "final_answer", or "max_steps": then `answer` is a fallback, not the agent's
+    finished_by: Finish
     memory: Memory
 
     @property
     def is_fallback(self) -> bool:
         """True when the agent never called final_answer and the answer is a last-call guess."""
-        return self.finished_by == "max_steps"
+        return self.finished_by == Finish.MAX_STEPS
 
     def to_dict(self) -> dict:
         return {"answer": self.answer, "finished_by": self.finished_by, "fallback": self.is_fallback,
@@ -88,6 +92,7 @@ class Agent:
         sampling: Sampling | None = None,
         sag: int = 1,
         limits: Limits = Limits(),
+        executor: ExecutorFactory = Sandbox.open,
         provider: str = "cpu",
         adapter: str | None = None,
         on_text: Callable[[str], None] | None = None,
@@ -99,29 +104,25 @@ class Agent:
         if sag < 1:
             raise ValueError("sag must be at least 1")
         if sampling is None:
-            # SAG needs diverse candidates: the paper samples at temperature 0.4, top-p 0.8.
-            sampling = Sampling(temperature=0.4, top_p=0.8) if sag > 1 else Sampling()
+            sampling = SAG_SAMPLING if sag > 1 else Sampling()
         self.backend = load_backend(model, provider=provider, adapter=adapter) if model is None or isinstance(
             model, (str, Path)) else model
         tools = list(tools)
         if index is not None:
-            from attar.runtime.retrieval import Index, web_search_tool
-
             tools.append(web_search_tool(Index.open(index) if isinstance(index, (str, Path)) else index))
         self.tools = {name: self._timed(tool) for name, tool in validate(tools).items()}
         self._tool_seconds = 0.0
         self.max_steps = max_steps
         self.sampling = sampling
         self.sag = sag
-        if sag > 1:
-            Sandbox.keep_warm(sag, limits)  # forks then cost a replay, not an interpreter boot
         self.limits = limits
+        self.executor = executor
         self.on_text = on_text
         self.on_step_start = on_step_start or (lambda number, fallback: None)  # before the step's text streams
         self.tool_descriptions = "\n".join(describe(t) for t in self.tools.values())
-        system = system_prompt.format(tools=self.tool_descriptions)
+        system = prompts.system(self.tool_descriptions, system_prompt)
         self.memory = Memory(system)
-        self.sandbox: Sandbox | None = None
+        self.sandbox: Executor | None = None
 
     def run(self, question: str, reset: bool = True, prefix: str = "") -> RunResult:
         steps = list(self.stream(question, reset=reset, prefix=prefix))
@@ -145,15 +146,15 @@ class Agent:
                 task.steps.append(step)
                 yield step
                 if step.is_final:
-                    task.answer, task.finished_by = step.final_answer, "final_answer"
+                    task.answer, task.finished_by = step.final_answer, Finish.FINAL_ANSWER
                     return
             self.on_step_start(self.max_steps + 1, True)
             step = self._final_step(self.max_steps + 1)
             task.steps.append(step)
-            task.answer, task.finished_by = step.final_answer, "max_steps"
+            task.answer, task.finished_by = step.final_answer, Finish.MAX_STEPS
             yield step
         except KeyboardInterrupt:
-            task.finished_by = "interrupted"
+            task.finished_by = Finish.INTERRUPTED
             raise
 
     def _timed(self, tool: Tool) -> Tool:
@@ -172,7 +173,7 @@ class Agent:
     def reset(self) -> None:
         self.close()
         self.memory.tasks.clear()
-        self.sandbox = Sandbox(self.tools, self.limits)
+        self.sandbox = self.executor(self.tools, self.limits, self.sag if self.sag > 1 else 0)
 
     def close(self) -> None:
         if self.sandbox is not None:
@@ -191,8 +192,8 @@ class Agent:
         if self.sag > 1 and not prefix:
             return self._sag_step(number)
         kwargs = {"prefix": prefix} if prefix else {}
-        gen = self.backend.generate(self.memory.messages(), stop=prompts.STOP, sampling=self.sampling,
-                                    on_text=self.on_text, **kwargs)
+        gen = self._fitting(lambda messages: self.backend.generate(messages, stop=prompts.STOP, sampling=self.sampling,
+                                                                   on_text=self.on_text, **kwargs))
         gen.text = prefix + gen.text
         step = _new_step(number, gen)
         if step.code is None:
@@ -203,6 +204,21 @@ class Agent:
         step.sandbox_seconds, step.tool_seconds = time.perf_counter() - began, self._tool_seconds
         return step
 
+    def _fitting(self, generate: Callable[[list[dict]], Any]) -> Any:
+        """`generate(messages)`, leaving out the oldest earlier tasks, then the oldest observations,
+        while the conversation is longer than the model's context (a chat tool's behaviour); the
+        task's `elided` counts them. A question that does not fit even alone is refused."""
+        task = self.memory.tasks[-1]
+        while True:
+            messages = self.memory.messages(task.elided)
+            if messages is None:
+                raise PromptTooLong(f"the question is too long for {self.backend.name}: with the system prompt it "
+                                    "does not fit in the model's context; shorten it or use a model with a longer one")
+            try:
+                return generate(messages)
+            except PromptTooLong:
+                task.elided += 1
+
     def _sag_step(self, number: int) -> Step:
         """N candidates from one batched generation, each run in its own fork; the vote picks
         one (runtime/sag.py). The first candidate is greedy: SAG then keeps the answer N=1 would
@@ -210,7 +226,7 @@ class Agent:
         seed = self.sampling.seed
         samplings = [replace(self.sampling, temperature=0.0)] + [
             replace(self.sampling, seed=None if seed is None else (seed + number) * 1000 + i) for i in range(1, self.sag)]
-        gens = self.backend.generate_batch(self.memory.messages(), samplings, stop=prompts.STOP)
+        gens = self._fitting(lambda messages: self.backend.generate_batch(messages, samplings, stop=prompts.STOP))
         outcome = run_candidates(self.sandbox, gens, [parse_action(g.text) for g in gens])
         step = _new_step(number, gens[outcome.winner if outcome.winner is not None else 0])
         step.completion_tokens = sum(g.completion_tokens for g in gens)
@@ -225,9 +241,9 @@ class Agent:
 
     def _final_step(self, number: int) -> Step:
         """Out of steps: one last call asks for the answer from the memory."""
-        messages = self.memory.messages()
-        messages.append({"role": "user", "content": prompts.FINAL_USER.format(question=self.memory.tasks[-1].question)})
-        gen = self.backend.generate(messages, sampling=Sampling(max_new_tokens=256), on_text=self.on_text)
+        ask = {"role": "user", "content": prompts.FINAL_USER.format(question=self.memory.tasks[-1].question)}
+        gen = self._fitting(lambda messages: self.backend.generate([*messages, ask], sampling=Sampling(max_new_tokens=256),
+                                                                   on_text=self.on_text))
         return Step(number, model_output=gen.text, final_answer=gen.text.strip(), is_final=True, is_fallback=True,
                     generation_seconds=gen.seconds, first_token_seconds=gen.first_token_seconds,
                     prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
@@ -235,9 +251,8 @@ class Agent:
 
 def _new_step(number: int, gen: Generation) -> Step:
     """A step from one generation; the stop string that ended it stays in the transcript."""
-    output = gen.text + ("<end_code>" if gen.stopped_by == "<end_code>" else "")
-    return Step(number, model_output=output, code=parse_action(gen.text), generation_seconds=gen.seconds,
-                first_token_seconds=gen.first_token_seconds, prompt_tokens=gen.prompt_tokens,
+    return Step(number, model_output=prompts.as_written(gen.text, gen.stopped_by), code=parse_action(gen.text),
+                generation_seconds=gen.seconds, first_token_seconds=gen.first_token_seconds, prompt_tokens=gen.prompt_tokens,
                 completion_tokens=gen.completion_tokens, stopped_by=gen.stopped_by)
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import click
 
 from attar.runtime.llm import Sampling
-from attar.runtime.memory import render_step, step_header, to_html
-from attar.runtime.models import ModelError
+from attar.runtime.memory import Finish, render_step, step_header, to_html
+from attar.runtime.sag import SAMPLING as SAG_SAMPLING
+from attar.runtime.modeldir import ModelError
 
 
 def _build_agent(model, index, max_steps, sag, sampling, provider, stream_tokens: bool, quiet: bool,
@@ -43,9 +44,12 @@ def _ask(agent, question: str, reset: bool, as_json: bool) -> None:
     except BackendError as exc:
         raise click.ClickException(str(exc)) from None
     task = agent.memory.tasks[-1]
+    if task.elided:
+        click.secho(f"({task.elided} earlier task(s) or observation(s) were left out: the conversation no longer "
+                    "fits the model's context)", fg="yellow", err=True)
     if as_json:
         return
-    if task.finished_by == "max_steps":
+    if task.finished_by == Finish.MAX_STEPS:
         click.secho(f"\nNo final_answer within {agent.max_steps} steps; the model's fallback answer, from its memory:",
                     fg="yellow", err=True)
     click.secho(f"\n{_printable(task.answer)}", bold=True)
@@ -58,11 +62,9 @@ def _printable(value) -> str:
 
 def run_chat(question, *, model, index, max_steps, sag, temperature, top_p, seed, provider, as_json, trace,
              adapter=None, server=None, local=False) -> None:
-    sampling = Sampling(
-        temperature=temperature if temperature is not None else (0.4 if sag > 1 else 0.0),
-        top_p=top_p if top_p is not None else (0.8 if sag > 1 else 1.0),
-        seed=seed,
-    )
+    default = SAG_SAMPLING if sag > 1 else Sampling()
+    sampling = Sampling(temperature=default.temperature if temperature is None else temperature,
+                        top_p=default.top_p if top_p is None else top_p, seed=seed)
     if question is not None and not question.strip():
         raise click.UsageError("the question is empty")
     url = _server_for(question, model, adapter, index, provider, trace, server, local)
@@ -78,7 +80,7 @@ def run_chat(question, *, model, index, max_steps, sag, temperature, top_p, seed
         if as_json:
             task = agent.memory.tasks[-1]
             click.echo(json.dumps({"answer": task.answer, "finished_by": task.finished_by,
-                                   "fallback": task.finished_by == "max_steps", "memory": agent.memory.to_dict()},
+                                   "fallback": task.finished_by == Finish.MAX_STEPS, "memory": agent.memory.to_dict()},
                                   default=repr))
         if trace:
             Path(trace).write_text(to_html(agent.memory))

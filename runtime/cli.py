@@ -4,6 +4,8 @@ lazily, so `attar --help` and `attar chat` never import torch or transformers.""
 from __future__ import annotations
 
 import importlib
+import signal
+import sqlite3
 import sys
 
 import click
@@ -49,6 +51,14 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="attar")
 def main() -> None:
     """attar: small language-model agents that run entirely on your laptop."""
+    # SIGTERM and SIGHUP end attar the way Ctrl-C does, running every `finally`: an interrupted
+    # export, pull or index build removes its work folder instead of leaving it behind.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @main.command()
@@ -98,8 +108,8 @@ def serve(model, adapter, index, host, port, api_key, concurrency, queue) -> Non
     except ImportError as exc:
         raise click.ClickException(f"`attar serve` needs the serve extra ({exc.name} is missing): "
                                    "pip install 'attar[serve]'") from None
-    from attar.runtime.llm import load_backend
-    from attar.runtime.models import ModelError
+    from attar.runtime.models import load_backend
+    from attar.runtime.modeldir import ModelError
     from attar.runtime.retrieval import Index, IndexError_
     from attar.runtime.serve import ServeConfig, index_key, serve as run
 
@@ -139,7 +149,7 @@ def pull(name: str, as_json: bool) -> None:
     """Fetch NAME's GGUF (a catalog name, or `default`), verify it and build it, once."""
     import json
 
-    from attar.runtime.models import ModelError
+    from attar.runtime.modeldir import ModelError
     from attar.runtime.models import pull as pull_model
 
     try:
@@ -152,7 +162,7 @@ def pull(name: str, as_json: bool) -> None:
         return
     click.echo(str(path))
     if parity.is_file():
-        from attar.export.parity import format_report
+        from attar.runtime.parity import format_report
 
         click.echo(format_report(json.loads(parity.read_text())))
 
@@ -161,7 +171,8 @@ def pull(name: str, as_json: bool) -> None:
 @click.argument("name")
 def rm(name: str) -> None:
     """Delete a catalog model's built folder and cached GGUF."""
-    from attar.runtime.models import ModelError, remove
+    from attar.runtime.models import remove
+    from attar.runtime.modeldir import ModelError
 
     try:
         removed = remove(name)
@@ -186,6 +197,10 @@ def _index_errors(fn):
             return fn(*args, **kwargs)
         except IndexError_ as exc:
             raise click.ClickException(str(exc)) from None
+        except sqlite3.DatabaseError as exc:  # a damaged or foreign passages.sqlite
+            raise click.ClickException(f"the index's passage store cannot be read: {exc}") from None
+        except OSError as exc:
+            raise click.ClickException(f"{exc.filename or 'index'}: {exc.strerror or exc}") from None
 
     return wrapper
 
@@ -240,7 +255,8 @@ def sandbox() -> None:
 @click.option("--memory-mb", default=256, show_default=True, help="Memory limit of the interpreter.")
 def sandbox_exec(file, code: str | None, timeout: float, memory_mb: int) -> None:
     """Run Python code in a fresh sandbox and print what it printed."""
-    from attar.runtime.sandbox import Limits, Sandbox
+    from attar.runtime.executor import Limits
+    from attar.runtime.sandbox import Sandbox
 
     if (code is None) == (file is None):
         raise click.UsageError("give either -c CODE or FILE")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attar.runtime.models import cache_dir, file_from_wheel
+from attar.runtime.fetch import cache_dir, file_from_wheel
 
 NAME = "all-MiniLM-L6-v2/int8-onnx"
 DIM = 384

@@ -25,16 +25,16 @@ what else is in the batch.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from attar.runtime.modeldir import ExportDir
 
 GROW = 1024  # cache capacity grows in steps of this many tokens (doubling beyond)
 
@@ -84,20 +84,16 @@ class Request:
 class Engine:
     """One onnxruntime session and its KV pool; thread-safe, batches whatever is submitted."""
 
-    def __init__(self, model_dir: str | os.PathLike, threads: int | None = None,
+    def __init__(self, model: ExportDir, threads: int | None = None,
                  extra_inputs: dict[str, np.ndarray] | None = None, max_rows: int = 8):
         import onnxruntime as ort
 
         self.ort = ort
-        model_dir = Path(model_dir)
-        config = json.loads((model_dir / "genai_config.json").read_text())["model"]
-        decoder = config["decoder"]
-        self.shape = Shape(decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"],
-                           config.get("context_length", 2048), {**decoder["inputs"], **decoder["outputs"]})
+        self.shape = Shape(model.layers, model.kv_heads, model.head, model.context, model.io_names)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_dir / decoder["filename"]), options)
+        self.session = ort.InferenceSession(str(model.decoder), options)
         inputs = {i.name for i in self.session.get_inputs()}
         if "position_ids" in inputs:
             raise ValueError("this graph takes position_ids; the engine drives GroupQueryAttention graphs only")

@@ -1,6 +1,7 @@
-"""Model backends. The agent only needs `generate(messages, ...) -> Generation`; onnxruntime-genai
-runs exported students on the laptop, an OpenAI-compatible server can stand in (teachers), and a
-scripted backend replays fixed outputs for tests and demos."""
+"""Model backends. The agent only needs `generate(messages, ...) -> Generation`: attar's engine
+runs exported models on the laptop's CPU, onnxruntime-genai on an NPU or GPU provider, an
+OpenAI-compatible server can stand in (teachers), and a scripted backend replays fixed outputs
+for tests and demos. Every local prompt is rendered by `turns` (the one turn format)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
+from tokenizers import Tokenizer
 
-Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+from attar.runtime.engine import ContextFull, Engine, Request
+from attar.runtime.modeldir import ExportDir, ModelError
+from attar.runtime.turns import Message, TemplateError, render, renderer
 
 
 @dataclass
@@ -44,8 +47,11 @@ class Generation:
     cached_tokens: int = 0  # prompt tokens whose KV was already cached (attar's engine)
 
 
-class Backend(Protocol):
-    name: str
+class Backend:
+    """A model the agent can ask: `generate` one continuation of a conversation; `generate_batch`
+    samples several of the same prompt (SAG's candidates), one by one unless a backend batches."""
+
+    name: str = "model"
 
     def generate(
         self,
@@ -54,16 +60,11 @@ class Backend(Protocol):
         sampling: Sampling = Sampling(),
         on_text: Callable[[str], None] | None = None,
         prefix: str = "",  # start of the assistant turn, which the model continues
-    ) -> Generation: ...
+    ) -> Generation:
+        raise NotImplementedError
 
     def generate_batch(self, messages: list[Message], samplings: list[Sampling], stop: list[str] = ()) -> list[Generation]:
-        """One generation of the same prompt per sampling (SAG's candidates), batched where the backend can."""
-        ...
-
-
-def one_by_one(backend: Backend, messages: list[Message], samplings: list[Sampling], stop=()) -> list[Generation]:
-    """`generate_batch` for a backend that cannot batch: one call per sampling."""
-    return [backend.generate(messages, stop, sampling) for sampling in samplings]
+        return [self.generate(messages, stop, sampling) for sampling in samplings]
 
 
 class BackendError(Exception):
@@ -140,103 +141,136 @@ class _Text:
         return self.text
 
 
-class OnnxBackend:
-    """An exported student run by onnxruntime-genai on this machine."""
+class EngineBackend(Backend):
+    """An exported model run by attar's engine (`runtime/engine.py`) on the CPU, the one CPU
+    backend: the KV cache outlives a call, so an agent's next step prefills only what was
+    appended, the N samples of a SAG step share one prefill of their prompt, and calls from
+    several threads (agents run side by side) decode in one batch."""
 
-    def __init__(self, model_dir: str | os.PathLike, provider: str = "cpu", provider_options: dict | None = None,
+    def __init__(self, model: str | os.PathLike | ExportDir, adapter: str | None = None, threads: int | None = None,
+                 max_rows: int = 8):
+        folder = model if isinstance(model, ExportDir) else ExportDir.open(model)
+        self.adapter = folder.choose_adapter(adapter)
+        self.name = f"{folder.name}+{self.adapter}" if self.adapter else folder.name
+        try:
+            self.render = renderer(folder.chat_template())
+            self.tokenizer = Tokenizer.from_file(str(folder.tokenizer_file))
+        except TemplateError as exc:
+            raise ModelError(f"{folder.path}: {exc}") from None
+        except Exception as exc:  # tokenizers raises its own exception type for a bad or missing file
+            raise ModelError(f"{folder.tokenizer_file}: cannot read the tokenizer: {str(exc)[:200]}") from None
+        extra = folder.adapter_params(self.adapter) if self.adapter else {}
+        self.engine = _load(folder, lambda: Engine(folder, threads=threads, extra_inputs=extra, max_rows=max_rows))
+        self.eos = folder.eos  # the engine bounds the context itself
+
+    def encode(self, messages: list[Message], prefix: str = "") -> list[int]:
+        try:
+            text = self.render(messages, prefix)
+        except TemplateError as exc:
+            raise BackendError(str(exc)) from None
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    def _request(self, ids: list[int], sampling: Sampling, text: _Text) -> Request:
+        return Request(ids, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
+                       sampling.seed, self.eos, text.accept)
+
+    @staticmethod
+    def _generation(text: _Text, request: Request) -> Generation:
+        return Generation(text=text.finish(), prompt_tokens=len(request.ids), completion_tokens=len(request.out),
+                          seconds=time.perf_counter() - request.began, first_token_seconds=request.first_token_s,
+                          stopped_by=text.stopped_by, cached_tokens=request.reused)
+
+    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
+        text = _Text(self._decode, stop, on_text)
+        try:
+            return self._generation(text, self.engine.run(self._request(self.encode(messages, prefix), sampling, text)))
+        except ContextFull as exc:
+            raise PromptTooLong(f"the conversation is too long for {self.name}: {exc}") from None
+
+    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
+        """One request per sampling, decoded as one batch: the first prefills the prompt (reusing
+        the cache of earlier steps), the others copy its cache; each row is cut at its own stop
+        string and leaves the batch when it ends."""
+        ids = self.encode(messages, "")
+        texts = [_Text(self._decode, stop) for _ in samplings]
+        try:
+            requests = [self.engine.submit(self._request(ids, s, t)) for s, t in zip(samplings, texts)]
+        except ContextFull as exc:
+            raise PromptTooLong(f"the conversation is too long for {self.name}: {exc}") from None
+        return [self._generation(text, self.engine.wait(request)) for text, request in zip(texts, requests)]
+
+
+class OnnxBackend(Backend):
+    """An exported model run by onnxruntime-genai: the backend for a non-CPU execution provider
+    (an NPU or GPU that this onnxruntime-genai build has). On the CPU, EngineBackend runs every
+    export; there this class is only the independent reference the engine is tested against."""
+
+    def __init__(self, model: str | os.PathLike | ExportDir, provider: str = "cpu", provider_options: dict | None = None,
                  adapter: str | None = None):
-        """`adapter`: one of the export's LoRA adapters; None runs its default one, "base" none."""
         import onnxruntime_genai as og
 
-        from attar.runtime.models import check_model_dir, choose_adapter
-
         self.og = og
-        path = check_model_dir(model_dir)
-        self.name = path.name
-        config = og.Config(str(path))
-        if provider != "cpu":
-            # NPU/GPU execution providers are passed through when this build has them.
-            config.clear_providers()
-            config.append_provider(provider)
-            for key, value in (provider_options or {}).items():
-                config.set_provider_option(provider, key, str(value))
-        self.adapter = choose_adapter(path, adapter)
-        self.model = _load(path, lambda: og.Model(config))
+        folder = model if isinstance(model, ExportDir) else ExportDir.open(model)
+        self.context_length = folder.context
+        try:
+            self.render = renderer(folder.chat_template())
+        except TemplateError as exc:
+            raise ModelError(f"{folder.path}: {exc}") from None
+        self.adapter = folder.choose_adapter(adapter)
+        self.name = f"{folder.name}+{self.adapter}" if self.adapter else folder.name
+
+        def load():
+            config = og.Config(str(folder.path))
+            if provider != "cpu":
+                config.clear_providers()
+                config.append_provider(provider)
+                for key, value in (provider_options or {}).items():
+                    config.set_provider_option(provider, key, str(value))
+            return og.Model(config)
+
+        self.model = _load(folder, load)
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = None
         if self.adapter:
             self.adapters = og.Adapters(self.model)
-            self.adapters.load(str(path / "adapters" / f"{self.adapter}.onnx_adapter"), self.adapter)
-            self.name = f"{path.name}+{self.adapter}"
-        self.context_length = json.loads((path / "genai_config.json").read_text())["model"].get("context_length", 2048)
+            self.adapters.load(str(folder.adapter_file(self.adapter)), self.adapter)
 
-    def _generator(self, params):
-        generator = self.og.Generator(self.model, params)
-        if self.adapter:
-            generator.set_active_adapter(self.adapters, self.adapter)
-        return generator
-
-    def prompt_ids(self, messages: list[Message], prefix: str = ""):
-        text = self.tokenizer.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
-        return self.tokenizer.encode(text + prefix)
-
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(np.array(tokens, dtype=np.int32))
-
-    def _search_options(self, sampling: Sampling, prompt_tokens: int, n: int = 1):
+    def _generator(self, sampling: Sampling, prompt_tokens: int):
         params = self.og.GeneratorParams(self.model)
-        options = {"batch_size": n, "max_length": min(self.context_length, prompt_tokens + sampling.max_new_tokens),
+        options = {"max_length": min(self.context_length, prompt_tokens + sampling.max_new_tokens),
                    "do_sample": not sampling.greedy}
         if not sampling.greedy:
             options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         if sampling.seed is not None:
             options["random_seed"] = sampling.seed
         params.set_search_options(**options)
-        return params
+        generator = self.og.Generator(self.model, params)
+        if self.adapter:
+            generator.set_active_adapter(self.adapters, self.adapter)
+        return generator
 
     def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
         began = time.perf_counter()
-        ids = self.prompt_ids(messages, prefix)
-        generator = self._generator(self._search_options(sampling, len(ids)))
+        try:
+            ids = self.tokenizer.encode(self.render(messages, prefix))
+        except TemplateError as exc:
+            raise BackendError(str(exc)) from None
+        if len(ids) >= self.context_length:
+            raise PromptTooLong(f"the conversation is too long for {self.name}: {len(ids)} tokens, "
+                                f"context {self.context_length}")
+        generator = self._generator(sampling, len(ids))
         generator.append_tokens(ids)
-        text, first = _Text(self._decode, stop, on_text), None
+        text, first = _Text(lambda t: self.tokenizer.decode(np.array(t, dtype=np.int32)), stop, on_text), None
         while not generator.is_done():
             generator.generate_next_token()
             first = first if first is not None else time.perf_counter() - began
             if text.accept(int(generator.get_next_tokens()[0])):
                 break
-        return Generation(text.finish(), len(ids), len(text.tokens), time.perf_counter() - began, first,
-                          text.stopped_by)
-
-    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
-        """Samplings that differ only in their seed run as one batched generation (genai takes
-        one seed per batch: the first's); each row is cut at its own stop string. (onnxruntime-
-        genai 0.18 cannot share the prompt's prefill across the batch, nor drop a finished row.)"""
-        groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(samplings):
-            groups.setdefault((s.temperature, s.top_p, s.top_k, s.max_new_tokens), []).append(i)
-        gens: list[Generation | None] = [None] * len(samplings)
-        for rows in groups.values():
-            for i, gen in zip(rows, self._batch(messages, samplings[rows[0]], len(rows), stop)):
-                gens[i] = gen
-        return gens
-
-    def _batch(self, messages, sampling: Sampling, n: int, stop) -> list[Generation]:
-        began = time.perf_counter()
-        ids = self.prompt_ids(messages)
-        generator = self._generator(self._search_options(sampling, len(ids), n))
-        generator.append_tokens(np.array([ids] * n, dtype=np.int32))
-        eos = set(self.tokenizer.eos_token_ids)
-        texts = [_Text(self._decode, stop) for _ in range(n)]
-        done, first = [False] * n, None
-        while not generator.is_done() and not all(done):
-            generator.generate_next_token()
-            first = first if first is not None else time.perf_counter() - began
-            for i, token in enumerate(generator.get_next_tokens()):
-                if not done[i]:
-                    done[i] = int(token) in eos or texts[i].accept(int(token))
-        seconds = time.perf_counter() - began
-        return [Generation(t.finish(), len(ids), len(t.tokens), seconds, first, t.stopped_by) for t in texts]
+        return Generation(text=text.finish(), prompt_tokens=len(ids), completion_tokens=len(text.tokens),
+                          seconds=time.perf_counter() - began, first_token_seconds=first, stopped_by=text.stopped_by)
 
 
 def _available_bytes() -> int | None:
@@ -247,110 +281,26 @@ def _available_bytes() -> int | None:
         return None  # not Linux: let onnxruntime try
 
 
-def _load(path: Path, load: Callable):
-    """`load()` a model from `path`, or a one-line ModelError: refused up front when it cannot
-    fit (onnxruntime needs about its weights' size again while it loads them, for prepacking),
-    and onnxruntime's long C++ messages cut to their first line."""
-    from attar.runtime.models import ModelError
-
-    weights = sum(f.stat().st_size for f in path.glob("*.onnx*") if f.is_file())
+def _load(folder: ExportDir, load: Callable):
+    """`load()` a model, or a one-line ModelError: refused up front when it cannot fit
+    (onnxruntime needs about its weights' size again while it loads them, for prepacking), and
+    onnxruntime's long C++ messages cut to their first line."""
+    weights = folder.weight_bytes
     available = _available_bytes()
     if available is not None and weights * 1.5 > available:
-        raise ModelError(f"{path.name} needs about {weights * 1.5 / 2**30:.1f} GiB of memory to load; "
+        raise ModelError(f"{folder.name} needs about {weights * 1.5 / 2**30:.1f} GiB of memory to load; "
                          f"this machine has {available / 2**30:.1f} GiB available. Try a smaller model "
                          "(`attar models`) or close other programs.")
     try:
         return load()
+    except ModelError:
+        raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load {path}: {first[:300]}") from None
+        raise ModelError(f"cannot load {folder.path}: {first[:300]}") from None
 
 
-class EngineBackend:
-    """An exported ChatML model run by attar's engine (`runtime/engine.py`) on the CPU: the KV
-    cache outlives a call, so an agent's next step prefills only what was appended, the N
-    samples of a SAG step share one prefill of their prompt, and calls from several threads
-    (agents run side by side) decode in one batch. Same sampling options as OnnxBackend;
-    greedy decoding gives the same tokens (tests/test_engine.py)."""
-
-    def __init__(self, model_dir: str | os.PathLike, adapter: str | None = None, threads: int | None = None,
-                 max_rows: int = 8):
-        from tokenizers import Tokenizer
-
-        from attar.runtime.engine import Engine
-        from attar.runtime.models import adapter_params, check_model_dir, choose_adapter
-
-        path = check_model_dir(model_dir)
-        self.adapter = choose_adapter(path, adapter)
-        self.name = f"{path.name}+{self.adapter}" if self.adapter else path.name
-        extra = adapter_params(path, self.adapter) if self.adapter else {}
-        self.engine = _load(path, lambda: Engine(path, threads=threads, extra_inputs=extra, max_rows=max_rows))
-        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        config = json.loads((path / "genai_config.json").read_text())["model"]
-        eos = config.get("eos_token_id")
-        self.eos = frozenset(eos if isinstance(eos, list) else [eos])  # the engine bounds the context itself
-
-    @staticmethod
-    def supports(model_dir: str | os.PathLike) -> bool:
-        """ChatML (the template attar renders itself) and a graph the engine can drive."""
-        path = Path(model_dir)
-        try:
-            template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template") or ""
-            if not template and (path / "chat_template.jinja").is_file():
-                template = (path / "chat_template.jinja").read_text()
-        except (OSError, ValueError):
-            return False
-        return "<|im_start|>" in template and (path / "tokenizer.json").is_file()
-
-    def _encode(self, messages: list[Message], prefix: str) -> list[int]:
-        return self.tokenizer.encode(render_chatml(messages, prefix), add_special_tokens=False).ids
-
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=False)
-
-    def _request(self, ids: list[int], sampling: Sampling, text: _Text):
-        from attar.runtime.engine import Request
-
-        return Request(ids, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
-                       sampling.seed, self.eos, text.accept)
-
-    @staticmethod
-    def _generation(text: _Text, request) -> Generation:
-        return Generation(text.finish(), len(request.ids), len(request.out), time.perf_counter() - request.began,
-                          request.first_token_s, text.stopped_by, request.reused)
-
-    def generate(self, messages, stop=(), sampling=Sampling(), on_text=None, prefix: str = "") -> Generation:
-        from attar.runtime.engine import ContextFull
-
-        text = _Text(self._decode, stop, on_text)
-        try:
-            return self._generation(text, self.engine.run(self._request(self._encode(messages, prefix), sampling, text)))
-        except ContextFull as exc:
-            raise PromptTooLong(f"the conversation is too long for {self.name}: {exc}") from None
-
-    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
-        """One request per sampling, decoded as one batch: the first prefills the prompt (reusing
-        the cache of earlier steps), the others copy its cache; each row is cut at its own stop
-        string and leaves the batch when it ends."""
-        from attar.runtime.engine import ContextFull
-
-        ids = self._encode(messages, "")
-        texts = [_Text(self._decode, stop) for _ in samplings]
-        try:
-            requests = [self.engine.submit(self._request(ids, s, t)) for s, t in zip(samplings, texts)]
-        except ContextFull as exc:
-            raise PromptTooLong(f"the conversation is too long for {self.name}: {exc}") from None
-        return [self._generation(text, self.engine.wait(request)) for text, request in zip(texts, requests)]
-
-
-def render_chatml(messages: list[Message], prefix: str = "") -> str:
-    """ChatML (SmolLM2, Qwen): used where a server must continue a partial assistant message
-    through its plain completions endpoint."""
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + "<|im_start|>assistant\n" + prefix
-
-
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     """Any OpenAI-compatible endpoint (vLLM, llama.cpp server, Ollama, a hosted API).
 
     Several base URLs fan requests out round-robin (a cluster of vLLM servers). Transient
@@ -408,7 +358,7 @@ class OpenAIBackend:
         if sampling.seed is not None:
             body["seed"] = sampling.seed
         if self.completions:
-            reply = self._post("/completions", {**body, "prompt": render_chatml(messages, prefix)})
+            reply = self._post("/completions", {**body, "prompt": render(messages, prefix)})
             raw = _choice(reply, url=self.base_urls[0]).get("text") or ""
         else:
             if prefix:
@@ -424,11 +374,10 @@ class OpenAIBackend:
             on_text(text)
         usage = reply.get("usage") or {}
         seconds = time.perf_counter() - began
-        return Generation(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), seconds,
-                          seconds, stopped_by)
+        return Generation(text=text, prompt_tokens=usage.get("prompt_tokens", 0),
+                          completion_tokens=usage.get("completion_tokens", 0), seconds=seconds,
+                          first_token_seconds=seconds, stopped_by=stopped_by)
 
-    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
-        return one_by_one(self, messages, samplings, stop)
 
 
 def _choice(reply, url: str) -> dict:
@@ -440,7 +389,7 @@ def _choice(reply, url: str) -> dict:
 
 
 @dataclass
-class ScriptedBackend:
+class ScriptedBackend(Backend):
     """Replays fixed outputs in order, cut at the stop strings like a real model's."""
 
     outputs: list[str]
@@ -453,24 +402,5 @@ class ScriptedBackend:
         text, stopped_by = cut_at_stop(raw, list(stop))
         if on_text:
             on_text(text)
-        return Generation(text, sum(len(m["content"]) for m in messages) // 4, len(text) // 4, 0.0, 0.0, stopped_by)
-
-    def generate_batch(self, messages, samplings: list[Sampling], stop=()) -> list[Generation]:
-        return one_by_one(self, messages, samplings, stop)
-
-
-def load_backend(model: str | os.PathLike | None, provider: str = "cpu", adapter: str | None = None) -> Backend:
-    """A model argument as a user gives it: a catalog name, a folder, an http(s) URL
-    (`URL#model`), or None for the default; `adapter` picks one of an export's LoRA adapters."""
-    if model is not None and str(model).startswith(("http://", "https://")):
-        url, _, name = str(model).partition("#")
-        return OpenAIBackend(url, name or "default")
-    from attar.runtime.models import resolve_model
-
-    path = resolve_model(model)
-    # attar's engine where it applies (CPU, ChatML); onnxruntime-genai for NPU/GPU providers.
-    if provider == "cpu" and EngineBackend.supports(path):
-        return EngineBackend(path, adapter=adapter)
-    return OnnxBackend(path, provider=provider, adapter=adapter)
-
-
+        return Generation(text=text, prompt_tokens=sum(len(m["content"]) for m in messages) // 4,
+                          completion_tokens=len(text) // 4, stopped_by=stopped_by)

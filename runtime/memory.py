@@ -6,9 +6,21 @@ from __future__ import annotations
 import html
 import json
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 from attar.runtime import prompts
+
+
+class Finish(str, Enum):
+    """How an agent's task ended (a str, so JSON and old records read the same)."""
+
+    FINAL_ANSWER = "final_answer"  # the agent called final_answer
+    MAX_STEPS = "max_steps"  # out of steps: the answer is a fallback from memory, not the agent's
+    INTERRUPTED = "interrupted"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -55,7 +67,8 @@ class Task:
     question: str
     steps: list[Step] = field(default_factory=list)
     answer: Any = None
-    finished_by: str = ""  # "final_answer", "max_steps" or "interrupted"
+    finished_by: Finish | None = None  # None while it runs
+    elided: int = 0  # earlier tasks and observations left out of the prompt to fit the context
 
 
 @dataclass
@@ -63,15 +76,25 @@ class Memory:
     system_prompt: str
     tasks: list[Task] = field(default_factory=list)
 
-    def messages(self) -> list[dict]:
-        """The conversation so far, in the format students are trained on."""
+    def messages(self, elide: int = 0) -> list[dict] | None:
+        """The conversation so far, in the format students are trained on. `elide` leaves out the
+        oldest parts to fit a model's context: first whole earlier tasks, then the current task's
+        oldest observations (each replaced by a line saying so). None when there is nothing
+        more to leave out."""
+        earlier, current = self.tasks[:-1], (self.tasks[-1] if self.tasks else None)
+        drop_tasks = min(elide, len(earlier))
+        elide -= drop_tasks
+        if current is not None and elide > sum(1 for step in current.steps if not step.is_final):
+            return None
         out = [{"role": "system", "content": self.system_prompt}]
-        for task in self.tasks:
+        for task in earlier[drop_tasks:] + ([current] if current else []):
             out.append({"role": "user", "content": prompts.TASK.format(question=task.question)})
             for step in task.steps:
                 out.append({"role": "assistant", "content": step.model_output})
                 if not step.is_final:
-                    out.append({"role": "user", "content": step.observation})
+                    left_out = task is current and elide > 0
+                    elide -= left_out
+                    out.append({"role": "user", "content": prompts.ELIDED if left_out else step.observation})
         return out
 
     def to_dict(self) -> dict:

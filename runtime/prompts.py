@@ -27,6 +27,14 @@ You can use these tools:
 Variables, imports and functions persist between steps. {modules}
 Never write 'Observation:' yourself: it comes back after your code runs.""".replace("{modules}", toolbox.PROMPT)
 
+
+
+def system(tools: str, template: str = SYSTEM) -> str:
+    """A system prompt with the tools' descriptions in place of `{tools}` (a plain replace, so
+    the rest of the template may hold braces: code examples do)."""
+    return template.replace("{tools}", tools)
+
+
 TASK = "New task:\n{question}\nAnswer with 'Thought:' then 'Code:'."
 
 OBSERVATION = "Observation:\nExecution logs:\n{logs}Last output from code snippet:\n{output}"
@@ -42,6 +50,9 @@ PARSE_ERROR = (
     "Write 'Thought:' then 'Code:' and a ```py block ending with ```<end_code>."
 )
 
+# An observation left out of the conversation because it no longer fits the model's context.
+ELIDED = "Observation:\n[left out: the conversation no longer fits the model's context]"
+
 # After the last step, one more turn asks for the answer from the memory. It is appended to the
 # conversation (not a new system prompt) so the model's cache of the conversation still applies.
 FINAL_USER = ("You have used all your steps. Based on the above, give your best final answer to the following "
@@ -49,3 +60,9 @@ FINAL_USER = ("You have used all your steps. Based on the above, give your best 
 
 # "```output" is how Qwen-family models begin to invent a code block's result themselves.
 STOP = ["<end_code>", "Observation:", "```output"]
+
+
+def as_written(text: str, stopped_by: str | None) -> str:
+    """A step's output as the conversation keeps it: generation stops at `<end_code>` and drops
+    it, but the format students learn ends each code block with it."""
+    return text + ("<end_code>" if stopped_by == "<end_code>" else "")

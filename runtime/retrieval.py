@@ -14,10 +14,13 @@ vector file are skipped, so every passage ends up indexed exactly once whenever 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import shutil
 import sqlite3
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,29 +52,101 @@ class Hit:
 # -- corpus reading ---------------------------------------------------------------------------
 
 
+MAX_LINE_BYTES = 64 << 20  # a JSONL line longer than this is refused, not read whole
+READ_BLOCK = 1 << 20  # text files are read in blocks of this many characters
+
+
 def read_corpus(path: str | os.PathLike) -> Iterator[dict]:
-    """Passages from a JSONL file ({"id", "title", "text"}) or a folder of .txt/.md files."""
+    """Passages from a JSONL file ({"id", "title", "text"}) or a folder of .txt/.md files, read as
+    a stream: a long text becomes passages of WORDS_PER_PASSAGE words (ids `ID#N`), so memory
+    stays bounded by a passage, not by a file. A folder is walked without following links: a
+    linked file or folder is skipped and said to be (copy it into the folder to include it)."""
     path = Path(path)
     if not path.exists():
         raise IndexError_(f"corpus not found: {path}")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".md") and p.is_file())
-        for file in files:
-            words = file.read_text(errors="replace").split()
-            rel = file.relative_to(path).as_posix()
-            for n, start in enumerate(range(0, len(words), WORDS_PER_PASSAGE)):
-                yield {"id": f"{rel}#{n}", "title": file.stem.replace("_", " "),
-                       "text": " ".join(words[start:start + WORDS_PER_PASSAGE])}
+        yield from _read_folder(path)
         return
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    if not path.is_file():
+        raise IndexError_(f"corpus is not a regular file: {path}")
+    with open(path, "rb") as f:
+        line_no = 0
+        while line := f.readline(MAX_LINE_BYTES + 1):
+            line_no += 1
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                raise IndexError_(f"{path}:{line_no}: line longer than {MAX_LINE_BYTES >> 20} MiB")
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                yield {"id": str(row["id"]), "title": str(row.get("title", "")), "text": str(row["text"])}
-            except (ValueError, KeyError, TypeError):
+                row = json.loads(line.decode("utf-8"))
+                doc_id, title, text = str(row["id"]), str(row.get("title", "")), row["text"]
+                if not isinstance(text, str) or not doc_id:
+                    raise TypeError
+            except UnicodeDecodeError:
+                raise IndexError_(f"{path}:{line_no}: not UTF-8 text") from None
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise IndexError_(f"{path}:{line_no}: expected a JSON object with \"id\" and \"text\"") from None
+            yield from _passages(doc_id, title, [text], numbered=False)
+
+
+def _passages(doc_id: str, title: str, blocks: Iterable[str], numbered: bool = True) -> Iterator[dict]:
+    """A document as passages of WORDS_PER_PASSAGE words, `ID#N`; with `numbered=False` a document
+    of one passage keeps its id as is. The first passage waits until it is known whether a second
+    follows; every other one is yielded as soon as it is whole."""
+    texts = _word_chunks(blocks)
+    first = next(texts, None)
+    if first is None:
+        return
+    second = next(texts, None)
+    if second is None:
+        yield {"id": f"{doc_id}#0" if numbered else doc_id, "title": title, "text": first}
+        return
+    for n, text in enumerate(itertools.chain([first, second], texts)):
+        yield {"id": f"{doc_id}#{n}", "title": title, "text": text}
+
+
+def _word_chunks(blocks: Iterable[str]) -> Iterator[str]:
+    words: list[str] = []
+    for block in blocks:
+        for match in re.finditer(r"\S+", block):
+            words.append(match.group())
+            if len(words) == WORDS_PER_PASSAGE:
+                yield " ".join(words)
+                words = []
+    if words:
+        yield " ".join(words)
+
+
+def _read_folder(root: Path) -> Iterator[dict]:
+    skipped: list[str] = []
+    for folder, dirs, files in os.walk(root):  # os.walk does not descend into linked folders
+        here = Path(folder)
+        skipped += [str((here / d).relative_to(root)) + "/" for d in dirs if (here / d).is_symlink()]
+        dirs.sort()
+        for name in sorted(files):
+            file = here / name
+            if file.suffix.lower() not in (".txt", ".md"):
+                continue
+            if file.is_symlink() or not file.is_file():  # a link, a device, a FIFO: never opened
+                skipped.append(str(file.relative_to(root)))
+                continue
+            rel = file.relative_to(root).as_posix()
+            yield from _passages(rel, file.stem.replace("_", " "), _blocks(file))
+    if skipped:
+        print(f"skipped {len(skipped)} linked or special file(s) in {root} (links are not followed; copy a "
+              f"file into the folder to index it): {', '.join(skipped[:5])}", file=sys.stderr)
+
+
+def _blocks(file: Path) -> Iterator[str]:
+    """A text file in blocks of whole words (a word cut by a block boundary is carried over)."""
+    with open(file, encoding="utf-8", errors="replace") as f:
+        carry = ""
+        while block := f.read(READ_BLOCK):
+            block = carry + block
+            cut = max(block.rfind(" "), block.rfind("\n"))
+            carry, block = (block[cut:], block[:cut]) if cut > 0 else ("", block)
+            yield block
+        yield carry
 
 
 # -- the index --------------------------------------------------------------------------------
@@ -93,8 +168,9 @@ class Index:
         path = Path(path)
         manifest = _read_manifest(path)
         if not manifest.get("complete"):
-            raise IndexError_(f"index {path} is incomplete (its build was interrupted or failed); "
-                              f"run `attar index build CORPUS -o {path}` again to finish it")
+            raise IndexError_(f"index {path} is incomplete (a build or add was interrupted or failed); run the "
+                              f"same `attar index build CORPUS -o {path}` or `attar index add {path} CORPUS` again "
+                              "to finish it")
         if manifest["embedder"] != NAME:
             raise IndexError_(f"index {path} was built with embedder {manifest['embedder']!r}; "
                               f"this attar embeds with {NAME!r}")
@@ -217,8 +293,7 @@ def build_index(
                     "connectivity": connectivity, "count": 0, "complete": False}
         _write_json_atomic(out / "manifest.json", manifest)
     try:
-        return add_documents(out, corpus, embedder=embedder, batch_size=batch_size, progress=progress,
-                             _allow_incomplete=True)
+        return add_documents(out, corpus, embedder=embedder, batch_size=batch_size, progress=progress)
     except IndexError_:
         if created and _read_manifest(out).get("count", 0) == 0:
             shutil.rmtree(out, ignore_errors=True)  # nothing was indexed (an empty or unreadable corpus)
@@ -232,33 +307,46 @@ def add_documents(
     embedder=None,
     batch_size: int = 64,
     progress: bool = True,
-    _allow_incomplete: bool = False,
 ) -> dict:
-    """Add passages (new ids only) to an index and embed everything pending."""
+    """Add passages (new ids only) to an index and embed everything pending (so it also finishes
+    an interrupted build or add)."""
     from tqdm import tqdm
     from usearch.index import Index as UIndex
 
     index_dir = Path(index_dir)
     manifest = _read_manifest(index_dir)
-    if not manifest.get("complete") and not _allow_incomplete:
-        raise IndexError_(f"index {index_dir} is an unfinished build; rerun `attar index build` to finish it")
     db = _connect(index_dir)
     try:
         passages = read_corpus(corpus) if isinstance(corpus, (str, os.PathLike)) else corpus
-        seen = 0
-        for chunk in _chunks(passages, 1000):
-            seen += len(chunk)
-            with db:
+        # The whole corpus is read in one transaction: a bad line anywhere adds nothing at all.
+        # Then the index is marked incomplete until every new passage is embedded, so a failure
+        # while embedding leaves an index that says so (and resumes), never one that silently
+        # misses passages.
+        added = duplicates = 0
+        with db:
+            for chunk in _chunks(passages, 1000):
+                before = db.total_changes
                 db.executemany("INSERT OR IGNORE INTO passages (id, title, text) VALUES (:id, :title, :text)", chunk)
+                added += db.total_changes - before
+                duplicates += len(chunk) - (db.total_changes - before)
+        if duplicates:
+            print(f"skipped {duplicates} passage(s) whose id is already in the index (ids are unique; "
+                  "give a changed passage a new id)", file=sys.stderr)
         total = db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
         if total == 0:
             raise IndexError_(f"the corpus is empty: {corpus}")
+        if added and manifest.get("complete"):
+            manifest["complete"] = False
+            _write_json_atomic(index_dir / "manifest.json", manifest)
 
         vectors_file = index_dir / "vectors.usearch"
         vectors = UIndex(ndim=manifest["dim"], metric="cos", dtype=manifest["dtype"],
                          connectivity=manifest["connectivity"])
         if vectors_file.exists():
-            vectors.load(str(vectors_file))
+            try:
+                vectors.load(str(vectors_file))
+            except Exception as exc:  # usearch raises RuntimeError and others for a damaged file
+                raise IndexError_(f"corrupt vector file {vectors_file}: {str(exc)[:200]}") from None
         if embedder is None:
             from attar.runtime.embedder import Embedder
 
@@ -284,7 +372,8 @@ def add_documents(
         # Keys of a crashed run that reached the vector file but not the flag are flagged now.
         with db:
             db.execute("UPDATE passages SET embedded = 1 WHERE embedded = 0")
-        manifest.update(count=len(vectors), complete=True, build_seconds=round(time.perf_counter() - began, 1))
+        manifest.update(count=len(vectors), complete=True, build_seconds=round(time.perf_counter() - began, 1),
+                        added=added, duplicates_skipped=duplicates)
         _write_json_atomic(index_dir / "manifest.json", manifest)
         return manifest
     finally:

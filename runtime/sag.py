@@ -18,9 +18,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from attar.runtime.llm import Generation
+from attar.runtime import prompts
+from attar.runtime.executor import CellResult, Executor
+from attar.runtime.llm import Generation, Sampling
 from attar.runtime.memory import Candidate
-from attar.runtime.sandbox import CellResult, Sandbox
+
+# SAG needs diverse candidates: the paper samples them at temperature 0.4, top-p 0.8.
+SAMPLING = Sampling(temperature=0.4, top_p=0.8)
 
 
 def vote_key(result: CellResult) -> str:
@@ -63,20 +67,20 @@ def vote(kinds: list[str | None], keys: list[str | None]) -> int | None:
 class Outcome:
     winner: int | None  # index into candidates, None when every candidate failed
     result: CellResult | None
-    sandbox: Sandbox | None  # the winner's fork; the caller adopts it
+    sandbox: Executor | None  # the winner's fork; the caller adopts it
     candidates: list[Candidate]
     seconds: float
 
 
-def run_candidates(session: Sandbox, generations: list[Generation], codes: list[str | None]) -> Outcome:
+def run_candidates(session: Executor, generations: list[Generation], codes: list[str | None]) -> Outcome:
     """Run each valid, distinct candidate in a fork of `session` (duplicates run once), then vote."""
     began = time.perf_counter()
-    candidates = [Candidate(model_output=g.text, code=c) for g, c in zip(generations, codes)]
-    results: dict[str, tuple[CellResult, Sandbox]] = {}  # code -> outcome
+    candidates = [Candidate(model_output=prompts.as_written(g.text, g.stopped_by), code=c) for g, c in zip(generations, codes)]
+    results: dict[str, tuple[CellResult, Executor]] = {}  # code -> outcome
     kinds: list[str | None] = []
     for cand in candidates:
         if cand.code is None:
-            cand.error = "parse error: no ```py block"
+            cand.error = prompts.PARSE_ERROR
             kinds.append(None)
             continue
         if cand.code not in results:

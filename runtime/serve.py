@@ -30,7 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from attar.runtime.agent import Agent
 from attar.runtime.llm import Backend, PromptTooLong, Sampling
+from attar.runtime.memory import Finish
+from attar.runtime.sag import SAMPLING as SAG_SAMPLING
+from attar.runtime.sandbox import Sandbox
 
 AGENT_MODEL = "attar-agent"
 DEFAULT_PORT = 8765
@@ -136,11 +140,12 @@ def parse_agent(body: dict, cfg: ServeConfig) -> dict:
     if len(question) > cfg.max_chars:
         raise HTTPError(400, f"the question holds more than {cfg.max_chars} characters", code="context_length_exceeded")
     sag = _bounded(body.get("sag"), "sag", int, 1, cfg.max_sag, 1)
+    default = SAG_SAMPLING if sag > 1 else Sampling()
     return {"question": question, "max_steps": _bounded(body.get("max_steps"), "max_steps", int, 1,
                                                         cfg.max_agent_steps, 5),
             "sag": sag, "sampling": Sampling(
-                temperature=float(_bounded(body.get("temperature"), "temperature", float, 0, 2, 0.4 if sag > 1 else 0.0)),
-                top_p=float(_bounded(body.get("top_p"), "top_p", float, 0, 1, 0.8 if sag > 1 else 1.0)),
+                temperature=float(_bounded(body.get("temperature"), "temperature", float, 0, 2, default.temperature)),
+                top_p=float(_bounded(body.get("top_p"), "top_p", float, 0, 1, default.top_p)),
                 seed=_bounded(body.get("seed"), "seed", int, -2**63, 2**63 - 1, None)),
             "stream": body.get("stream", True) is not False}
 
@@ -161,10 +166,8 @@ class Server:
 
     def __init__(self, backend: Backend, cfg: ServeConfig = ServeConfig(), index: Any = None,
                  index_path: str | None = None):
-        from attar.runtime.sandbox import Limits, Sandbox
-
         self.backend, self.cfg, self.index, self.index_path = backend, cfg, index, index_path
-        Sandbox.keep_warm(min(cfg.concurrency, 4), Limits())  # an agent request's sandbox is ready
+        Sandbox.keep_warm(min(cfg.concurrency, 4))  # an agent request's sandbox is ready
         self.slots = threading.BoundedSemaphore(cfg.concurrency)
         self.waiting = 0  # requests admitted and not yet finished, running or not
         self.running = 0
@@ -404,8 +407,6 @@ def _answer_text(answer: Any) -> str:
 def _agent_run(server: Server, params: dict, check: Callable[[], None], emit: Callable[[str, dict], None]) -> dict:
     """One agent run in this thread, on the shared backend, with a sandbox of its own (closed
     however the run ends); each step is emitted as it finishes."""
-    from attar.runtime.agent import Agent
-
     def on_text(piece: str) -> None:
         check()
         emit("text", {"text": piece})
@@ -422,7 +423,7 @@ def _agent_run(server: Server, params: dict, check: Callable[[], None], emit: Ca
             check()
         task = agent.memory.tasks[-1]
         steps = task.steps
-    return {"answer": task.answer, "finished_by": task.finished_by, "fallback": task.finished_by == "max_steps",
+    return {"answer": task.answer, "finished_by": task.finished_by, "fallback": task.finished_by == Finish.MAX_STEPS,
             "steps": len(steps), "prompt_tokens": sum(s.prompt_tokens for s in steps),
             "completion_tokens": sum(s.completion_tokens for s in steps)}
 

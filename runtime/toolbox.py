@@ -20,6 +20,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from attar.runtime.fetch import cache_dir
+
 # name -> (version, SHA-256 of its files as `_tree_digest` computes it, test folders left out).
 PACKAGES = {
     "sympy": ("1.14.0", "efd4d674047202fed13b50d558964114a5e5dd810e5416d485f4fbe7627d22da"),
@@ -113,8 +115,6 @@ def library(compile_pyc) -> Path:
     `compile_pyc(folder)` compiles the folder's sources for the guest (the sandbox does it with
     the guest's own interpreter: the host's Python may be another version)."""
     global _ready
-    from attar.runtime.models import cache_dir
-
     with _lock:
         if _ready is not None:
             return _ready

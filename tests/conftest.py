@@ -4,6 +4,16 @@ import importlib.util
 import pytest
 
 
+# A two-step agent trajectory in the student format (system, task, step, observation, step).
+TRAJECTORY = [
+    {"role": "system", "content": "SYSTEM PROMPT with tools"},
+    {"role": "user", "content": "New task:\nWhat is 2+3?"},
+    {"role": "assistant", "content": "Thought: add.\nCode:\n```py\nprint(2+3)\n```<end_code>"},
+    {"role": "user", "content": "Observation:\nExecution logs:\n5\nLast output from code snippet:\nNone"},
+    {"role": "assistant", "content": "Thought: done.\nCode:\n```py\nfinal_answer(5)\n```<end_code>"},
+]
+
+
 def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 

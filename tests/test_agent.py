@@ -12,7 +12,7 @@ from attar.runtime import Agent, ScriptedBackend, parse_code
 from attar.runtime.agent import canonical_output, parse_action
 from attar.runtime.llm import is_repeating
 from attar.runtime.memory import render_step, step_header, to_html
-from attar.runtime.sandbox import Limits
+from attar.runtime.executor import Limits
 
 LIMITS = Limits(timeout_s=2.0, memory_mb=64)
 
@@ -229,8 +229,8 @@ def test_chat_empty_question(tiny_onnx):
 
 def test_a_model_that_does_not_fit_is_refused_in_one_line(tiny_onnx, monkeypatch):
     from attar.runtime import llm
-    from attar.runtime.models import ModelError
+    from attar.runtime.modeldir import ModelError
 
     monkeypatch.setattr(llm, "_available_bytes", lambda: 1024)
     with pytest.raises(ModelError, match="needs about .* GiB of memory to load; this machine has"):
-        llm.OnnxBackend(tiny_onnx)
+        llm.EngineBackend(tiny_onnx)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from attar.runtime.llm import EngineBackend, OnnxBackend, Sampling
+from attar.runtime.modeldir import ExportDir
 
 SYSTEM = {"role": "system", "content": "You are an expert assistant who solves tasks with Python code."}
 GREEDY = Sampling(max_new_tokens=40)
@@ -39,7 +40,7 @@ def test_the_next_step_reuses_the_cache_and_answers_the_same(model_dir):
     reply = agent.generate(first, sampling=GREEDY).text
     second = conversation("What is 17 * 23? Answer with code.", reply, "Observation: 391. Now give the answer.")
     continued = agent.generate(second, sampling=GREEDY)
-    assert continued.cached_tokens > 0.8 * len(agent._encode(first, ""))  # only the appended turns were prefilled
+    assert continued.cached_tokens > 0.8 * len(agent.encode(first, ""))  # only the appended turns were prefilled
     assert continued.text == EngineBackend(model_dir).generate(second, sampling=GREEDY).text
 
 
@@ -49,7 +50,7 @@ def test_a_prompt_that_diverges_rewinds_the_cache(model_dir):
     other = conversation("Tell me about the river Rhine.")
     again = agent.generate(other, sampling=GREEDY)
     assert again.text == EngineBackend(model_dir).generate(other, sampling=GREEDY).text
-    assert 0 < again.cached_tokens < len(agent._encode(other, ""))
+    assert 0 < again.cached_tokens < len(agent.encode(other, ""))
 
 
 def test_batch_rows_share_one_prefill_and_match_single_generation(model_dir):
@@ -77,9 +78,9 @@ def test_a_cache_that_grows_past_its_capacity_stays_exact(model_dir):
     from attar.runtime.engine import Engine, Request
 
     ids = [int(i) for i in np.random.default_rng(0).integers(300, 40000, 1500)]
-    whole = Engine(model_dir)
+    whole = Engine(ExportDir.open(model_dir))
     first = whole.run(Request(ids, max_new_tokens=4)).out
-    pieces = Engine(model_dir)
+    pieces = Engine(ExportDir.open(model_dir))
     for end in (400, 1000, 1300):  # crosses the 1024-token initial capacity
         pieces.run(Request(ids[:end], max_new_tokens=1))
     again = pieces.run(Request(ids, max_new_tokens=4))
@@ -102,17 +103,17 @@ def test_agents_in_threads_decode_in_one_batch_and_match_one_at_a_time(model_dir
         t.join(timeout=120)
     assert [texts.get(i) for i in range(len(questions))] == alone
     engine = shared.engine
-    assert engine.steps < sum(len(shared._encode([], t)) for t in alone)  # rows were decoded together
+    assert engine.steps < sum(len(shared.encode([], t)) for t in alone)  # rows were decoded together
     assert engine.worker is None and not engine.active  # the scheduler exits when idle
 
 
 def test_rows_of_different_lengths_in_one_batch_keep_their_own_positions(model_dir):
     from attar.runtime.engine import Engine, Request
 
-    engine = Engine(model_dir)
-    long_ids = EngineBackend(model_dir)._encode(conversation("Explain, in detail, how rivers form deltas. " * 8), "")
+    engine = Engine(ExportDir.open(model_dir))
+    long_ids = EngineBackend(model_dir).encode(conversation("Explain, in detail, how rivers form deltas. " * 8), "")
     short_ids = long_ids[:12] + long_ids[-5:]
-    alone = [Engine(model_dir).run(Request(ids, max_new_tokens=12)).out for ids in (long_ids, short_ids)]
+    alone = [Engine(ExportDir.open(model_dir)).run(Request(ids, max_new_tokens=12)).out for ids in (long_ids, short_ids)]
     both = [engine.submit(Request(ids, max_new_tokens=12)) for ids in (long_ids, short_ids)]
     assert [engine.wait(r).out for r in both] == alone
 
@@ -120,8 +121,8 @@ def test_rows_of_different_lengths_in_one_batch_keep_their_own_positions(model_d
 def test_a_failing_callback_ends_only_its_own_request(model_dir):
     from attar.runtime.engine import Engine, Request
 
-    engine = Engine(model_dir)
-    ids = EngineBackend(model_dir)._encode(conversation("Count to ten."), "")
+    engine = Engine(ExportDir.open(model_dir))
+    ids = EngineBackend(model_dir).encode(conversation("Count to ten."), "")
 
     def broken(token):
         raise BrokenPipeError("the terminal went away")

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFReader, GGUFWriter, dequantize
 
-from attar.export.gguf_import import import_gguf
-from attar.export.parity import OnnxScorer
-from attar.export.quants import SUPPORTED, block_quant
-from attar.export.reference import GGUFScorer
+from attar.runtime.gguf_import import import_gguf
+from attar.runtime.modeldir import ExportDir
+from attar.runtime.parity import OnnxScorer
+from attar.runtime.quants import SUPPORTED, block_quant
+from attar.runtime.reference import GGUFScorer
 from conftest import needs_torch
 
 SCALE_FIELDS = {  # byte ranges of the f16 scales in each block, set to sane values in random blocks
@@ -128,7 +129,7 @@ def test_tiny_gguf_import_matches_the_numpy_reference(tmp_path, tiny_gguf):
     summary = import_gguf(tiny_gguf, out, log=lambda m: None)
     assert set(summary["gguf_types"]) >= {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
     ids = probe_ids(out)
-    exported = OnnxScorer(out).logits([ids])[0]
+    exported = OnnxScorer(ExportDir.open(out)).logits([ids])[0]
     reference = GGUFScorer(tiny_gguf).logits([ids])[0]
     assert close(exported, reference)
 
@@ -167,7 +168,7 @@ def test_import_runs_in_onnxruntime_genai_with_the_gguf_chat_template(tmp_path, 
 def test_tokenizer_follows_llama_cpp_smollm_pretokenizer(tmp_path, tok_fields):
     from tokenizers import Tokenizer
 
-    from attar.export.gguf_tokenizer import write_tokenizer
+    from attar.runtime.gguf_tokenizer import write_tokenizer
 
     write_tokenizer(tok_fields, tmp_path)
     tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
@@ -215,30 +216,30 @@ def test_lora_stays_unmerged_and_matches_the_merged_reference(tmp_path, tiny_ggu
     ids = probe_ids(students)
     for name, folder in (("first", first), ("second", second)):
         merged = GGUFScorer(tiny_gguf, folder).logits([ids])[0]
-        exported = OnnxScorer(students, adapter=name).logits([ids])[0]
+        exported = OnnxScorer(ExportDir.open(students), adapter=name).logits([ids])[0]
         assert close(exported, merged), name
-    untouched = OnnxScorer(base).logits([ids])[0]
+    untouched = OnnxScorer(ExportDir.open(base)).logits([ids])[0]
     assert not close(untouched, GGUFScorer(tiny_gguf, first).logits([ids])[0])  # the adapter does change the model
     # With no adapter active the graph is the base: the LoRA inputs default to rank 0 (kernels
     # may be scheduled differently around the extra nodes, so equal up to float rounding).
-    assert close(OnnxScorer(students, adapter=None).logits([ids])[0], untouched)
+    assert close(OnnxScorer(ExportDir.open(students), adapter="base").logits([ids])[0], untouched)
 
 
 def test_runtime_picks_an_adapter_and_refuses_unknown_ones(tmp_path, tiny_gguf):
-    from attar.runtime.llm import OnnxBackend, Sampling
-    from attar.runtime.models import ModelError
+    from attar.runtime.llm import EngineBackend, Sampling
+    from attar.runtime.modeldir import ModelError
 
     out = tmp_path / "students"
     out.mkdir()
     import_gguf(tiny_gguf, out, log=lambda m: None, adapters={"first": write_peft_adapter(tmp_path / "a"),
                                                               "second": write_peft_adapter(tmp_path / "b", seed=7)})
     messages = [{"role": "user", "content": "Say something."}]
-    texts = {name: OnnxBackend(out, adapter=name).generate(messages, sampling=Sampling(max_new_tokens=12)).text
+    texts = {name: EngineBackend(out, adapter=name).generate(messages, sampling=Sampling(max_new_tokens=12)).text
              for name in (None, "first", "second", "base")}
     assert texts[None] == texts["first"]  # the default adapter is the first one
     assert len({texts["first"], texts["second"], texts["base"]}) == 3
     with pytest.raises(ModelError, match="has no adapter 'third'"):
-        OnnxBackend(out, adapter="third")
+        EngineBackend(out, adapter="third")
     proc = attar("chat", "hi", "--model", str(out), "--adapter", "third")
     assert proc.returncode == 1 and "has no adapter 'third'" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -294,6 +295,6 @@ def test_lora_row_order_matches_peft_on_the_real_model(tmp_path):
     base.mkdir(), with_lora.mkdir()
     import_gguf(gguf, with_lora, log=lambda m: None, adapters={"student": tmp_path / "adapter"})
     import_gguf(gguf, base, log=lambda m: None)
-    agree = (OnnxScorer(with_lora).logits([ids])[0].argmax(-1) == witness.argmax(-1)).mean()
-    agree_base = (OnnxScorer(base).logits([ids])[0].argmax(-1) == witness.argmax(-1)).mean()
+    agree = (OnnxScorer(ExportDir.open(with_lora)).logits([ids])[0].argmax(-1) == witness.argmax(-1)).mean()
+    agree_base = (OnnxScorer(ExportDir.open(base)).logits([ids])[0].argmax(-1) == witness.argmax(-1)).mean()
     assert agree >= 0.6 and agree_base <= 0.3, (agree, agree_base)

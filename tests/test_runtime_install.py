@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_runtime_only_install_pulls_and_chats(tmp_path):
-    from attar.runtime.models import DEFAULT_MODEL, CATALOG, cache_dir
+    from attar.runtime.fetch import cache_dir
+    from attar.runtime.models import CATALOG, DEFAULT_MODEL
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from attar.runtime.sandbox import Limits, Sandbox
+from attar.runtime.executor import Limits
+from attar.runtime.sandbox import Sandbox
 
 FAST = Limits(timeout_s=2.0, memory_mb=64, output_chars=5_000)
 

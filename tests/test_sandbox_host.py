@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from attar.runtime.sandbox import Limits, Sandbox
+from attar.runtime.executor import Limits
+from attar.runtime.sandbox import Sandbox
 
 LIMITS = Limits(timeout_s=2.0, memory_mb=64)
 FORGE = "import __main__, os, json\ndef forge(msg):\n    os.write(1, ('\\x1eATTAR ' + json.dumps(msg) + '\\n').encode())\n"
@@ -217,7 +218,8 @@ def test_dropped_sandboxes_are_reclaimed():
 def test_running_out_of_fds_leaves_nothing_in_tmp(tmp_path):
     code = """
 import os, resource, sys
-from attar.runtime.sandbox import Sandbox, Limits
+from attar.runtime.executor import Limits
+from attar.runtime.sandbox import Sandbox
 Sandbox(limits=Limits(timeout_s=2, memory_mb=64)).close()
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir('/proc/self/fd')) + 3, hard))
@@ -255,7 +257,8 @@ def test_a_tampered_compiled_module_is_rebuilt(tmp_path):
     code = """
 import json, pathlib
 from attar.runtime import sandbox
-from attar.runtime.sandbox import Sandbox, Limits
+from attar.runtime.executor import Limits
+from attar.runtime.sandbox import Sandbox
 with Sandbox(limits=Limits(timeout_s=5, memory_mb=64)) as sb:
     print(json.dumps([str(sandbox._compiled_module_file()), sb.run('6 * 7').output]))
 """

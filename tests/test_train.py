@@ -4,18 +4,9 @@ import json
 
 import pytest
 
-from conftest import needs_torch
+from conftest import TRAJECTORY, needs_torch
 
 pytestmark = needs_torch
-
-TRAJECTORY = [
-    {"role": "system", "content": "SYSTEM PROMPT with tools"},
-    {"role": "user", "content": "New task:\nWhat is 2+3?"},
-    {"role": "assistant", "content": "Thought: add.\nCode:\n```py\nprint(2+3)\n```<end_code>"},
-    {"role": "user", "content": "Observation:\nExecution logs:\n5\nLast output from code snippet:\nNone"},
-    {"role": "assistant", "content": "Thought: done.\nCode:\n```py\nfinal_answer(5)\n```<end_code>"},
-]
-
 
 @pytest.fixture
 def data_file(tmp_path):

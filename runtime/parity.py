@@ -7,18 +7,21 @@ export is the ONNX graph run by onnxruntime in one pass per sequence."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
+import onnx
 
-SYSTEM = (
-    "You are an expert assistant who solves tasks with code. At each step write 'Thought:' with your "
-    "reasoning, then 'Code:' and a ```py block ending with <end_code>. Tools: web_search(query: str) -> str, "
-    "final_answer(answer)."
-)
+from attar.runtime import prompts
+from attar.runtime.engine import Request
+from attar.runtime.gguf_import import LAST_POSITION
+from attar.runtime.llm import EngineBackend
+from attar.runtime.modeldir import ExportDir
+from attar.runtime.retrieval import web_search_tool
+from attar.runtime.tools import describe, final_answer
+
 QUESTIONS = [
     "What is 17 multiplied by 23?",
     "How many days are there between 2021-03-01 and 2021-07-15?",
@@ -51,23 +54,17 @@ class OnnxScorer:
 
     name = "export (onnxruntime)"
 
-    def __init__(self, model_dir: Path, adapter: str | None = "default"):
-        """`adapter`: which of the export's LoRA adapters to feed ("default": its default one;
-        None: the bare base)."""
+    def __init__(self, model: ExportDir, adapter: str | None = None):
+        """`adapter`: which of the export's LoRA adapters to feed (None: its default one;
+        "base": none)."""
         import onnxruntime as ort
 
-        from attar.runtime.models import adapter_params, adapters_of
-
-        config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-        self.extra: dict[str, np.ndarray] = {}
-        names, default = adapters_of(model_dir)
-        if adapter and names:
-            self.extra = adapter_params(model_dir, default if adapter == "default" else adapter)
-        self.layers, self.kv_heads, self.head = (config["num_hidden_layers"], config["num_key_value_heads"],
-                                                 config["head_size"])
+        chosen = model.choose_adapter(adapter)
+        self.extra: dict[str, np.ndarray] = model.adapter_params(chosen) if chosen else {}
+        self.layers, self.kv_heads, self.head = model.layers, model.kv_heads, model.head
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        graph = _every_position(model_dir / config["filename"])
+        graph = _every_position(model.decoder)
         try:
             self.session = ort.InferenceSession(str(graph), options)
         finally:
@@ -95,10 +92,6 @@ class OnnxScorer:
 def _every_position(model_file: Path) -> Path:
     """attar's exports compute logits for the last position only; for scoring, a copy of the
     graph (same weight file) whose LM head sees every position. Other graphs are used as is."""
-    import onnx
-
-    from attar.export.gguf_import import LAST_POSITION
-
     model = onnx.load(str(model_file), load_external_data=False)
     node = next((n for n in model.graph.node if n.name == LAST_POSITION), None)
     if node is None:
@@ -110,51 +103,13 @@ def _every_position(model_file: Path) -> Path:
     return target
 
 
-class TorchScorer:
-    """A transformers model (an HF-folder source of the builder path)."""
-
-    name = "source (transformers, float32)"
-
-    def __init__(self, model):
-        self.model = model
-
-    def logits(self, sequences, progress=lambda i, n: None, positions=None):
-        import torch
-
-        out = []
-        for n, ids in enumerate(sequences):
-            progress(n, len(sequences))
-            with torch.no_grad():
-                logits = self.model(torch.tensor([ids])).logits[0].float().numpy()
-            out.append(logits if positions is None else logits[positions[n]])
-        return out
-
-
-def _greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
-    """The export's own greedy continuations, through onnxruntime-genai as the runtime runs it
-    (its default adapter active)."""
-    import onnxruntime_genai as og
-
-    from attar.runtime.models import adapters_of
-
-    model = og.Model(str(model_dir))
-    adapter = adapters_of(model_dir)[1]
-    adapters = og.Adapters(model) if adapter else None
-    if adapter:
-        adapters.load(str(model_dir / "adapters" / f"{adapter}.onnx_adapter"), adapter)
+def _greedy(backend: EngineBackend, prompts: list[list[int]]) -> list[list[int]]:
+    """The export's own greedy continuations, by the engine that runs it (its default adapter
+    active)."""
     out = []
     for ids in prompts:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + CONTINUATION_TOKENS, do_sample=False)
-        gen = og.Generator(model, params)
-        if adapter:
-            gen.set_active_adapter(adapters, adapter)
-        gen.append_tokens(np.array(ids, dtype=np.int32))
-        tokens = []
-        while not gen.is_done() and len(tokens) < CONTINUATION_TOKENS:
-            gen.generate_next_token()
-            tokens.append(int(gen.get_next_tokens()[0]))
-        out.append(tokens)
+        request = backend.engine.run(Request(ids, CONTINUATION_TOKENS, eos=backend.eos))
+        out.append(list(request.out))
     return out
 
 
@@ -170,17 +125,17 @@ def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None]
     """Score the first `questions` agent prompts + the export's greedy continuations, and
     HELD_OUT, with both. Only the positions compared are kept (a Qwen vocabulary makes every
     kept position 0.6 MB)."""
-    import onnxruntime_genai as og
-
-    tokenizer = og.Tokenizer(og.Model(str(model_dir)))
-    prompts = []
-    for question in QUESTIONS[:questions]:
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-        text = tokenizer.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
-        prompts.append([int(t) for t in tokenizer.encode(text)])
-    log(f"  greedy continuations of {len(prompts)} agent prompts (export)")
-    continuations = _greedy(model_dir, prompts)
-    sequences = [p + c for p, c in zip(prompts, continuations)] + [[int(t) for t in tokenizer.encode(HELD_OUT)]]
+    folder = ExportDir.open(model_dir)
+    backend = EngineBackend(folder)
+    tools = (web_search_tool(index=None), final_answer)  # described, never called
+    system = prompts.system("\n".join(describe(t) for t in tools))
+    prompts_ids = [backend.encode([{"role": "system", "content": system}, {"role": "user", "content": q}])
+                   for q in QUESTIONS[:questions]]
+    log(f"  greedy continuations of {len(prompts_ids)} agent prompts (export)")
+    continuations = _greedy(backend, prompts_ids)
+    held_out = backend.tokenizer.encode(HELD_OUT, add_special_tokens=False).ids
+    del backend  # its session's memory, before the scorer loads its own
+    sequences = [p + c for p, c in zip(prompts_ids, continuations)] + [held_out]
 
     def progress(name: str) -> Callable[[int, int], None]:
         def report(i: int, n: int) -> None:
@@ -188,8 +143,8 @@ def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None]
                 log(f"  scoring with {name}: {i}/{n}")
         return report
 
-    spans = [slice(len(p) - 1, len(p) - 1 + len(c)) for p, c in zip(prompts, continuations)] + [slice(None)]
-    export = OnnxScorer(model_dir).logits(sequences, progress("the export"), positions=spans)
+    spans = [slice(len(p) - 1, len(p) - 1 + len(c)) for p, c in zip(prompts_ids, continuations)] + [slice(None)]
+    export = OnnxScorer(folder).logits(sequences, progress("the export"), positions=spans)
     source = reference.logits(sequences, progress(reference.name), positions=spans)
     agree = total = exact = 0
     for cont, s in zip(continuations, source):
@@ -199,9 +154,9 @@ def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None]
     agreement = agree / max(total, 1)
     return {
         "reference": reference.name,
-        "prompts": len(prompts),
+        "prompts": len(prompts_ids),
         "top1_agreement": round(agreement, 4),
-        "greedy_exact_match": round(exact / len(prompts), 4),
+        "greedy_exact_match": round(exact / max(len(prompts_ids), 1), 4),
         "held_out_top1_agreement": round(float((export[-1].argmax(-1) == source[-1].argmax(-1)).mean()), 4),
         "max_abs_logit_diff": round(float(max(np.abs(e - s).max() for e, s in zip(export, source))), 4),
         "perplexity_source": round(math.exp(_nll(source[-1], held)), 3),

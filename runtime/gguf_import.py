@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,9 +22,10 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 from onnx import TensorProto, helper
 
-from attar.export.lora import LoraDelta, LoraError, read_adapter
-from attar.runtime.models import ADAPTERS_FILE
-from attar.export.quants import OFFSET_BLOCK, SUPPORTED, BlockQuant, block_quant, concat_rows
+from attar.runtime.lora import LoraDelta, LoraError, read_adapter
+from attar.runtime.gguf_tokenizer import build_tokenizer, write_tokenizer
+from attar.runtime.modeldir import ADAPTER_SUFFIX, ADAPTERS_DIR, GENAI_CONFIG, ModelError, write_adapters_file
+from attar.runtime.quants import OFFSET_BLOCK, SUPPORTED, BlockQuant, block_quant, concat_rows
 
 ARCHITECTURES = ("llama", "qwen2")
 # MatMulNBits compute type: level 4 quantizes activations to int8 per block, as llama.cpp does;
@@ -33,9 +35,10 @@ ACCURACY_LEVEL = 4
 DATA_FILE = "model.onnx.data"
 LAST_POSITION = "/model/last_position"  # the node that keeps only the last position for the LM head
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+MAX_CONTEXT = 1 << 18  # tokens; the rotary tables written into the graph grow with it
 
 
-class GGUFError(Exception):
+class GGUFError(ModelError):
     """The GGUF cannot be imported; the message is one line for the user."""
 
 
@@ -75,12 +78,51 @@ def read_hyper(reader: GGUFReader) -> Hyper:
             raise GGUFError(f"GGUF metadata lacks {arch}.{key}")
         return value
 
-    heads = int(get("attention.head_count"))
+    def count(key: str, high: int, default=None) -> int:
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= int(value) <= high:
+            raise GGUFError(f"GGUF metadata {arch}.{key} is {value!r}, not a whole number from 1 to {high}")
+        return int(value)
+
+    def positive(key: str, default=None) -> float:
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < float(value) < 1e12:
+            raise GGUFError(f"GGUF metadata {arch}.{key} is {value!r}, not a positive number")
+        return float(value)
+
+    heads = count("attention.head_count", 1024)
     tokens = field(reader, "tokenizer.ggml.tokens") or []
-    return Hyper(arch, int(get("block_count")), int(get("embedding_length")), heads,
-                 int(get("attention.head_count_kv", heads)), int(get("feed_forward_length")),
-                 float(get("attention.layer_norm_rms_epsilon")), float(get("rope.freq_base", 10000.0)),
-                 int(get("context_length")), int(get("vocab_size", len(tokens))))
+    h = Hyper(arch, count("block_count", 1024), count("embedding_length", 1 << 16), heads,
+              count("attention.head_count_kv", 1024, heads), count("feed_forward_length", 1 << 18),
+              positive("attention.layer_norm_rms_epsilon"), positive("rope.freq_base", 10000.0),
+              count("context_length", MAX_CONTEXT), count("vocab_size", 1 << 21, len(tokens) or None))
+    if h.hidden % h.heads or h.heads % h.kv_heads or h.head_dim % 2:
+        raise GGUFError(f"GGUF metadata is inconsistent: {h.hidden} wide with {h.heads} heads and {h.kv_heads} KV heads")
+    return h
+
+
+def check_tensors(h: Hyper, tensors: "Tensors") -> None:
+    """Every tensor the graph reads exists with the shape the metadata implies; checked before
+    anything is converted, so a malformed file fails in one line, not halfway through."""
+    kv = h.kv_heads * h.head_dim
+    want = {"token_embd.weight": (h.vocab, h.hidden), "output_norm.weight": (h.hidden,)}
+    if "output.weight" in tensors:
+        want["output.weight"] = (h.vocab, h.hidden)
+    for i in range(h.layers):
+        p = f"blk.{i}"
+        want |= {f"{p}.attn_norm.weight": (h.hidden,), f"{p}.ffn_norm.weight": (h.hidden,),
+                 f"{p}.attn_q.weight": (h.hidden, h.hidden), f"{p}.attn_k.weight": (kv, h.hidden),
+                 f"{p}.attn_v.weight": (kv, h.hidden), f"{p}.attn_output.weight": (h.hidden, h.hidden),
+                 f"{p}.ffn_gate.weight": (h.ffn, h.hidden), f"{p}.ffn_up.weight": (h.ffn, h.hidden),
+                 f"{p}.ffn_down.weight": (h.hidden, h.ffn)}
+        for n, size in (("q", h.hidden), ("k", kv), ("v", kv)):
+            if f"{p}.attn_{n}.bias" in tensors:
+                want[f"{p}.attn_{n}.bias"] = (size,)
+    for name, shape in want.items():
+        if name not in tensors:
+            raise GGUFError(f"the GGUF has no tensor {name}")
+        if tensors.shape(name) != shape:
+            raise GGUFError(f"tensor {name} has shape {tensors.shape(name)}; the metadata implies {shape}")
 
 
 class Tensors:
@@ -413,13 +455,31 @@ def tokenizer_fields(reader: GGUFReader) -> dict:
     return fields
 
 
+def gguf_tokenizer(source: Path):
+    """The tokenizer an import of `source` writes (a `tokenizers.Tokenizer`), without importing it."""
+    try:
+        return build_tokenizer(tokenizer_fields(GGUFReader(source)))
+    except Exception as exc:  # the gguf package raises ValueError, struct errors, ... on a bad file
+        raise GGUFError(f"cannot read the tokenizer of {source}: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
 def import_gguf(source: Path, out: Path, log: Callable[[str], None] = print,
                 adapters: dict[str, Path] | None = None) -> dict:
     """Write the ONNX model, genai_config.json and tokenizer files of `source` into `out` (a new,
     empty folder). `adapters` (name -> PEFT LoRA folder) stay unmerged: out/adapters/NAME.onnx_adapter,
-    the first one active by default. Returns a summary of what was written."""
-    from attar.export.gguf_tokenizer import write_tokenizer
+    the first one active by default. Returns a summary of what was written.
 
+    The file is untrusted: its metadata and tensor shapes are checked before anything is
+    converted, and whatever else a malformed file makes the readers raise ends as a GGUFError."""
+    try:
+        return _import(source, out, log, adapters)
+    except GGUFError:
+        raise
+    except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError, OverflowError, struct.error) as exc:
+        raise GGUFError(f"{source}: malformed GGUF ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _import(source: Path, out: Path, log: Callable[[str], None], adapters: dict[str, Path] | None) -> dict:
     try:
         reader = GGUFReader(source)
     except Exception as exc:  # the gguf package raises ValueError, struct errors, ... on a bad file
@@ -427,7 +487,12 @@ def import_gguf(source: Path, out: Path, log: Callable[[str], None] = print,
     hyper = read_hyper(reader)
     fields = tokenizer_fields(reader)
     fields["context_length"] = hyper.context
+    if fields.get("tokenizer.ggml.model") != "gpt2":
+        raise GGUFError(f"{source}: only byte-level BPE tokenizers (Qwen, SmolLM2, Llama 3) are supported, not "
+                        f"{fields.get('tokenizer.ggml.model')!r} (a sentencepiece model such as Llama 2 or Mistral)")
     tensors = Tensors(reader)
+    check_tensors(hyper, tensors)
+    write_tokenizer(fields, out)  # before the weights: an unsupported vocabulary fails at once
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
@@ -460,12 +525,10 @@ def import_gguf(source: Path, out: Path, log: Callable[[str], None] = print,
         opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
         producer_name="attar", ir_version=10)
     onnx.save_model(model, out / "model.onnx")
-    (out / "genai_config.json").write_text(json.dumps(genai_config(hyper, fields), indent=2))
-    write_tokenizer(fields, out)
+    (out / GENAI_CONFIG).write_text(json.dumps(genai_config(hyper, fields), indent=2))
     if deltas:
-        write_adapters(builder.adapter_params, out / "adapters")
-        (out / ADAPTERS_FILE).write_text(json.dumps({"adapters": list(deltas), "default_adapter": next(iter(deltas)),
-                                                     "sources": {k: str(v) for k, v in adapters.items()}}, indent=2))
+        write_adapters_file(out, list(deltas), {k: str(v) for k, v in adapters.items()})
+        write_adapters(builder.adapter_params, out / ADAPTERS_DIR)
     return {"architecture": hyper.arch, "layers": hyper.layers, "gguf_types": types, "adapters": list(deltas),
             "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}
 
@@ -480,4 +543,4 @@ def write_adapters(params: dict[str, dict[str, np.ndarray]], folder: Path) -> No
         adapter.set_adapter_version(1)
         adapter.set_model_version(1)
         adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
-        adapter.export_adapter(str(folder / f"{name}.onnx_adapter"))
+        adapter.export_adapter(str(folder / f"{name}{ADAPTER_SUFFIX}"))

@@ -39,10 +39,8 @@ def _pre_tokenizer(pre: str):
 CONTROL, USER_DEFINED = 3, 4
 
 
-def write_tokenizer(fields: dict, out: Path) -> None:
-    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into `out`.
-
-    `fields` are the GGUF's tokenizer.* metadata values (tokens, token_type, merges, ids...)."""
+def build_tokenizer(fields: dict) -> Tokenizer:
+    """The tokenizer of a GGUF's tokenizer.* metadata values (tokens, token_type, merges, ids...)."""
     if fields.get("tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"only byte-level BPE GGUF tokenizers are supported, not {fields.get('tokenizer.ggml.model')!r}")
     tokens: list[str] = fields["tokenizer.ggml.tokens"]
@@ -56,7 +54,13 @@ def write_tokenizer(fields: dict, out: Path) -> None:
                     for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == CONTROL])
-    tok.save(str(out / "tokenizer.json"))
+    return tok
+
+
+def write_tokenizer(fields: dict, out: Path) -> None:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into `out`."""
+    build_tokenizer(fields).save(str(out / "tokenizer.json"))
+    tokens: list[str] = fields["tokenizer.ggml.tokens"]
 
     def token(key: str) -> str | None:
         i = fields.get(f"tokenizer.ggml.{key}_token_id")

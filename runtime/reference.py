@@ -10,8 +10,8 @@ from typing import Callable
 import numpy as np
 from gguf import GGUFReader, dequantize
 
-from attar.export.gguf_import import Hyper, Tensors, read_hyper
-from attar.export.lora import read_adapter
+from attar.runtime.gguf_import import Hyper, Tensors, read_hyper
+from attar.runtime.lora import read_adapter
 
 
 def _rms_norm(x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
