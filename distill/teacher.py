@@ -227,20 +227,24 @@ def summarize(records: list[dict]) -> dict:
             "exec_error_runs": sum(r["exec_errors"] > 0 for r in records)}
 
 
-_FIELDS = {"id": (str, int), "question": str, "correct": bool, "finished_by": str, "parse_errors": int,
-           "exec_errors": int, "messages": list}
+_RECORD = {"id": (str, int), "question": str}  # a question's record; each run (retries too) has _RUN
+_RUN = {"correct": bool, "finished_by": str, "parse_errors": int, "exec_errors": int, "messages": list}
 
 
 def check_trajectory(record: dict) -> None:
     """A trajectory record as `trajectory_record` writes it (retries included), or a ValueError
     that says what is wrong: files are read from anywhere, so nothing is assumed."""
-    for run in [record, *record.get("retries", [])] if isinstance(record.get("retries", []), list) else [None]:
+    retries = record.get("retries", [])
+    if not isinstance(retries, list):
+        raise ValueError("\"retries\" must be a list of trajectory records")
+    for run, fields in [(record, _RECORD | _RUN), *((r, _RUN) for r in retries)]:
         if not isinstance(run, dict):
             raise ValueError("\"retries\" must be a list of trajectory records")
-        for key, kind in _FIELDS.items():
-            if not isinstance(run.get(key), kind) or (kind is int and isinstance(run.get(key), bool)):
+        for key, kind in fields.items():
+            value = run.get(key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ValueError(f"a trajectory needs {key!r} ({getattr(kind, '__name__', 'str or int')}), "
-                                 f"got {type(run.get(key)).__name__}")
+                                 f"got {type(value).__name__}")
         check_messages(run["messages"])
     if record.get("cot") is not None and not isinstance(record["cot"], str):
         raise ValueError("\"cot\" must be text")

@@ -17,7 +17,10 @@ import click
                    "quantized weights exactly; an HF folder becomes int4.")
 @click.option("--ep", default="cpu", show_default=True, help="Execution provider the model is built for.")
 @click.option("--check/--no-check", default=True, show_default=True, help="Run the parity check.")
-def export(source: str, out: str, lora: tuple[str, ...], precision: str | None, ep: str, check: bool) -> None:
+@click.option("--int8-graph", "int8", is_flag=True, help="Also write the int8 graph attar's engine then runs on "
+              "(projections on the CPU's integer matrix units); GGUF sources only.")
+def export(source: str, out: str, lora: tuple[str, ...], precision: str | None, ep: str, check: bool,
+           int8: bool) -> None:
     """Export SOURCE (HF folder or .gguf file) to an onnxruntime-genai folder OUT.
 
     The parity report (the export against its source) is printed at the end and kept in
@@ -25,7 +28,8 @@ def export(source: str, out: str, lora: tuple[str, ...], precision: str | None, 
     from attar.export.convert import ExportError, export_model
 
     try:
-        export_model(source, out, lora=list(lora) or None, precision=precision, ep=ep, check=check)
+        export_model(source, out, lora=list(lora) or None, precision=precision, ep=ep, check=check,
+                     int8=int8)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"exported to {out}")

@@ -107,6 +107,7 @@ def export_model(
     check: bool = True,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
     check_questions: int | None = None,
+    int8: bool = False,
 ) -> dict | None:
     """Export SOURCE to an onnxruntime-genai folder at OUT; returns the parity report.
 
@@ -114,6 +115,7 @@ def export_model(
     asked for, and its LoRA adapters (a folder, a list of them, `NAME=folder` strings or a
     {name: folder} dict) stay unmerged, the first active by default; an HF folder goes through
     onnxruntime-genai's builder at `precision` (int4 by default), its one adapter merged.
+    `int8` (GGUF only) adds the int8 graph attar's engine then runs on (the CPU's matrix units).
 
     The folder appears at OUT only when complete: everything is written to a sibling temp
     folder first and renamed into place, so an interrupted export leaves nothing behind.
@@ -128,7 +130,9 @@ def export_model(
     try:
         adapters = adapter_names(lora)
         if source.is_file() and precision is None:
-            write = gguf_writer(source, adapters, log)
+            write = gguf_writer(source, adapters, log, int8=int8)
+        elif int8:
+            raise ExportError("--int8-graph builds from a GGUF's own weights; the builder path has no such graph")
         elif len(adapters) > 1:
             raise ExportError("several adapters stay unmerged only over a GGUF base; the builder merges one")
         else:

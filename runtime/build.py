@@ -91,14 +91,15 @@ def build(out: Path, write: Writer, *, check: bool = True, log: Log = _stderr, q
         shutil.rmtree(work, ignore_errors=True)
 
 
-def gguf_writer(source: Path, adapters: dict[str, Path] | None = None, log: Log = _stderr) -> Writer:
+def gguf_writer(source: Path, adapters: dict[str, Path] | None = None, log: Log = _stderr,
+                int8: bool = False) -> Writer:
     """A GGUF imported exactly (its own quantized weights, no torch); its reference is the GGUF
     itself in numpy, with the default adapter merged."""
 
     def write(onnx_dir: Path) -> Callable[[], Scorer]:
         log(f"[1/3] reading {source}" + (f" + {len(adapters)} LoRA adapter(s), kept unmerged" if adapters else ""))
         log("[2/3] writing its quantized weights into an ONNX graph")
-        import_gguf(source, onnx_dir, log=log, adapters=adapters)
+        import_gguf(source, onnx_dir, log=log, adapters=adapters, int8=int8)
         return lambda: GGUFScorer(source, next(iter((adapters or {}).values()), None))
 
     return write

@@ -145,7 +145,10 @@ def models_list(as_json: bool) -> None:
 @main.command()
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the parity report as JSON.")
-def pull(name: str, as_json: bool) -> None:
+@click.option("--int8-graph", "int8", is_flag=True, help="Also build the int8 graph and run on it: projections on the "
+              "CPU's integer matrix units (AMX, VNNI), faster for prompts and batches, not bit-exact (its parity "
+              "is printed); about the model's size again on disk.")
+def pull(name: str, as_json: bool, int8: bool) -> None:
     """Fetch NAME's GGUF (a catalog name, or `default`), verify it and build it, once."""
     import json
 
@@ -153,7 +156,7 @@ def pull(name: str, as_json: bool) -> None:
     from attar.runtime.models import pull as pull_model
 
     try:
-        path = pull_model(name)
+        path = pull_model(name, int8=int8)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from None
     parity = path / "parity.json"

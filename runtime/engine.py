@@ -85,7 +85,10 @@ class Engine:
     """One onnxruntime session and its KV pool; thread-safe, batches whatever is submitted."""
 
     def __init__(self, model: ExportDir, threads: int | None = None,
-                 extra_inputs: dict[str, np.ndarray] | None = None, max_rows: int = 8):
+                 extra_inputs: dict[str, np.ndarray] | None = None, max_rows: int = 8, int8: bool = True):
+        """`int8`: run the folder's int8 graph where it has one (`attar pull --int8`): the same
+        decoder with its projections on the CPU's integer matrix units. One graph for every step,
+        so a request's tokens never depend on what else is in the batch."""
         import onnxruntime as ort
 
         self.ort = ort
@@ -93,7 +96,8 @@ class Engine:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model.decoder), options)
+        self.graph = model.int8_decoder if int8 and model.int8_decoder is not None else model.decoder
+        self.session = ort.InferenceSession(str(self.graph), options)
         inputs = {i.name for i in self.session.get_inputs()}
         if "position_ids" in inputs:
             raise ValueError("this graph takes position_ids; the engine drives GroupQueryAttention graphs only")

@@ -24,7 +24,8 @@ from onnx import TensorProto, helper
 
 from attar.runtime.lora import LoraDelta, LoraError, read_adapter
 from attar.runtime.gguf_tokenizer import build_tokenizer, write_tokenizer
-from attar.runtime.modeldir import ADAPTER_SUFFIX, ADAPTERS_DIR, GENAI_CONFIG, ModelError, write_adapters_file
+from attar.runtime.modeldir import (ADAPTER_SUFFIX, ADAPTERS_DIR, GENAI_CONFIG, INT8_FILE, ModelError,
+                                    write_adapters_file)
 from attar.runtime.quants import OFFSET_BLOCK, SUPPORTED, BlockQuant, block_quant, concat_rows
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -32,7 +33,6 @@ ARCHITECTURES = ("llama", "qwen2")
 # it is the fast CPU path (float32 activations, level 1, cost SmolLM2 30% of its decode speed
 # for 98.8% instead of 98.3% top-1 agreement; 8-bit weights have no fast float32 kernel at all).
 ACCURACY_LEVEL = 4
-DATA_FILE = "model.onnx.data"
 LAST_POSITION = "/model/last_position"  # the node that keeps only the last position for the LM head
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 MAX_CONTEXT = 1 << 18  # tokens; the rotary tables written into the graph grow with it
@@ -219,14 +219,17 @@ class DecoderBuilder:
     """Writes the decoder graph layer by layer."""
 
     def __init__(self, hyper: Hyper, tensors: Tensors, graph: GraphWriter, rope_interleaved: bool,
-                 adapters: dict[str, dict[str, LoraDelta]] | None = None):
-        self.h, self.t, self.g = hyper, tensors, graph
+                 adapters: dict[str, dict[str, LoraDelta]] | None = None, int8: bool = False,
+                 ranges: dict[str, np.ndarray] | None = None):
+        self.h, self.t, self.g, self.int8, self.ranges = hyper, tensors, graph, int8, ranges or {}
+        self.inputs: dict[str, str] = {}  # weight key -> the graph tensor it multiplies (for calibration)
         self.adapters = adapters or {}
         self.hooked = {name for deltas in self.adapters.values() for name in deltas}
         self.adapter_params: dict[str, dict[str, np.ndarray]] = {a: {} for a in self.adapters}
         self.lora_inputs: list[onnx.ValueInfoProto] = []
         self.rope_interleaved = rope_interleaved
         self._block_sums: dict[str, str] = {}
+        self._row_codes: dict[str, tuple[str, str]] = {}
         self._summers: dict[int, str] = {}
         self._embedding: tuple[BlockQuant, str, str] | str | None = None  # for a tied LM head
 
@@ -246,9 +249,11 @@ class DecoderBuilder:
             return [self.linear(x, [n], [b] if b else [])[0] for n, b in itertools.zip_longest(names, biases)]
         sizes = [w.shape[0] if isinstance(w, np.ndarray) else w.codes.shape[0] for w in ws]
         key = "+".join(names)
+        self.inputs[key] = x
         if isinstance(ws[0], BlockQuant):
             w = ws[0] if len(ws) == 1 else concat_rows(ws)
-            y = self.block_matmul(x, w, key, *self._quant_inputs(key, w))
+            y = self.int8_matmul(x, w.dequantize(), key) if self.int8 else \
+                self.block_matmul(x, w, key, *self._quant_inputs(key, w))
         else:
             y = self.g.one("MatMul", [x, self.g.const(f"{key}.T", ws[0].T.astype(np.float32))])
         y = self.low_rank(x, y, names, sizes)
@@ -268,6 +273,39 @@ class DecoderBuilder:
         if w.offsets is None:
             return y
         return self.g.one("Add", [y, self.offset_term(x, k, self.g.const(f"{key}.offsets", w.offsets.T))])
+
+    def int8_matmul(self, x: str, w: np.ndarray, key: str) -> str:
+        """x times w (N, K) where the integer matrix units do the work (onnxruntime reaches AMX only
+        through its quantized GEMM, MatMulInteger): w rounded to int8 with one scale per output
+        column, x to uint8 with one scale per row (token), so a row's result never depends on the
+        other rows of its batch. Not exact: its parity against the GGUF is reported per graph."""
+        if key in self.ranges:
+            # SmoothQuant (Xiao et al. 2023): divide each input channel by s and multiply the
+            # weights' column by it, s = (max|x| / max|w|)^½ over calibration text, so the few
+            # channels with outlier activations no longer set the step for all the others.
+            s = np.sqrt(np.maximum(self.ranges[key], 1e-5) / np.maximum(np.abs(w).max(axis=0), 1e-5)).astype(np.float32)
+            w = w * s[None, :]
+            x = self.g.one("Mul", [x, self.g.const(f"{key}.smooth", 1.0 / s)])
+        scale = np.abs(w).max(axis=1).astype(np.float32) / 127
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+        codes, row_scale = self.row_quantized(x)
+        acc = self.g.one("MatMulInteger", [codes, self.g.const(f"{key}.int8", np.ascontiguousarray(q.T)),
+                                           self.g.small("/int8/zero", np.array(128, np.uint8))])
+        y = self.g.one("Mul", [self.g.one("Cast", [acc], to=TensorProto.FLOAT), row_scale])
+        return self.g.one("Mul", [y, self.g.const(f"{key}.int8_scale", scale)])
+
+    def row_quantized(self, x: str) -> tuple[str, str]:
+        """x as uint8 codes around 128 with one scale per row (max |x| / 127), made once per x."""
+        if x not in self._row_codes:
+            small = self.g.small
+            peak = self.g.one("ReduceMax", [self.g.one("Abs", [x]), small("/int8/last", np.array([-1]))], keepdims=1)
+            row_scale = self.g.one("Div", [self.g.one("Max", [peak, small("/int8/eps", np.array(1e-8, np.float32))]),
+                                           small("/int8/127", np.array(127, np.float32))])
+            shifted = self.g.one("Add", [self.g.one("Round", [self.g.one("Div", [x, row_scale])]),
+                                         small("/int8/128", np.array(128, np.float32))])
+            self._row_codes[x] = (self.g.one("Cast", [shifted], to=TensorProto.UINT8), row_scale)
+        return self._row_codes[x]
 
     def low_rank(self, x: str, y: str, names: list[str], sizes: list[int]) -> str:
         """y + x·Aᵀ·Bᵀ, the LoRA term of these weights (one pair of MatMuls for a fused group).
@@ -340,6 +378,9 @@ class DecoderBuilder:
         if isinstance(self._embedding, str):
             return self.g.one("MatMul", [x, self.g.one("Transpose", [self._embedding])])
         w, codes, scales = self._embedding
+        self.inputs["lm_head"] = x
+        if self.int8:
+            return self.int8_matmul(x, w.dequantize(), "lm_head")
         n, k = w.codes.shape
         codes = self.g.view(codes, "lm_head.codes", (n, k // w.block, w.block * w.bits // 8))
         return self.block_matmul(x, w, "lm_head", codes, scales)
@@ -464,22 +505,50 @@ def gguf_tokenizer(source: Path):
 
 
 def import_gguf(source: Path, out: Path, log: Callable[[str], None] = print,
-                adapters: dict[str, Path] | None = None) -> dict:
+                adapters: dict[str, Path] | None = None, int8: bool = False) -> dict:
     """Write the ONNX model, genai_config.json and tokenizer files of `source` into `out` (a new,
     empty folder). `adapters` (name -> PEFT LoRA folder) stay unmerged: out/adapters/NAME.onnx_adapter,
-    the first one active by default. Returns a summary of what was written.
+    the first one active by default. `int8` adds a second graph whose projections run in
+    int8 on the CPU's integer matrix units (INT8_FILE), which the engine then runs instead.
+    Returns a summary of what was written.
 
     The file is untrusted: its metadata and tensor shapes are checked before anything is
     converted, and whatever else a malformed file makes the readers raise ends as a GGUFError."""
     try:
-        return _import(source, out, log, adapters)
+        return _import(source, out, log, adapters, int8)
     except GGUFError:
         raise
     except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError, OverflowError, struct.error) as exc:
         raise GGUFError(f"{source}: malformed GGUF ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
-def _import(source: Path, out: Path, log: Callable[[str], None], adapters: dict[str, Path] | None) -> dict:
+def _write_graph(hyper: Hyper, tensors: Tensors, deltas: dict, path: Path, int8: bool,
+                 log: Callable[[str], None], ranges: dict[str, np.ndarray] | None = None) -> "DecoderBuilder":
+    graph = GraphWriter(path.with_name(path.name + ".data"))
+    try:
+        # llama.cpp's converter permutes llama's Q/K rows so that rotary pairs are adjacent
+        # (its "normal" rope); qwen2 keeps HF's layout and rotates halves ("neox").
+        builder = DecoderBuilder(hyper, tensors, graph, rope_interleaved=hyper.arch == "llama", adapters=deltas,
+                                 int8=int8, ranges=ranges)
+        step = max(1, hyper.layers // 4)
+
+        def progress(i: int, n: int) -> None:
+            if i % step == 0 or i == n:
+                log(f"  layers {i}/{n}")
+
+        inputs, outputs = builder.build(progress)
+    finally:
+        graph.close()
+    model = helper.make_model(
+        helper.make_graph(graph.nodes, "attar-gguf-decoder", inputs, outputs, graph.initializers),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="attar", ir_version=10)
+    onnx.save_model(model, path)
+    return builder
+
+
+def _import(source: Path, out: Path, log: Callable[[str], None], adapters: dict[str, Path] | None,
+            int8: bool) -> dict:
     try:
         reader = GGUFReader(source)
     except Exception as exc:  # the gguf package raises ValueError, struct errors, ... on a bad file
@@ -506,31 +575,65 @@ def _import(source: Path, out: Path, log: Callable[[str], None], adapters: dict[
             raise GGUFError(str(exc)) from None
         log(f"  LoRA adapter {name!r} ({folder}): {len(deltas[name])} weights, kept unmerged")
 
-    graph = GraphWriter(out / DATA_FILE)
-    try:
-        # llama.cpp's converter permutes llama's Q/K rows so that rotary pairs are adjacent
-        # (its "normal" rope); qwen2 keeps HF's layout and rotates halves ("neox").
-        builder = DecoderBuilder(hyper, tensors, graph, rope_interleaved=hyper.arch == "llama", adapters=deltas)
-        step = max(1, hyper.layers // 4)
-
-        def progress(i: int, n: int) -> None:
-            if i % step == 0 or i == n:
-                log(f"  layers {i}/{n}")
-
-        inputs, outputs = builder.build(progress)
-    finally:
-        graph.close()
-    model = helper.make_model(
-        helper.make_graph(graph.nodes, "attar-gguf-decoder", inputs, outputs, graph.initializers),
-        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-        producer_name="attar", ir_version=10)
-    onnx.save_model(model, out / "model.onnx")
+    builder = _write_graph(hyper, tensors, deltas, out / "model.onnx", int8=False, log=log)
+    if int8:
+        log("  the int8 graph (projections on the CPU's integer matrix units), calibrated on agent text")
+        ranges = activation_ranges(out / "model.onnx", builder.inputs, hyper, calibration_ids(out))
+        _write_graph(hyper, tensors, deltas, out / INT8_FILE, int8=True, log=log, ranges=ranges)
     (out / GENAI_CONFIG).write_text(json.dumps(genai_config(hyper, fields), indent=2))
     if deltas:
         write_adapters_file(out, list(deltas), {k: str(v) for k, v in adapters.items()})
         write_adapters(builder.adapter_params, out / ADAPTERS_DIR)
     return {"architecture": hyper.arch, "layers": hyper.layers, "gguf_types": types, "adapters": list(deltas),
             "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}
+
+
+def calibration_ids(folder: Path) -> list[list[int]]:
+    """Token ids of text like what the model will read: the student prompt, a task, a step."""
+    from tokenizers import Tokenizer
+
+    from attar.runtime import prompts, turns
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    step = ("Thought: I will compute the total cost and the discount, then answer.\nCode:\n```py\n"
+            "price = 17 * 23\ndiscount = price * 0.15\nprint(price - discount)\n```<end_code>")
+    conversations = [
+        [{"role": "system", "content": prompts.system("- web_search(query: str) -> str\n- final_answer(answer: Any)")},
+         {"role": "user", "content": prompts.TASK.format(question="A shop sells 17 boxes of 23 pens at 15% off. "
+                                                         "How much does it take in?")},
+         {"role": "assistant", "content": step},
+         {"role": "user", "content": prompts.OBSERVATION.format(logs="332.35\n", output="None")}],
+        [{"role": "system", "content": "You are a helpful assistant."},
+         {"role": "user", "content": "Which river flows through the capital of France, and how long is it? "
+                                     "Explain in two sentences, with the numbers."}],
+    ]
+    return [tokenizer.encode(turns.render(c), add_special_tokens=False).ids for c in conversations]
+
+
+def activation_ranges(model_file: Path, inputs: dict[str, str], h: Hyper, sequences: list[list[int]]) -> dict:
+    """Per input channel, the largest |activation| each projection sees on `sequences`, read off
+    the exact graph (its projection inputs added as outputs, in a temporary copy beside it)."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    names = sorted(set(inputs.values()))
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    probe = model_file.with_name(".calibration.onnx")
+    onnx.save(model, str(probe))
+    try:
+        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+    finally:
+        probe.unlink()
+    peak: dict[str, np.ndarray] = {}
+    empty = np.zeros((1, h.kv_heads, 0, h.head_dim), dtype=np.float32)
+    for ids in sequences:
+        feeds = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        for i in range(h.layers):
+            feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+        for name, value in zip(names, session.run(names, feeds)):
+            seen = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            peak[name] = np.maximum(peak.get(name, seen), seen)
+    return {key: peak[x] for key, x in inputs.items()}
 
 
 def write_adapters(params: dict[str, dict[str, np.ndarray]], folder: Path) -> None:

@@ -1,6 +1,7 @@
 """An exported model folder, read once: the one place that knows its layout.
 
     model.onnx (+ model.onnx.data)    the decoder graph and its weights
+    model.int8.onnx (+ .data)         optional: the same decoder with int8 projections (`--int8-graph`)
     genai_config.json                 shapes, input/output names, EOS ids, context (onnxruntime-genai's format)
     tokenizer.json, tokenizer_config.json, chat_template.jinja
     attar.json                        the LoRA adapters it carries and the default one (optional)
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GENAI_CONFIG = "genai_config.json"
+INT8_FILE = "model.int8.onnx"  # optional: the decoder with int8 projections, on the CPU's matrix units
 ADAPTERS_FILE = "attar.json"
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
@@ -84,6 +86,7 @@ class ExportDir:
     eos: frozenset[int]
     adapters: tuple[str, ...]
     default_adapter: str | None
+    int8_decoder: Path | None = None
 
     @property
     def name(self) -> str:
@@ -130,7 +133,12 @@ class ExportDir:
                    _count(decoder, "num_key_value_heads", config_file, high=1024),
                    _count(decoder, "head_size", config_file, high=4096),
                    _count(model, "context_length", config_file, high=MAX_CONTEXT) if "context_length" in model else 2048,
-                   names, frozenset(eos), adapters, default)
+                   names, frozenset(eos), adapters, default, cls._int8(path))
+
+    @staticmethod
+    def _int8(path: Path) -> Path | None:
+        graph = inside(path, INT8_FILE, "int8 graph")
+        return graph if graph.is_file() else None
 
     @staticmethod
     def _adapters(path: Path) -> tuple[tuple[str, ...], str | None]:

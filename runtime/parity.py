@@ -54,9 +54,9 @@ class OnnxScorer:
 
     name = "export (onnxruntime)"
 
-    def __init__(self, model: ExportDir, adapter: str | None = None):
+    def __init__(self, model: ExportDir, adapter: str | None = None, graph: Path | None = None):
         """`adapter`: which of the export's LoRA adapters to feed (None: its default one;
-        "base": none)."""
+        "base": none). `graph`: another decoder graph of the folder (default: its decoder)."""
         import onnxruntime as ort
 
         chosen = model.choose_adapter(adapter)
@@ -64,7 +64,7 @@ class OnnxScorer:
         self.layers, self.kv_heads, self.head = model.layers, model.kv_heads, model.head
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        graph = _every_position(model.decoder)
+        graph = _every_position(graph or model.decoder)
         try:
             self.session = ort.InferenceSession(str(graph), options)
         finally:
@@ -126,7 +126,7 @@ def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None]
     HELD_OUT, with both. Only the positions compared are kept (a Qwen vocabulary makes every
     kept position 0.6 MB)."""
     folder = ExportDir.open(model_dir)
-    backend = EngineBackend(folder)
+    backend = EngineBackend(folder, int8=False)  # the exact graph's own continuations
     tools = (web_search_tool(index=None), final_answer)  # described, never called
     system = prompts.system("\n".join(describe(t) for t in tools))
     prompts_ids = [backend.encode([{"role": "system", "content": system}, {"role": "user", "content": q}])
@@ -152,7 +152,7 @@ def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None]
         agree, total, exact = agree + int(matches.sum()), total + len(cont), exact + int(matches.all())
     held = sequences[-1]
     agreement = agree / max(total, 1)
-    return {
+    report = {
         "reference": reference.name,
         "prompts": len(prompts_ids),
         "top1_agreement": round(agreement, 4),
@@ -164,6 +164,20 @@ def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None]
         "agreement_goal": AGREEMENT_GOAL,
         "meets_goal": agreement >= AGREEMENT_GOAL,
     }
+    if folder.int8_decoder is not None:
+        del export
+        many = OnnxScorer(folder, graph=folder.int8_decoder).logits(sequences, progress("the int8 graph"),
+                                                                         positions=spans)
+        picks = np.concatenate([m.argmax(-1) for m in many[:-1]] or [np.zeros(0)])
+        wanted = np.concatenate([s.argmax(-1) for s in source[:-1]] or [np.zeros(0)])
+        report["int8"] = {
+            "graph": folder.int8_decoder.name,
+            "top1_agreement": round(float((picks == wanted).mean()) if len(wanted) else 1.0, 4),
+            "held_out_top1_agreement": round(float((many[-1].argmax(-1) == source[-1].argmax(-1)).mean()), 4),
+            "max_abs_logit_diff": round(float(max(np.abs(m - s).max() for m, s in zip(many, source))), 4),
+            "perplexity_export": round(math.exp(_nll(many[-1], held)), 3),
+        }
+    return report
 
 
 def format_report(report: dict) -> str:
@@ -174,6 +188,10 @@ def format_report(report: dict) -> str:
         ("perplexity, source", f"{report['perplexity_source']:.3f}"),
         ("perplexity, export", f"{report['perplexity_export']:.3f}"),
     ]
+    if "int8" in report:
+        many = report["int8"]
+        rows += [("int8 graph: top-1 agreement", f"{many['top1_agreement']:.1%}"),
+                 ("int8 graph: perplexity", f"{many['perplexity_export']:.3f}")]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     if not report["meets_goal"]:

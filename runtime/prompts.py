@@ -64,5 +64,7 @@ STOP = ["<end_code>", "Observation:", "```output"]
 
 def as_written(text: str, stopped_by: str | None) -> str:
     """A step's output as the conversation keeps it: generation stops at `<end_code>` and drops
-    it, but the format students learn ends each code block with it."""
-    return text + ("<end_code>" if stopped_by == "<end_code>" else "")
+    it, but the format students learn ends each code block with it. Trailing white space goes: it
+    says nothing, and a model often writes it as tokens ("\n", "\n") that read back as others
+    ("\n\n"), which would cost the next step its cached prefix."""
+    return text.rstrip() + ("<end_code>" if stopped_by == "<end_code>" else "")

@@ -154,6 +154,7 @@ def parse_agent(body: dict, cfg: ServeConfig) -> dict:
 
 
 _END = object()
+DRAIN_BYTES = 16 << 20  # an oversized body up to this is read and dropped before the 413
 
 
 @dataclass
@@ -254,16 +255,29 @@ def create_app(server: Server):
             raise HTTPError(401, "a valid API key is required (Authorization: Bearer KEY)",
                             kind="authentication_error", code="invalid_api_key")
 
+    async def drain(request: Request) -> None:
+        """Read and drop what a client is still sending (up to DRAIN_BYTES), so it hears the
+        refusal instead of a broken pipe mid-upload."""
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > DRAIN_BYTES:
+                return
+
     async def read_json(request: Request) -> dict:
         check_key(request)
         length = request.headers.get("content-length")
+        too_large = HTTPError(413, f"the body is larger than {cfg.max_body_bytes} bytes")
         if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
-            raise HTTPError(413, f"the body is larger than {cfg.max_body_bytes} bytes")
+            if length.isdigit() and int(length) <= DRAIN_BYTES:
+                await drain(request)
+            raise too_large
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > cfg.max_body_bytes:
-                raise HTTPError(413, f"the body is larger than {cfg.max_body_bytes} bytes")
+                await drain(request)
+                raise too_large
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):

@@ -132,3 +132,52 @@ def test_a_failing_callback_ends_only_its_own_request(model_dir):
     with pytest.raises(BrokenPipeError):
         engine.wait(bad)
     assert len(engine.wait(good).out) == 8
+
+
+# -- the int8 graph (projections on the CPU's integer matrix units) --------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_dir(tmp_path_factory):
+    from attar.runtime.gguf_import import import_gguf
+    from attar.runtime.models import gguf_path
+
+    out = tmp_path_factory.mktemp("smol-int8") / "model"
+    out.mkdir()
+    import_gguf(gguf_path("smollm2-135m", log=lambda m: None), out, log=lambda m: None, int8=True)
+    return out
+
+
+def test_a_row_of_the_int8_graph_does_not_depend_on_the_others(int8_dir):
+    from attar.runtime.engine import Engine
+
+    engine = Engine(ExportDir.open(int8_dir), max_rows=4)
+    assert engine.graph.name == "model.int8.onnx"
+    engine._reserve(4, 64)
+    first = np.array([[1, 2, 3, 4, 5, 6]], dtype=np.int64)
+    others = {0: np.array([[7, 8, 9, 10, 11, 12]] * 3), 1: np.array([[20000, 3, 40000, 5, 600, 7]] * 3)}
+    rows = [engine._forward(0, 4, np.concatenate([first, others[k]]).astype(np.int64), [0] * 4)[0] for k in others]
+    np.testing.assert_allclose(rows[0], rows[1], atol=1e-5)  # per-row quantization: nothing leaks across rows
+
+
+def test_the_int8_graph_picks_what_the_exact_one_picks(int8_dir):
+    from attar.runtime.parity import OnnxScorer
+
+    folder = ExportDir.open(int8_dir)
+    backend = EngineBackend(folder, int8=False)
+    from attar.runtime.engine import Request
+
+    ids = backend.encode(conversation("What is 17 * 23? Answer with Python code."))
+    ids += backend.engine.run(Request(ids, 32, eos=backend.eos)).out  # a prompt and the model's own reply
+    exact = OnnxScorer(folder).logits([ids])[0]
+    many = OnnxScorer(folder, graph=folder.int8_decoder).logits([ids])[0]
+    agreement = float((exact.argmax(-1) == many.argmax(-1)).mean())
+    assert agreement > 0.9, agreement
+    # One graph for every step, quantized row by row: with the prompt cached either way, a
+    # request answers the same alone and in a batch of others.
+    engine = EngineBackend(folder, max_rows=8)
+    messages = conversation("Name three rivers in Europe.")
+    engine.generate(messages, sampling=Sampling(max_new_tokens=1))  # the prompt, cached
+    alone = engine.generate(messages, sampling=GREEDY).text
+    gens = engine.generate_batch(messages, [GREEDY] * 4)
+    assert {g.text for g in gens} == {alone}

@@ -110,9 +110,10 @@ class TestCorpus:
         corpus = tmp_path / "huge.jsonl"
         words = ("lorem ipsum dolor sit amet consectetur " * 1_400_000).strip()  # ~50 MB, one passage
         corpus.write_text(json.dumps({"id": "big", "text": words}) + "\n")
-        code = ("import sys, resource; from attar.runtime.retrieval import read_corpus; "
+        # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's size (pytest's, here).
+        code = ("import re, sys; from attar.runtime.retrieval import read_corpus; "
                 "n = sum(1 for _ in read_corpus(sys.argv[1])); "
-                "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+                "print(n, int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024)")
         out = subprocess.run([sys.executable, "-c", code, str(corpus)], capture_output=True, text=True, check=True)
         passages, peak_mb = map(int, out.stdout.split())
         assert passages == 84_000  # 8.4 M words in passages of 100
