@@ -29,11 +29,11 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def step_ms(engine: Engine, rows: int, past: int, repeat: int = 7) -> float:
-    """Median ms of one decode step of `rows` rows whose caches hold `past` tokens."""
-    engine._reserve(rows, past + 8)
-    ids = np.full((rows, 1), 100, dtype=np.int64)
-    mask = np.ones((rows, past + 1), dtype=np.int64)
+def timed_ms(engine: Engine, ids: np.ndarray, past: int, repeat: int) -> list[float]:
+    """ms of each of `repeat` runs of one step feeding `ids` (rows × new) to caches of `past` tokens."""
+    rows, new = ids.shape
+    engine._reserve(rows, past + new + 8)
+    mask = np.ones((rows, past + new), dtype=np.int64)
     names = engine.shape.names
     times = []
     for _ in range(repeat):
@@ -43,25 +43,17 @@ def step_ms(engine: Engine, rows: int, past: int, repeat: int = 7) -> float:
         io.bind_output(names["logits"])
         began = time.perf_counter()
         engine.session.run_with_iobinding(io)
-        times.append(time.perf_counter() - began)
-    return 1000 * statistics.median(times[1:])
+        times.append(1000 * (time.perf_counter() - began))
+    return times
 
 
-def prefill_ms(engine: Engine, tokens: int, repeat: int = 3) -> float:
-    engine._reserve(1, tokens + 8)
-    ids = np.arange(100, 100 + tokens, dtype=np.int64)[None]
-    mask = np.ones((1, tokens), dtype=np.int64)
-    names = engine.shape.names
-    times = []
-    for _ in range(repeat):
-        io = engine._binding(0, 1)
-        io.bind_cpu_input(names["input_ids"], ids)
-        io.bind_cpu_input(names["attention_mask"], mask)
-        io.bind_output(names["logits"])
-        began = time.perf_counter()
-        engine.session.run_with_iobinding(io)
-        times.append(time.perf_counter() - began)
-    return 1000 * statistics.median(times)
+def step_ms(engine: Engine, rows: int, past: int) -> float:
+    """Median ms of one decode step of `rows` rows whose caches hold `past` tokens (first run dropped)."""
+    return statistics.median(timed_ms(engine, np.full((rows, 1), 100, dtype=np.int64), past, 7)[1:])
+
+
+def prefill_ms(engine: Engine, tokens: int) -> float:
+    return statistics.median(timed_ms(engine, np.arange(100, 100 + tokens, dtype=np.int64)[None], 0, 3))
 
 
 def main() -> None:
