@@ -96,7 +96,7 @@ class Engine:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         options.log_severity_level = 3
-        self.graph = model.int8_decoder if int8 and model.int8_decoder is not None else model.decoder
+        self.graph = model.graph(int8)
         self.session = ort.InferenceSession(str(self.graph), options)
         inputs = {i.name for i in self.session.get_inputs()}
         if "position_ids" in inputs:

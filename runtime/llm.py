@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -161,7 +162,7 @@ class EngineBackend(Backend):
             raise ModelError(f"{folder.tokenizer_file}: cannot read the tokenizer: {str(exc)[:200]}") from None
         extra = folder.adapter_params(self.adapter) if self.adapter else {}
         self.engine = _load(folder, lambda: Engine(folder, threads=threads, extra_inputs=extra, max_rows=max_rows,
-                                                      int8=int8))
+                                                      int8=int8), folder.graph(int8))
         self.eos = folder.eos  # the engine bounds the context itself
 
     def encode(self, messages: list[Message], prefix: str = "") -> list[int]:
@@ -282,11 +283,11 @@ def _available_bytes() -> int | None:
         return None  # not Linux: let onnxruntime try
 
 
-def _load(folder: ExportDir, load: Callable):
+def _load(folder: ExportDir, load: Callable, graph: Path | None = None):
     """`load()` a model, or a one-line ModelError: refused up front when it cannot fit
     (onnxruntime needs about its weights' size again while it loads them, for prepacking), and
     onnxruntime's long C++ messages cut to their first line."""
-    weights = folder.weight_bytes
+    weights = folder.graph_bytes(graph or folder.decoder)
     available = _available_bytes()
     if available is not None and weights * 1.5 > available:
         raise ModelError(f"{folder.name} needs about {weights * 1.5 / 2**30:.1f} GiB of memory to load; "

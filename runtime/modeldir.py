@@ -102,9 +102,13 @@ class ExportDir:
             raise ModelError(f"{file}: larger than {MAX_TOKENIZER_BYTES >> 20} MiB; not a tokenizer")
         return file
 
-    @property
-    def weight_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.glob("*.onnx*") if f.is_file())
+    def graph(self, int8: bool = True) -> Path:
+        """The decoder a CPU engine runs: the int8 graph where the folder has one and it is wanted."""
+        return self.int8_decoder if int8 and self.int8_decoder is not None else self.decoder
+
+    def graph_bytes(self, graph: Path) -> int:
+        """A graph's size with its external weights (GRAPH.data, as attar writes them)."""
+        return sum(f.stat().st_size for f in (graph, graph.with_name(graph.name + ".data")) if f.is_file())
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> ExportDir:

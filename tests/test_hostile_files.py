@@ -399,3 +399,20 @@ class TestQuestion:
         assert result.answer == 1 and agent.memory.tasks[-1].elided >= 1
         kept = agent.memory.messages(agent.memory.tasks[-1].elided)
         assert any("[left out" in m["content"] for m in kept)
+
+
+def test_a_model_with_another_chat_template_answers(tmp_path, smol_export):
+    """Not hostile, only unusual: a model whose template is not ChatML is rendered by its own
+    template (in jinja2's sandbox), not refused."""
+    from attar.runtime.llm import EngineBackend, Sampling
+
+    folder = hostile_copy(smol_export, tmp_path / "model")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+                               "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink()
+    backend = EngineBackend(folder)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    assert backend.render(messages, "") == "### user:\nName a colour.\n\n### assistant:\n"
+    assert backend.generate(messages, sampling=Sampling(max_new_tokens=8)).completion_tokens > 0
