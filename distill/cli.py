@@ -134,12 +134,13 @@ def train(data, student, out, rank, alpha, lr, epochs, batch_size, grad_accum, m
     """LoRA SFT of STUDENT on DATA (loss on assistant turns only); resumes a killed run."""
     from attar.distill.train import TrainConfig, train as run
     from attar.export.convert import ExportError
+    from attar.runtime.modeldir import ModelError
 
     cfg = TrainConfig(rank=rank, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                       max_length=max_length, bf16=bf16, cpu_weights=cpu_weights, max_steps=max_steps)
     try:
         adapter = run(data, student, out, cfg, merge=merge)
-    except (ValueError, ExportError) as exc:
+    except (ValueError, ExportError, ModelError) as exc:
         raise _fail(exc) from None
     click.echo(f"adapter: {adapter}\nexport it: attar export {student if student != 'default' else '<base>'} "
                f"--lora {adapter} -o {out}/int4")

@@ -153,13 +153,15 @@ class EngineBackend(Backend):
         folder = model if isinstance(model, ExportDir) else ExportDir.open(model)
         self.adapter = folder.choose_adapter(adapter)
         self.name = f"{folder.name}+{self.adapter}" if self.adapter else folder.name
+        tokenizer_file = folder.tokenizer_file  # inside the folder and of a sane size, or a ModelError
         try:
             self.render = renderer(folder.chat_template())
-            self.tokenizer = Tokenizer.from_file(str(folder.tokenizer_file))
         except TemplateError as exc:
             raise ModelError(f"{folder.path}: {exc}") from None
-        except Exception as exc:  # tokenizers raises its own exception type for a bad or missing file
-            raise ModelError(f"{folder.tokenizer_file}: cannot read the tokenizer: {str(exc)[:200]}") from None
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # tokenizers raises its own exception type for a bad file
+            raise ModelError(f"{tokenizer_file}: cannot read the tokenizer: {str(exc)[:200]}") from None
         extra = folder.adapter_params(self.adapter) if self.adapter else {}
         self.engine = _load(folder, lambda: Engine(folder, threads=threads, extra_inputs=extra, max_rows=max_rows,
                                                       int8=int8), folder.graph(int8))

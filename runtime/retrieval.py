@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from attar.runtime.modeldir import ModelError, inside
+
 # Load onnxruntime before usearch: importing them in the other order segfaults (usearch 2.26,
 # onnxruntime 1.32), and usearch is imported lazily below.
 import onnxruntime  # noqa: F401
@@ -187,9 +189,7 @@ class Index:
     @property
     def embedder(self):
         if self._embedder is None:
-            from attar.runtime.embedder import Embedder
-
-            self._embedder = Embedder(tokenizer_path=self.path / "tokenizer.json")
+            self._embedder = _embedder(self.path)
         return self._embedder
 
     def __len__(self) -> int:
@@ -236,17 +236,44 @@ def web_search_tool(index: Index, k: int = 3) -> Callable[[str], str]:
 
 
 def _read_manifest(path: Path) -> dict:
-    file = path / "manifest.json"
+    """An index's manifest, checked: an index folder is untrusted input like any other file."""
+    file = _inside(path, "manifest.json")
     if not file.is_file():
         raise IndexError_(f"not an attar index (no manifest.json): {path}")
     try:
+        if file.stat().st_size > 1 << 20:
+            raise ValueError("larger than 1 MiB")
         manifest = json.loads(file.read_text())
         manifest["embedder"], manifest["dim"]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise IndexError_(f"corrupt manifest: {file}") from None
     if manifest.get("version") != FORMAT_VERSION:
         raise IndexError_(f"index format {manifest.get('version')} is not supported (expected {FORMAT_VERSION})")
+    connectivity = manifest.get("connectivity", 16)
+    if (manifest["dim"] != 384 or manifest.get("dtype") not in ("f16", "i8", "f32")
+            or not isinstance(connectivity, int) or not 2 <= connectivity <= 256):
+        raise IndexError_(f"corrupt manifest: {file} (dim, dtype or connectivity out of range)")
     return manifest
+
+
+def _inside(path: Path, name: str) -> Path:
+    """A file of the index folder, which must not lead out of it."""
+    try:
+        return inside(path, name, "index file")
+    except ModelError as exc:
+        raise IndexError_(str(exc)) from None
+
+
+def _embedder(path: Path):
+    """The embedder with the index's own tokenizer, or one line saying what is wrong with it."""
+    from attar.runtime.embedder import Embedder
+
+    try:
+        return Embedder(tokenizer_path=_inside(path, "tokenizer.json"))
+    except IndexError_:
+        raise
+    except Exception as exc:  # tokenizers raises its own exception type for a bad file
+        raise IndexError_(f"{path / 'tokenizer.json'}: cannot read the index's tokenizer: {str(exc)[:200]}") from None
 
 
 def _write_json_atomic(file: Path, data: dict) -> None:
@@ -348,9 +375,7 @@ def add_documents(
             except Exception as exc:  # usearch raises RuntimeError and others for a damaged file
                 raise IndexError_(f"corrupt vector file {vectors_file}: {str(exc)[:200]}") from None
         if embedder is None:
-            from attar.runtime.embedder import Embedder
-
-            embedder = Embedder(tokenizer_path=index_dir / "tokenizer.json")
+            embedder = _embedder(index_dir)
 
         pending = [k for (k,) in db.execute("SELECT key FROM passages WHERE embedded = 0 ORDER BY key")]
         bar = tqdm(total=len(pending), unit="passage", desc="embedding", disable=not progress)

@@ -106,6 +106,30 @@ class TestCorpus:
         run = attar("index", "add", tmp_path / "index", dupes)
         assert run.rc == 0 and "skipped 1 passage(s) whose id is already in the index" in run.stderr
 
+    @pytest.mark.parametrize("case, words", [
+        ("tokenizer-link", ["outside"]),
+        ("manifest-dim", ["corrupt manifest"]),
+        ("manifest-huge", ["corrupt manifest"]),
+        ("tokenizer-garbage", ["tokenizer"]),
+    ])
+    def test_a_tampered_index_is_refused_in_one_line(self, tmp_path, case, words):
+        corpus = tmp_path / "c.jsonl"
+        corpus.write_text(json.dumps({"id": "a", "text": "rivers flow into the sea"}) + "\n")
+        index = tmp_path / "index"
+        assert attar("index", "build", corpus, "-o", index).rc == 0
+        (tmp_path / "secret").write_text("not a tokenizer")
+        manifest = json.loads((index / "manifest.json").read_text())
+        if case == "tokenizer-link":
+            (index / "tokenizer.json").unlink()
+            (index / "tokenizer.json").symlink_to(tmp_path / "secret")
+        elif case == "manifest-dim":
+            (index / "manifest.json").write_text(json.dumps({**manifest, "dim": 10 ** 9}))
+        elif case == "manifest-huge":
+            (index / "manifest.json").write_text(json.dumps({**manifest, "pad": "x" * (2 << 20)}))
+        else:
+            (index / "tokenizer.json").write_text("{\"model\": 12}")
+        refused(attar("index", "search", index, "rivers"), *words)
+
     def test_one_huge_passage_is_read_as_a_stream(self, tmp_path):
         corpus = tmp_path / "huge.jsonl"
         words = ("lorem ipsum dolor sit amet consectetur " * 1_400_000).strip()  # ~50 MB, one passage
