@@ -25,12 +25,20 @@ class Question:
     kind: str  # "numeric", "math" or "factual": how answers are scored
 
 
+MAX_QUESTION_FILE = 256 << 20  # a question file is read whole (the paper's are one JSON document)
+
+
 def load_questions(path: str | os.PathLike, limit: int | None = None) -> list[Question]:
     """The paper's JSON files ({"metadata", "examples": [...]}) or JSONL ({"id", "question", "answer"})."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"question file not found: {path}")
-    text = path.read_text()
+    if path.stat().st_size > MAX_QUESTION_FILE:
+        raise ValueError(f"{path}: larger than {MAX_QUESTION_FILE >> 20} MiB; split it")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
     try:
         if path.suffix == ".jsonl":
             rows, name = [json.loads(line) for line in text.splitlines() if line.strip()], path.stem

@@ -370,6 +370,20 @@ class TestDataFile:
         data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
         refused(attar("distill", "filter", data, "--out", tmp_path / "sft"), *words)
 
+    @pytest.mark.parametrize("case, words", [("latin-1", ["q.json", "UTF-8"]), ("huge", ["q.json", "larger than"]),
+                                             ("not-json", ["q.json", "expected JSON"])])
+    def test_malformed_question_files(self, tmp_path, case, words):
+        questions = tmp_path / "q.json"
+        if case == "latin-1":
+            questions.write_bytes('{"examples": [{"question": "caf\u00e9?", "answer": "1"}]}'.encode("latin-1"))
+        elif case == "huge":
+            with open(questions, "wb") as f:
+                f.truncate(300 << 20)  # sparse: 300 MB that take no disk
+        else:
+            questions.write_text('{"examples": [')
+        refused(attar("distill", "eval", "--model", "smollm2-135m", "--questions", questions, "--out", tmp_path / "e"),
+                *words, peak_mb=600)
+
     def test_results_of_another_model_are_not_mixed_in(self, tmp_path):
         questions = tmp_path / "q.jsonl"
         questions.write_text(json.dumps({"id": "1", "question": "What is 2+2?", "answer": "4"}) + "\n")
