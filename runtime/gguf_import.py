@@ -168,6 +168,7 @@ class GraphWriter:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0
+        self._small: dict[str, np.ndarray] = {}
 
     def close(self) -> None:
         self.data.close()
@@ -200,7 +201,13 @@ class GraphWriter:
         return name
 
     def small(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(onnx.numpy_helper.from_array(np.asarray(array), name))
+        """A small initializer kept in the graph itself; one name is written once, however often
+        the builder asks for it (every int8 projection shares /int8/zero, say)."""
+        if name not in self._small:
+            self._small[name] = np.asarray(array)
+            self.initializers.append(onnx.numpy_helper.from_array(self._small[name], name))
+        elif not np.array_equal(self._small[name], array):
+            raise ValueError(f"two values for the initializer {name}")
         return name
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None,
