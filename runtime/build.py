@@ -1,20 +1,16 @@
-"""Writing a model folder: into a sibling work folder, checked against its source, then renamed
-into place, so OUT exists only when complete. A work folder carries its process id; one whose
-process is gone (killed, out of memory, power lost) is removed by the next build beside it."""
+"""Writing a model folder: into a sibling work folder (`fetch.work_folder`), checked against its
+source, then renamed into place, so OUT exists only when complete."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from attar.runtime.fetch import sha256_file
+from attar.runtime.fetch import sha256_file, to_stderr, work_folder
 from attar.runtime.gguf_import import import_gguf
 from attar.runtime.modeldir import ModelError
 from attar.runtime.parity import Scorer, format_report, parity_report
@@ -25,44 +21,7 @@ Log = Callable[[str], None]
 Writer = Callable[[Path], Callable[[], Scorer]]
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def work_folder(out: Path, kind: str = "partial") -> Path:
-    """A fresh `.NAME.KIND-PID-xxxx` folder beside `out`, after removing those of dead processes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out.parent)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
-
-
-_WORK = re.compile(r"^\..+\.(?:partial|download)-(\d+)-\w+$")
-
-
-def remove_stale(folder: Path) -> list[Path]:
-    """Remove the work folders in `folder` whose process no longer runs."""
-    removed = []
-    for entry in folder.iterdir() if folder.is_dir() else ():
-        match = _WORK.match(entry.name)
-        if match and not _alive(int(match.group(1))) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def build(out: Path, write: Writer, *, check: bool = True, log: Log = _stderr, questions: int | None = None,
+def build(out: Path, write: Writer, *, check: bool = True, log: Log = to_stderr, questions: int | None = None,
           precision: str = "gguf (exact)") -> dict | None:
     """Write a model folder at `out` with `write`, run the parity check against its source
     (report kept in OUT/parity.json), and rename it into place. Returns the report."""
@@ -91,7 +50,7 @@ def build(out: Path, write: Writer, *, check: bool = True, log: Log = _stderr, q
         shutil.rmtree(work, ignore_errors=True)
 
 
-def gguf_writer(source: Path, adapters: dict[str, Path] | None = None, log: Log = _stderr,
+def gguf_writer(source: Path, adapters: dict[str, Path] | None = None, log: Log = to_stderr,
                 int8: bool = False) -> Writer:
     """A GGUF imported exactly (its own quantized weights, no torch); its reference is the GGUF
     itself in numpy, with the default adapter merged."""

