@@ -620,27 +620,46 @@ def calibration_ids(folder: Path) -> list[list[int]]:
 def activation_ranges(model_file: Path, inputs: dict[str, str], h: Hyper, sequences: list[list[int]]) -> dict:
     """Per input channel, the largest |activation| each projection sees on `sequences`, read off
     the exact graph (its projection inputs added as outputs, in a temporary copy beside it)."""
-    import onnxruntime as ort
-
-    model = onnx.load(str(model_file), load_external_data=False)
     names = sorted(set(inputs.values()))
-    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
-    probe = model_file.with_name(".calibration.onnx")
-    onnx.save(model, str(probe))
-    try:
-        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
-    finally:
-        probe.unlink()
+
+    def expose(model: onnx.ModelProto) -> bool:
+        model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+        return True
+
+    session = edited_session(model_file, expose)
     peak: dict[str, np.ndarray] = {}
-    empty = np.zeros((1, h.kv_heads, 0, h.head_dim), dtype=np.float32)
     for ids in sequences:
-        feeds = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-        for i in range(h.layers):
-            feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+        feeds = whole_sequence_feeds(ids, h.layers, h.kv_heads, h.head_dim)
         for name, value in zip(names, session.run(names, feeds)):
             seen = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
             peak[name] = np.maximum(peak.get(name, seen), seen)
     return {key: peak[x] for key, x in inputs.items()}
+
+
+def whole_sequence_feeds(ids: list[int], layers: int, kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
+    """The inputs that run one whole sequence through a decoder graph with an empty KV cache."""
+    empty = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
+    feeds = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    for i in range(layers):
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+    return feeds
+
+
+def edited_session(model_file: Path, edit: Callable[[onnx.ModelProto], bool], options=None):
+    """An onnxruntime session of `model_file` as `edit` changes its graph (`edit` says whether it
+    changed anything). A changed graph is saved beside the original, so that its weight file
+    resolves, and deleted once it is loaded."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    if not edit(model):
+        return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    copy = model_file.with_name(f".{model_file.stem}.edited.onnx")
+    onnx.save(model, str(copy))
+    try:
+        return ort.InferenceSession(str(copy), options, providers=["CPUExecutionProvider"])
+    finally:
+        copy.unlink()
 
 
 def write_adapters(params: dict[str, dict[str, np.ndarray]], folder: Path) -> None:

@@ -16,7 +16,7 @@ import onnx
 
 from attar.runtime import prompts
 from attar.runtime.engine import Request
-from attar.runtime.gguf_import import LAST_POSITION
+from attar.runtime.gguf_import import LAST_POSITION, edited_session, whole_sequence_feeds
 from attar.runtime.llm import EngineBackend
 from attar.runtime.modeldir import ExportDir
 from attar.runtime.retrieval import web_search_tool
@@ -64,43 +64,31 @@ class OnnxScorer:
         self.layers, self.kv_heads, self.head = model.layers, model.kv_heads, model.head
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        graph = _every_position(graph or model.decoder)
-        try:
-            self.session = ort.InferenceSession(str(graph), options)
-        finally:
-            if graph.name == ".every-position.onnx":
-                graph.unlink()
+        self.session = edited_session(graph or model.decoder, _every_position, options)
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def logits(self, sequences, progress=lambda i, n: None, positions=None):
         out = []
         for n, ids in enumerate(sequences):
             progress(n, len(sequences))
-            feeds = {"input_ids": np.array([ids], dtype=np.int64),
-                     "attention_mask": np.ones((1, len(ids)), dtype=np.int64), **self.extra}
+            feeds = {**whole_sequence_feeds(ids, self.layers, self.kv_heads, self.head), **self.extra}
             if "position_ids" in self.inputs:
                 feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
-            empty = np.zeros((1, self.kv_heads, 0, self.head), dtype=np.float32)
-            for i in range(self.layers):
-                feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
             logits = self.session.run(["logits"], feeds)[0][0]
             out.append(logits if positions is None else logits[positions[n]])
         progress(len(sequences), len(sequences))
         return out
 
 
-def _every_position(model_file: Path) -> Path:
-    """attar's exports compute logits for the last position only; for scoring, a copy of the
-    graph (same weight file) whose LM head sees every position. Other graphs are used as is."""
-    model = onnx.load(str(model_file), load_external_data=False)
+def _every_position(model: onnx.ModelProto) -> bool:
+    """attar's exports compute logits for the last position only; for scoring, their LM head sees
+    every position (other graphs are used as they are)."""
     node = next((n for n in model.graph.node if n.name == LAST_POSITION), None)
     if node is None:
-        return model_file
+        return False
     node.op_type = "Identity"
     del node.input[1:]
-    target = model_file.with_name(".every-position.onnx")  # beside it, so the weight file resolves
-    onnx.save(model, str(target))
-    return target
+    return True
 
 
 def _greedy(backend: EngineBackend, prompts: list[list[int]]) -> list[list[int]]:
