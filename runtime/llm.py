@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from attar.runtime.engine import ContextFull, Engine, Request
 from attar.runtime.modeldir import ExportDir, ModelError
-from attar.runtime.turns import Message, TemplateError, render, renderer
+from attar.runtime.turns import Message, TemplateError, render
 
 
 @dataclass
@@ -154,10 +154,7 @@ class EngineBackend(Backend):
         self.adapter = folder.choose_adapter(adapter)
         self.name = f"{folder.name}+{self.adapter}" if self.adapter else folder.name
         tokenizer_file = folder.tokenizer_file  # inside the folder and of a sane size, or a ModelError
-        try:
-            self.render = renderer(folder.chat_template())
-        except TemplateError as exc:
-            raise ModelError(f"{folder.path}: {exc}") from None
+        self.render = folder.renderer()
         try:
             self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as exc:  # tokenizers raises its own exception type for a bad file
@@ -219,10 +216,7 @@ class OnnxBackend(Backend):
         self.og = og
         folder = model if isinstance(model, ExportDir) else ExportDir.open(model)
         self.context_length = folder.context
-        try:
-            self.render = renderer(folder.chat_template())
-        except TemplateError as exc:
-            raise ModelError(f"{folder.path}: {exc}") from None
+        self.render = folder.renderer()
         self.adapter = folder.choose_adapter(adapter)
         self.name = f"{folder.name}+{self.adapter}" if self.adapter else folder.name
 

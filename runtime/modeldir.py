@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from attar.runtime.turns import Renderer, TemplateError, renderer
+
 GENAI_CONFIG = "genai_config.json"
 INT8_FILE = "model.int8.onnx"  # optional: the decoder with int8 projections, on the CPU's matrix units
 ADAPTERS_FILE = "attar.json"
@@ -196,6 +198,13 @@ class ExportDir:
         if template is not None and not isinstance(template, str):
             raise ModelError(f"{config}: chat_template is not text")
         return template or ""
+
+    def renderer(self) -> Renderer:
+        """How the model's conversations become text: attar's ChatML, or its own template."""
+        try:
+            return renderer(self.chat_template())
+        except TemplateError as exc:
+            raise ModelError(f"{self.path}: {exc}") from None
 
 
 def check_adapter_name(name: str) -> str:

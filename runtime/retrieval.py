@@ -354,8 +354,8 @@ def add_documents(
             for chunk in _chunks(passages, 1000):
                 before = db.total_changes
                 db.executemany("INSERT OR IGNORE INTO passages (id, title, text) VALUES (:id, :title, :text)", chunk)
-                added += db.total_changes - before
-                duplicates += len(chunk) - (db.total_changes - before)
+                inserted = db.total_changes - before
+                added, duplicates = added + inserted, duplicates + len(chunk) - inserted
         if duplicates:
             print(f"skipped {duplicates} passage(s) whose id is already in the index (ids are unique; "
                   "give a changed passage a new id)", file=sys.stderr)
