@@ -20,6 +20,16 @@ GroupQueryAttention writes into in place ("share-buffer"): no copy per token.
 
 Sampling is per request with its own seeded generator, so a request's tokens do not depend on
 what else is in the batch.
+
+- **Speculation.** A greedy request decoding alone feeds its next token and up to LOOKAHEAD
+  tokens guessed from its own context (prompt lookup: what followed the latest earlier
+  occurrence of its last few tokens; agents copy names, numbers and code from what they read)
+  and keeps the model's tokens while they agree with the guess, several tokens for one step.
+  onnxruntime computes a position the same, bit for bit, in every step of two or more tokens
+  whatever its width, and differently in a step of one (other kernels: `tests/test_engine.py`
+  checks both). So such a request never takes a one-token step, and its tokens do not depend on
+  what was guessed, nor on how its prompt was split between the cache and the prefill. Rows in a
+  batch step one token each (GroupQueryAttention takes several new tokens for one row only).
 """
 
 from __future__ import annotations
@@ -34,9 +44,14 @@ from typing import Callable
 
 import numpy as np
 
-from attar.runtime.modeldir import ExportDir
+from attar.runtime.modeldir import LAST_POSITION, ExportDir
 
 GROW = 1024  # cache capacity grows in steps of this many tokens (doubling beyond)
+# Prompt lookup: the context's last n tokens (n = LOOKAHEAD, then fewer) are looked up earlier in
+# the context, and the n tokens that followed them are the guess: the longer the match, the more
+# likely the model repeats it, and a 6-token step costs ~1.6x a 1-token one (on agent trajectories:
+# 2.2 tokens a step, where a fixed guess of 4 tokens after a match of 3, 2 or 1 gives 2.0 for more cost).
+LOOKAHEAD = 5
 
 
 @dataclass(frozen=True)
@@ -85,10 +100,12 @@ class Engine:
     """One onnxruntime session and its KV pool; thread-safe, batches whatever is submitted."""
 
     def __init__(self, model: ExportDir, threads: int | None = None,
-                 extra_inputs: dict[str, np.ndarray] | None = None, max_rows: int = 8, int8: bool = True):
+                 extra_inputs: dict[str, np.ndarray] | None = None, max_rows: int = 8, int8: bool = True,
+                 speculate: bool = True):
         """`int8`: run the folder's int8 graph where it has one (`attar pull --int8`): the same
         decoder with its projections on the CPU's integer matrix units. One graph for every step,
-        so a request's tokens never depend on what else is in the batch."""
+        so a request's tokens never depend on what else is in the batch. `speculate`: let a lone
+        greedy request check guessed tokens (see the module doc); off, it decodes one token a step."""
         import onnxruntime as ort
 
         self.ort = ort
@@ -97,7 +114,10 @@ class Engine:
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         options.log_severity_level = 3
         self.graph = model.graph(int8)
-        self.session = ort.InferenceSession(str(self.graph), options)
+        self.session = self._open(self.graph, options, ort) if speculate else ort.InferenceSession(str(self.graph), options)
+        # A graph whose logits keep one position cannot check a guess (an onnxruntime-genai build).
+        self.speculate = speculate and self.session.get_outputs()[0].shape[1] != 1
+        self.guessed = self.agreed = 0  # guessed tokens checked, and those the model agreed with
         inputs = {i.name for i in self.session.get_inputs()}
         if "position_ids" in inputs:
             raise ValueError("this graph takes position_ids; the engine drives GroupQueryAttention graphs only")
@@ -150,6 +170,27 @@ class Engine:
     def run(self, request: Request) -> Request:
         return self.wait(self.submit(request))
 
+    @staticmethod
+    def _open(graph, options, ort):
+        """A session of `graph` whose LM head sees the last LOOKAHEAD + 1 positions (attar's graphs
+        keep one; the file is not changed). Other graphs are loaded as they are."""
+        import onnx
+
+        if graph.stat().st_size > 64 << 20:  # weights inside the graph: not one of attar's
+            return ort.InferenceSession(str(graph), options)
+        model = onnx.load(str(graph), load_external_data=False)
+        node = next((n for n in model.graph.node if n.name == LAST_POSITION), None)
+        if node is None or node.op_type != "Slice":
+            return ort.InferenceSession(str(graph), options)
+        start = f"{LAST_POSITION}/start"
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-(LOOKAHEAD + 1)], np.int64), start))
+        node.input[1] = start
+        logits = next(o for o in model.graph.output if o.name == "logits")
+        logits.type.tensor_type.shape.dim[1].dim_param = "positions"
+        # The graph comes from memory: its external weights resolve against its own folder.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.parent))
+        return ort.InferenceSession(model.SerializeToString(), options)
+
     # -- the scheduler -----------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -164,7 +205,9 @@ class Engine:
                         return
                 for request in admitted:
                     self._admit(request)
-                if self.active:
+                if len(self.active) == 1 and self.speculate and self.active[0].temperature <= 0:
+                    self._speculate()
+                elif self.active:
                     self._decode()
         except BaseException as exc:  # onnxruntime failed: every caller hears of it, no one waits
             with self.lock:
@@ -179,7 +222,7 @@ class Engine:
         """Give `request` row k (k = active count), prefill what the cache lacks, sample one token."""
         ids, k = request.ids, len(self.active)
         try:
-            self._reserve(k + 1, min(self.shape.context, len(ids) + request.max_new_tokens))
+            self._reserve(k + 1, min(self.shape.context, len(ids) + request.max_new_tokens + LOOKAHEAD))
             free = max(range(k, self.rows), key=lambda r: (_common(self.held[r], ids), -self.used[r]))
             self._swap(free, k)
             have = _common(self.held[k], ids)
@@ -188,7 +231,9 @@ class Engine:
                 have = _common(self.held[donor], ids)
                 for buf in self.keys + self.values:
                     buf[k, :, :have] = buf[donor, :, :have]
-            keep = min(have, len(ids) - 1)  # at least one id is fed: its logits are the first sample's
+            # At least one id is fed (its logits are the first sample's); two when speculating, where
+            # the first token must not depend on how much was cached: one-token steps compute otherwise.
+            keep = max(0, min(have, len(ids) - (2 if self.speculate else 1)))
             request.reused = keep
             self.held[k] = list(ids[:keep])
             self.used[k] = next(self.clock)
@@ -199,7 +244,7 @@ class Engine:
             request.finish(exc)
             return
         self.active.append(request)
-        if self._emit(request, logits[0]):
+        if self._emit(request, self._pick(request, logits[0, -1])):
             self._release(k)
 
     def _decode(self) -> None:
@@ -210,13 +255,37 @@ class Engine:
         self.steps += 1
         for i, request in enumerate(self.active):
             self.held[i].append(request.next)
-        finished = [i for i, request in enumerate(self.active) if self._emit(request, logits[i])]
+        finished = [i for i, request in enumerate(self.active) if self._emit(request, self._pick(request, logits[i, -1]))]
         for i in reversed(finished):
             self._release(i)
 
-    def _emit(self, request: Request, logits: np.ndarray) -> bool:
-        """Sample the request's next token; True when the request has ended."""
-        token = sample(logits, request.temperature, request.top_p, request.top_k, request.rng)
+    def _speculate(self) -> None:
+        """One step of the lone greedy request in row 0: its next token and a guess of the ones
+        after it, fed together; the model's tokens are kept while they agree with the guess."""
+        request, held = self.active[0], self.held[0]
+        room = min(self.capacity, self.shape.context) - len(held) - 1  # cache slots after the next token
+        guess = (lookup(held + [request.next], LOOKAHEAD) or [request.next])[:room]
+        fed = [request.next, *guess]
+        logits = self._forward(0, 1, np.array([fed], dtype=np.int64), [len(held)])[0, -len(fed):]
+        self.steps += 1
+        for j, token in enumerate(fed):
+            held.append(token)
+            chosen = int(np.argmax(logits[j]))
+            if j < len(guess):
+                self.guessed += 1
+                self.agreed += chosen == guess[j]
+            if self._emit(request, chosen):
+                self._release(0)
+                return
+            if j == len(guess) or chosen != guess[j]:  # the rest of the guess was fed after a wrong token
+                return
+
+    @staticmethod
+    def _pick(request: Request, logits: np.ndarray) -> int:
+        return sample(logits, request.temperature, request.top_p, request.top_k, request.rng)
+
+    def _emit(self, request: Request, token: int) -> bool:
+        """Give the request its next token; True when the request has ended."""
         if request.first_token_s is None:
             request.first_token_s = time.perf_counter() - request.began
         if token in request.eos:
@@ -245,7 +314,8 @@ class Engine:
 
     def _forward(self, start: int, stop: int, ids: np.ndarray, past: list[int]) -> np.ndarray:
         """Feed `ids` (rows × S) to rows start..stop-1, whose caches hold `past` tokens each;
-        the logits after each row's last id."""
+        the logits (rows × positions × vocabulary) after the last min(S, LOOKAHEAD + 1) ids of each
+        row (after the last only, or after all S, as the graph gives them)."""
         names = self.shape.names
         rows, new = ids.shape
         total = max(past) + new
@@ -257,7 +327,7 @@ class Engine:
         io.bind_cpu_input(names["attention_mask"], mask)
         io.bind_output(names["logits"])
         self.session.run_with_iobinding(io)
-        return io.get_outputs()[-1].numpy()[:, -1, :]
+        return io.get_outputs()[-1].numpy()
 
     def _binding(self, start: int, stop: int):
         """An IO binding with rows start..stop-1 of each cache buffer as both past and present."""
@@ -303,6 +373,21 @@ class Engine:
             buf[[a, b], :, :n] = buf[[b, a], :, :n]
         self.held[a], self.held[b] = self.held[b], self.held[a]
         self.used[a], self.used[b] = self.used[b], self.used[a]
+
+
+def lookup(context: list[int], most: int) -> list[int]:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last
+    n tokens, as many as n (at most `most`), for the longest n ≤ `most` that occurred before."""
+    ids = np.asarray(context)
+    for n in range(min(most, len(ids) - 1), 0, -1):
+        hit = ids[:len(ids) - n] == ids[len(ids) - n]  # windows starting before the tail's own
+        for i in range(1, n):
+            hit &= ids[i:len(ids) - n + i] == ids[len(ids) - n + i]
+        starts = np.flatnonzero(hit)
+        if len(starts):
+            after = starts[-1] + n
+            return ids[after:after + n].tolist()
+    return []
 
 
 def _common(a: list[int], b: list[int]) -> int:

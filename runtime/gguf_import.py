@@ -24,8 +24,8 @@ from onnx import TensorProto, helper
 
 from attar.runtime.lora import LoraDelta, LoraError, read_adapter
 from attar.runtime.gguf_tokenizer import build_tokenizer, write_tokenizer
-from attar.runtime.modeldir import (ADAPTER_SUFFIX, ADAPTERS_DIR, GENAI_CONFIG, INT8_FILE, ModelError,
-                                    write_adapters_file)
+from attar.runtime.modeldir import (ADAPTER_SUFFIX, ADAPTERS_DIR, GENAI_CONFIG, INT8_FILE, LAST_POSITION,
+                                    ModelError, write_adapters_file)
 from attar.runtime.quants import OFFSET_BLOCK, SUPPORTED, BlockQuant, block_quant, concat_rows
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -33,7 +33,6 @@ ARCHITECTURES = ("llama", "qwen2")
 # it is the fast CPU path (float32 activations, level 1, cost SmolLM2 30% of its decode speed
 # for 98.8% instead of 98.3% top-1 agreement; 8-bit weights have no fast float32 kernel at all).
 ACCURACY_LEVEL = 4
-LAST_POSITION = "/model/last_position"  # the node that keeps only the last position for the LM head
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 MAX_CONTEXT = 1 << 18  # tokens; the rotary tables written into the graph grow with it
 

@@ -149,7 +149,7 @@ class EngineBackend(Backend):
     several threads (agents run side by side) decode in one batch."""
 
     def __init__(self, model: str | os.PathLike | ExportDir, adapter: str | None = None, threads: int | None = None,
-                 max_rows: int = 8, int8: bool = True):
+                 max_rows: int = 8, int8: bool = True, speculate: bool = True):
         folder = model if isinstance(model, ExportDir) else ExportDir.open(model)
         self.adapter = folder.choose_adapter(adapter)
         self.name = f"{folder.name}+{self.adapter}" if self.adapter else folder.name
@@ -161,7 +161,7 @@ class EngineBackend(Backend):
             raise ModelError(f"{tokenizer_file}: cannot read the tokenizer: {str(exc)[:200]}") from None
         extra = folder.adapter_params(self.adapter) if self.adapter else {}
         self.engine = _load(folder, lambda: Engine(folder, threads=threads, extra_inputs=extra, max_rows=max_rows,
-                                                      int8=int8), folder.graph(int8))
+                                                      int8=int8, speculate=speculate), folder.graph(int8))
         self.eos = folder.eos  # the engine bounds the context itself
 
     def encode(self, messages: list[Message], prefix: str = "") -> list[int]:

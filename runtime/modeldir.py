@@ -23,6 +23,9 @@ from attar.runtime.turns import Renderer, TemplateError, renderer
 
 GENAI_CONFIG = "genai_config.json"
 INT8_FILE = "model.int8.onnx"  # optional: the decoder with int8 projections, on the CPU's matrix units
+# attar's graphs keep only the last positions for the LM head with this Slice node; the parity
+# check widens it to every position, the engine to the positions it verifies.
+LAST_POSITION = "/model/last_position"
 ADAPTERS_FILE = "attar.json"
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"

@@ -16,9 +16,9 @@ import onnx
 
 from attar.runtime import prompts
 from attar.runtime.engine import Request
-from attar.runtime.gguf_import import LAST_POSITION, edited_session, whole_sequence_feeds
+from attar.runtime.gguf_import import edited_session, whole_sequence_feeds
 from attar.runtime.llm import EngineBackend
-from attar.runtime.modeldir import ExportDir
+from attar.runtime.modeldir import LAST_POSITION, ExportDir
 from attar.runtime.retrieval import web_search_tool
 from attar.runtime.tools import describe, final_answer
 

@@ -1,6 +1,13 @@
 """attar's generation engine against onnxruntime-genai on the same export, token for token, and
 each optimisation (KV reuse across calls, rewind, shared prefill of a batch, batching across
-callers, cache growth) against the same engine without it."""
+callers, cache growth, speculation) against the same engine without it.
+
+A lone greedy request steps several tokens at a time (speculation), which onnxruntime computes
+with other kernels than one-token steps; where a test compares it with one-token decoding (genai,
+rows in a batch) it turns speculation off, and the speculative path is checked against one
+forward pass over the whole text instead. Batch rows are compared with one-at-a-time decoding on
+the int8 graph, whose integer projections make a row's numbers independent of its batch; the
+exact graph's 4-bit kernels compute a batch of one otherwise than a batch of two or more."""
 
 import threading
 
@@ -21,13 +28,24 @@ def model_dir():
     return pull("smollm2-135m", log=lambda m: None, check=False)
 
 
+@pytest.fixture(scope="module")
+def int8_dir(tmp_path_factory):
+    from attar.runtime.gguf_import import import_gguf
+    from attar.runtime.models import gguf_path
+
+    out = tmp_path_factory.mktemp("smol-int8") / "model"
+    out.mkdir()
+    import_gguf(gguf_path("smollm2-135m", log=lambda m: None), out, log=lambda m: None, int8=True)
+    return out
+
+
 def conversation(*turns):
     roles = ["user", "assistant"]
     return [SYSTEM] + [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
 
 
 def test_greedy_matches_onnxruntime_genai(model_dir):
-    engine, genai = EngineBackend(model_dir), OnnxBackend(model_dir)
+    engine, genai = EngineBackend(model_dir, speculate=False), OnnxBackend(model_dir)  # both one token a step
     for question in ("What is 17 * 23? Answer with code.", "Name three rivers in Europe."):
         messages = conversation(question)
         stop = ["<end_code>", "Observation:"]
@@ -53,22 +71,22 @@ def test_a_prompt_that_diverges_rewinds_the_cache(model_dir):
     assert 0 < again.cached_tokens < len(agent.encode(other, ""))
 
 
-def test_batch_rows_share_one_prefill_and_match_single_generation(model_dir):
+def test_batch_rows_share_one_prefill_and_match_single_generation(int8_dir):
     from dataclasses import replace
 
-    agent = EngineBackend(model_dir)
+    agent = EngineBackend(int8_dir, speculate=False)  # batch rows step one token: so does `single`
     messages = conversation("Write one line of Python that prints 5.")
     single = agent.generate(messages, sampling=GREEDY).text
     rows = agent.generate_batch(messages, [GREEDY] * 3)
     assert [g.text for g in rows] == [single] * 3
     assert all(g.cached_tokens >= g.prompt_tokens - 1 for g in rows)  # the prompt was prefilled once
     sampled = [replace(GREEDY, max_new_tokens=24, temperature=0.7, top_p=0.9, seed=s) for s in range(4)]
-    again = EngineBackend(model_dir)
+    again = EngineBackend(int8_dir, speculate=False)
     assert [g.text for g in agent.generate_batch(messages, sampled)] == \
            [g.text for g in again.generate_batch(messages, sampled)]  # seeded: deterministic
     alone = []
-    for s in sampled:  # alone, from the same cache state (a full prefill rounds differently)
-        backend = EngineBackend(model_dir)
+    for s in sampled:  # alone, from the same cache state
+        backend = EngineBackend(int8_dir, speculate=False)
         backend.generate(messages, sampling=GREEDY)
         alone.append(backend.generate(messages, sampling=s).text)
     assert [g.text for g in agent.generate_batch(messages, sampled)] == alone  # a row samples as it would alone
@@ -88,12 +106,12 @@ def test_a_cache_that_grows_past_its_capacity_stays_exact(model_dir):
     assert again.out == first
 
 
-def test_agents_in_threads_decode_in_one_batch_and_match_one_at_a_time(model_dir):
+def test_agents_in_threads_decode_in_one_batch_and_match_one_at_a_time(int8_dir):
     questions = ["What is 17 * 23? Answer with code.", "Name three rivers in Europe.",
                  "Write a haiku about the sea.", "How many days are in a leap year? Explain briefly."]
     stop = ["<end_code>", "Observation:"]
-    alone = [EngineBackend(model_dir).generate(conversation(q), stop, GREEDY).text for q in questions]
-    shared = EngineBackend(model_dir)
+    alone = [EngineBackend(int8_dir, speculate=False).generate(conversation(q), stop, GREEDY).text for q in questions]
+    shared = EngineBackend(int8_dir, speculate=False)
     texts: dict[int, str] = {}
     threads = [threading.Thread(target=lambda i=i: texts.__setitem__(i, shared.generate(
         conversation(questions[i]), stop, GREEDY).text)) for i in range(len(questions))]
@@ -107,13 +125,14 @@ def test_agents_in_threads_decode_in_one_batch_and_match_one_at_a_time(model_dir
     assert engine.worker is None and not engine.active  # the scheduler exits when idle
 
 
-def test_rows_of_different_lengths_in_one_batch_keep_their_own_positions(model_dir):
+def test_rows_of_different_lengths_in_one_batch_keep_their_own_positions(int8_dir):
     from attar.runtime.engine import Engine, Request
 
-    engine = Engine(ExportDir.open(model_dir))
-    long_ids = EngineBackend(model_dir).encode(conversation("Explain, in detail, how rivers form deltas. " * 8), "")
+    engine = Engine(ExportDir.open(int8_dir), speculate=False)
+    long_ids = EngineBackend(int8_dir).encode(conversation("Explain, in detail, how rivers form deltas. " * 8), "")
     short_ids = long_ids[:12] + long_ids[-5:]
-    alone = [Engine(ExportDir.open(model_dir)).run(Request(ids, max_new_tokens=12)).out for ids in (long_ids, short_ids)]
+    alone = [Engine(ExportDir.open(int8_dir), speculate=False).run(Request(ids, max_new_tokens=12)).out
+             for ids in (long_ids, short_ids)]
     both = [engine.submit(Request(ids, max_new_tokens=12)) for ids in (long_ids, short_ids)]
     assert [engine.wait(r).out for r in both] == alone
 
@@ -134,18 +153,77 @@ def test_a_failing_callback_ends_only_its_own_request(model_dir):
     assert len(engine.wait(good).out) == 8
 
 
+# -- speculation: a lone greedy request checks guessed tokens ---------------------------------
+
+
+def whole_pass_argmax(folder: ExportDir, ids: list[int], out: list[int], int8: bool) -> list[int]:
+    """What one forward pass over prompt + output predicts at each output position."""
+    from attar.runtime.parity import OnnxScorer
+
+    logits = OnnxScorer(folder, graph=folder.graph(int8)).logits([ids + out])[0]
+    return logits[len(ids) - 1:len(ids) - 1 + len(out)].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+def test_speculative_greedy_is_what_one_pass_over_the_whole_text_predicts(model_dir, int8_dir, int8):
+    from attar.runtime.engine import Request
+
+    folder = ExportDir.open(int8_dir if int8 else model_dir)
+    backend = EngineBackend(folder, int8=int8)
+    for question in ("List the first 20 Fibonacci numbers using a loop.", "What is 17 * 23? Answer with code."):
+        ids = backend.encode(conversation(question))
+        out = backend.engine.run(Request(ids, 64, eos=backend.eos)).out
+        assert out == whole_pass_argmax(folder, ids, out, int8)  # bit for bit: no near tie decided otherwise
+    assert backend.engine.agreed > 0  # guesses were checked, and some were right: fewer steps than tokens
+
+
+def test_a_guess_never_changes_the_tokens(model_dir, monkeypatch):
+    import attar.runtime.engine as engine_module
+    from attar.runtime.engine import Engine, Request
+
+    folder = ExportDir.open(model_dir)
+    ids = EngineBackend(folder).encode(conversation("Write a Python function that returns the n-th prime, and test it."))
+
+    def decode() -> tuple[list[int], Engine]:
+        engine = Engine(folder)
+        return engine.run(Request(ids, 48)).out, engine
+
+    guessed, real = decode()
+    rng = np.random.default_rng(0)
+    for guesser in (lambda context, most: [int(t) for t in rng.integers(0, 49152, most)],  # always wrong
+                    lambda context, most: [],  # no guess: the next token alone, repeated
+                    lambda context, most: context[-most:]):
+        monkeypatch.setattr(engine_module, "lookup", guesser)
+        out, engine = decode()
+        assert out == guessed
+        assert engine.guessed > 0
+    assert real.agreed > 0 and real.steps < len(guessed)
+
+
+def test_multi_token_steps_compute_a_position_the_same_whatever_their_width(model_dir, int8_dir):
+    """The fact speculation rests on: onnxruntime's steps of 2 or more tokens give a position
+    bit-identical logits whatever the step's width and the position's place in it."""
+    from attar.runtime.engine import Engine
+
+    ids = [int(i) for i in np.random.default_rng(1).integers(300, 40000, 120)]
+    for folder, int8 in ((model_dir, False), (int8_dir, True)):
+        engine = Engine(ExportDir.open(folder), int8=int8)
+        engine._reserve(1, 200)
+
+        def logits(widths: list[int]) -> dict[int, np.ndarray]:
+            engine._forward(0, 1, np.array([ids[:100]], dtype=np.int64), [0])  # a prompt
+            seen = {}
+            for at, width in enumerate(widths, start=100):  # feed `width` ids, keep the first one's logits
+                out = engine._forward(0, 1, np.array([ids[at:at + width]], dtype=np.int64), [at])[0]
+                seen[at] = out[len(out) - width]
+            return seen
+
+        mixed = [2, 3, 6, 4, 5, 2, 6, 3]
+        plain = logits([2] * len(mixed))
+        assert all(np.array_equal(plain[p], q) for p, q in logits(mixed).items())
+
+
 # -- the int8 graph (projections on the CPU's integer matrix units) --------------------------
-
-
-@pytest.fixture(scope="module")
-def int8_dir(tmp_path_factory):
-    from attar.runtime.gguf_import import import_gguf
-    from attar.runtime.models import gguf_path
-
-    out = tmp_path_factory.mktemp("smol-int8") / "model"
-    out.mkdir()
-    import_gguf(gguf_path("smollm2-135m", log=lambda m: None), out, log=lambda m: None, int8=True)
-    return out
 
 
 def test_a_row_of_the_int8_graph_does_not_depend_on_the_others(int8_dir):
@@ -175,7 +253,7 @@ def test_the_int8_graph_picks_what_the_exact_one_picks(int8_dir):
     assert agreement > 0.9, agreement
     # One graph for every step, quantized row by row: with the prompt cached either way, a
     # request answers the same alone and in a batch of others.
-    engine = EngineBackend(folder, max_rows=8)
+    engine = EngineBackend(folder, max_rows=8, speculate=False)  # `alone` steps one token, as batch rows do
     messages = conversation("Name three rivers in Europe.")
     engine.generate(messages, sampling=Sampling(max_new_tokens=1))  # the prompt, cached
     alone = engine.generate(messages, sampling=GREEDY).text
