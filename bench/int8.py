@@ -107,14 +107,15 @@ def main() -> None:
 
 
 def single_stream(folder: ExportDir, gguf: Path | None, threads: int, new: int = 128) -> None:
-    """Greedy decode tok/s of one stream on each graph, and llama.cpp's on the GGUF it came from
-    (bench/export.py's worker, in its own process), on the same prompt."""
+    """Greedy decode tok/s of one stream on each graph, one token a step (the kernels alone; this
+    prompt repeats itself, which would flatter speculation: bench/speculation.py measures that on
+    agent work), and llama.cpp's on the GGUF it came from (bench/export.py's worker), same prompt."""
     from export import LLAMA_WORKER, PROMPT_WORDS, worker
 
     prompt = " ".join(["The agent reads the question, searches the index and writes Python code."] * 12)[:PROMPT_WORDS * 6]
     rates = {}
     for graph, int8 in (("exact", False), ("int8", True)):
-        backend = EngineBackend(folder, threads=threads, int8=int8)
+        backend = EngineBackend(folder, threads=threads, int8=int8, speculate=False)
         ids = backend.tokenizer.encode(prompt, add_special_tokens=False).ids
         runs = []
         for _ in range(3):

@@ -53,6 +53,9 @@ def generate(questions, teacher, teacher_model, out, ftp, completions, index, li
                          max_new_tokens=max_new_tokens, cot_max_new_tokens=max_new_tokens, retries=retries)
     summary = run(qs, backend, out, cfg, tools)
     click.echo(json.dumps(summary, indent=2))
+    if summary["failed"]:  # the finished ones are kept; a rerun retries the rest
+        raise click.ClickException(f"{summary['failed']} questions failed (rerun to retry them), e.g. "
+                                   f"{summary['failures'][0]}")
 
 
 @distill.command()

@@ -105,8 +105,9 @@ class Agent:
             raise ValueError("sag must be at least 1")
         if sampling is None:
             sampling = SAG_SAMPLING if sag > 1 else Sampling()
-        self.backend = load_backend(model, provider=provider, adapter=adapter) if model is None or isinstance(
-            model, (str, Path)) else model
+        # A backend the agent loads is its own, one stream: its greedy steps may speculate.
+        self.backend = load_backend(model, provider=provider, adapter=adapter, speculate=True) \
+            if model is None or isinstance(model, (str, Path)) else model
         tools = list(tools)
         if index is not None:
             tools.append(web_search_tool(Index.open(index) if isinstance(index, (str, Path)) else index))

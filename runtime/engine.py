@@ -101,11 +101,12 @@ class Engine:
 
     def __init__(self, model: ExportDir, threads: int | None = None,
                  extra_inputs: dict[str, np.ndarray] | None = None, max_rows: int = 8, int8: bool = True,
-                 speculate: bool = True):
+                 speculate: bool = False):
         """`int8`: run the folder's int8 graph where it has one (`attar pull --int8`): the same
         decoder with its projections on the CPU's integer matrix units. One graph for every step,
         so a request's tokens never depend on what else is in the batch. `speculate`: let a lone
-        greedy request check guessed tokens (see the module doc); off, it decodes one token a step."""
+        greedy request check guessed tokens (see the module doc), for an engine that serves one
+        stream; off, every request steps one token at a time, alone or in a batch."""
         import onnxruntime as ort
 
         self.ort = ort

@@ -29,6 +29,8 @@ def server():
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 120
     while time.time() < deadline:
+        if proc.poll() is not None:  # a llama.cpp built for another CPU dies of SIGILL here
+            pytest.fail(f"the llama.cpp server exited with status {proc.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
@@ -133,6 +135,12 @@ def test_unreachable_teacher_is_reported_not_fatal(tmp_path):
     summary = run(load_questions(questions), backend, tmp_path / "run", GenerateConfig(concurrency=1), progress=False)
     assert summary["failed"] == 1 and "q0" in summary["failures"][0]
     assert JsonlLog(tmp_path / "run" / "trajectories.jsonl").records == {}
+    # Through the CLI a run with failed questions ends non-zero, saying so in one line.
+    proc = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "generate", "--questions",
+                           str(questions), "--teacher", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "cli")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("Error: 1 questions failed (rerun to retry them)")
 
 
 def test_bad_question_file_is_one_line_error(tmp_path):

@@ -2,10 +2,9 @@
 each optimisation (KV reuse across calls, rewind, shared prefill of a batch, batching across
 callers, cache growth, speculation) against the same engine without it.
 
-A lone greedy request steps several tokens at a time (speculation), which onnxruntime computes
-with other kernels than one-token steps; where a test compares it with one-token decoding (genai,
-rows in a batch) it turns speculation off, and the speculative path is checked against one
-forward pass over the whole text instead. Batch rows are compared with one-at-a-time decoding on
+With speculation (on for an agent's own backend) a lone greedy request steps several tokens at
+a time, which onnxruntime computes with other kernels than one-token steps: that path is checked
+against one forward pass over the whole text, not against genai. Batch rows are compared with one-at-a-time decoding on
 the int8 graph, whose integer projections make a row's numbers independent of its batch; the
 exact graph's 4-bit kernels compute a batch of one otherwise than a batch of two or more."""
 
@@ -45,7 +44,7 @@ def conversation(*turns):
 
 
 def test_greedy_matches_onnxruntime_genai(model_dir):
-    engine, genai = EngineBackend(model_dir, speculate=False), OnnxBackend(model_dir)  # both one token a step
+    engine, genai = EngineBackend(model_dir), OnnxBackend(model_dir)
     for question in ("What is 17 * 23? Answer with code.", "Name three rivers in Europe."):
         messages = conversation(question)
         stop = ["<end_code>", "Observation:"]
@@ -74,19 +73,19 @@ def test_a_prompt_that_diverges_rewinds_the_cache(model_dir):
 def test_batch_rows_share_one_prefill_and_match_single_generation(int8_dir):
     from dataclasses import replace
 
-    agent = EngineBackend(int8_dir, speculate=False)  # batch rows step one token: so does `single`
+    agent = EngineBackend(int8_dir)
     messages = conversation("Write one line of Python that prints 5.")
     single = agent.generate(messages, sampling=GREEDY).text
     rows = agent.generate_batch(messages, [GREEDY] * 3)
     assert [g.text for g in rows] == [single] * 3
     assert all(g.cached_tokens >= g.prompt_tokens - 1 for g in rows)  # the prompt was prefilled once
     sampled = [replace(GREEDY, max_new_tokens=24, temperature=0.7, top_p=0.9, seed=s) for s in range(4)]
-    again = EngineBackend(int8_dir, speculate=False)
+    again = EngineBackend(int8_dir)
     assert [g.text for g in agent.generate_batch(messages, sampled)] == \
            [g.text for g in again.generate_batch(messages, sampled)]  # seeded: deterministic
     alone = []
     for s in sampled:  # alone, from the same cache state
-        backend = EngineBackend(int8_dir, speculate=False)
+        backend = EngineBackend(int8_dir)
         backend.generate(messages, sampling=GREEDY)
         alone.append(backend.generate(messages, sampling=s).text)
     assert [g.text for g in agent.generate_batch(messages, sampled)] == alone  # a row samples as it would alone
@@ -110,8 +109,8 @@ def test_agents_in_threads_decode_in_one_batch_and_match_one_at_a_time(int8_dir)
     questions = ["What is 17 * 23? Answer with code.", "Name three rivers in Europe.",
                  "Write a haiku about the sea.", "How many days are in a leap year? Explain briefly."]
     stop = ["<end_code>", "Observation:"]
-    alone = [EngineBackend(int8_dir, speculate=False).generate(conversation(q), stop, GREEDY).text for q in questions]
-    shared = EngineBackend(int8_dir, speculate=False)
+    alone = [EngineBackend(int8_dir).generate(conversation(q), stop, GREEDY).text for q in questions]
+    shared = EngineBackend(int8_dir)
     texts: dict[int, str] = {}
     threads = [threading.Thread(target=lambda i=i: texts.__setitem__(i, shared.generate(
         conversation(questions[i]), stop, GREEDY).text)) for i in range(len(questions))]
@@ -128,10 +127,10 @@ def test_agents_in_threads_decode_in_one_batch_and_match_one_at_a_time(int8_dir)
 def test_rows_of_different_lengths_in_one_batch_keep_their_own_positions(int8_dir):
     from attar.runtime.engine import Engine, Request
 
-    engine = Engine(ExportDir.open(int8_dir), speculate=False)
+    engine = Engine(ExportDir.open(int8_dir))
     long_ids = EngineBackend(int8_dir).encode(conversation("Explain, in detail, how rivers form deltas. " * 8), "")
     short_ids = long_ids[:12] + long_ids[-5:]
-    alone = [Engine(ExportDir.open(int8_dir), speculate=False).run(Request(ids, max_new_tokens=12)).out
+    alone = [Engine(ExportDir.open(int8_dir)).run(Request(ids, max_new_tokens=12)).out
              for ids in (long_ids, short_ids)]
     both = [engine.submit(Request(ids, max_new_tokens=12)) for ids in (long_ids, short_ids)]
     assert [engine.wait(r).out for r in both] == alone
@@ -169,7 +168,7 @@ def test_speculative_greedy_is_what_one_pass_over_the_whole_text_predicts(model_
     from attar.runtime.engine import Request
 
     folder = ExportDir.open(int8_dir if int8 else model_dir)
-    backend = EngineBackend(folder, int8=int8)
+    backend = EngineBackend(folder, int8=int8, speculate=True)
     for question in ("List the first 20 Fibonacci numbers using a loop.", "What is 17 * 23? Answer with code."):
         ids = backend.encode(conversation(question))
         out = backend.engine.run(Request(ids, 64, eos=backend.eos)).out
@@ -185,7 +184,7 @@ def test_a_guess_never_changes_the_tokens(model_dir, monkeypatch):
     ids = EngineBackend(folder).encode(conversation("Write a Python function that returns the n-th prime, and test it."))
 
     def decode() -> tuple[list[int], Engine]:
-        engine = Engine(folder)
+        engine = Engine(folder, speculate=True)
         return engine.run(Request(ids, 48)).out, engine
 
     guessed, real = decode()
@@ -200,6 +199,14 @@ def test_a_guess_never_changes_the_tokens(model_dir, monkeypatch):
     assert real.agreed > 0 and real.steps < len(guessed)
 
 
+def test_an_agent_speculates_on_its_own_backend_only(model_dir):
+    from attar.runtime.agent import Agent
+
+    assert Agent(model_dir).backend.engine.speculate  # one stream: `attar chat`, the Python API
+    shared = EngineBackend(model_dir)  # serve, eval, the teacher: a request answers the same at any concurrency
+    assert not Agent(shared).backend.engine.speculate
+
+
 def test_multi_token_steps_compute_a_position_the_same_whatever_their_width(model_dir, int8_dir):
     """The fact speculation rests on: onnxruntime's steps of 2 or more tokens give a position
     bit-identical logits whatever the step's width and the position's place in it."""
@@ -207,7 +214,7 @@ def test_multi_token_steps_compute_a_position_the_same_whatever_their_width(mode
 
     ids = [int(i) for i in np.random.default_rng(1).integers(300, 40000, 120)]
     for folder, int8 in ((model_dir, False), (int8_dir, True)):
-        engine = Engine(ExportDir.open(folder), int8=int8)
+        engine = Engine(ExportDir.open(folder), int8=int8, speculate=True)  # its graph gives the last positions
         engine._reserve(1, 200)
 
         def logits(widths: list[int]) -> dict[int, np.ndarray]:
@@ -253,7 +260,7 @@ def test_the_int8_graph_picks_what_the_exact_one_picks(int8_dir):
     assert agreement > 0.9, agreement
     # One graph for every step, quantized row by row: with the prompt cached either way, a
     # request answers the same alone and in a batch of others.
-    engine = EngineBackend(folder, max_rows=8, speculate=False)  # `alone` steps one token, as batch rows do
+    engine = EngineBackend(folder, max_rows=8)
     messages = conversation("Name three rivers in Europe.")
     engine.generate(messages, sampling=Sampling(max_new_tokens=1))  # the prompt, cached
     alone = engine.generate(messages, sampling=GREEDY).text

@@ -297,6 +297,7 @@ class TestModelFolder:
         ("no-tokenizer", ["tokenizer.json is missing"]),
         ("tokenizer-link", ["outside the model folder"]),
         ("eos", ["eos_token_id"]),
+        ("weights-outside", ["escapes model directory"]),  # the engine loads the graph from memory
     ])
     def test_malformed_folder_is_refused_in_one_line(self, tmp_path, smol_export, case, words):
         folder = hostile_copy(smol_export, tmp_path / "model")
@@ -315,6 +316,15 @@ class TestModelFolder:
         elif case == "tokenizer-link":
             (folder / "tokenizer.json").unlink()
             (folder / "tokenizer.json").symlink_to(tmp_path / "secret")
+        elif case == "weights-outside":
+            import onnx
+
+            graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+            for tensor in graph.graph.initializer:
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = "../secret"
+            onnx.save(graph, str(folder / "model.onnx"))
         else:
             self.edit_config(folder, lambda c: c["model"].update(eos_token_id="</s>"))
         before = tree(tmp_path)
