@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from attar.distill.data import Question, load_questions
 from attar.runtime.agent import Agent
 from attar.runtime.llm import EngineBackend
 from attar.runtime.modeldir import ExportDir
@@ -47,7 +48,7 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def agent_run(folder: ExportDir, int8: bool, speculate: bool, questions: list[dict]) -> dict:
+def agent_run(folder: ExportDir, int8: bool, speculate: bool, questions: list[Question]) -> dict:
     """Every step's text, the answers, and decode tokens/s over all steps of all questions."""
     backend = EngineBackend(folder, threads=THREADS, int8=int8, speculate=speculate)
     generate, calls = backend.generate, []
@@ -59,7 +60,7 @@ def agent_run(folder: ExportDir, int8: bool, speculate: bool, questions: list[di
 
     backend.generate = recorded
     agent = Agent(backend, max_steps=5)
-    answers = [repr(agent.run(q["question"]).answer) for q in questions]
+    answers = [repr(agent.run(q.question).answer) for q in questions]
     decoded = [(g.completion_tokens - 1, g.seconds - g.first_token_seconds) for _, g in calls if g.first_token_seconds]
     engine = backend.engine
     return {"answers": answers, "texts": [g.text for _, g in calls], "prompts": [p for p, _ in calls],
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, help="the GGUF a FOLDER was exported from (for llama.cpp's figure)")
     args = parser.parse_args()
     folder = ExportDir.open(resolve_model(args.model))
-    questions = json.loads(QUESTIONS.read_text())[:args.questions]
+    questions = load_questions(QUESTIONS, args.questions)
     graphs = {"exact": [False], "int8": [True], "both": [False, True]}[args.graph]
     if folder.int8_decoder is None:
         graphs = [g for g in graphs if not g] or [False]
