@@ -2,7 +2,7 @@
 the same export with the engine's speculation (prompt lookup) off and on, and llama.cpp decodes
 the same step prompts from the GGUF the export came from. One JSON line a figure.
 
-    python bench/speculation.py [--model qwen2.5-coder-0.5b | FOLDER] [--questions 8] [--graph both]
+    python bench/speculation.py [--model qwen2.5-coder-0.5b | FOLDER] [--questions 8] [--graph both] [--dataset FILE]
 
 "off" is one token a step (the engine before speculation, onnxruntime-genai's way); "on" is the
 default. `off_over_llama_cpp` is the kernels' share of the difference, `speedup` speculation's."""
@@ -23,7 +23,7 @@ from attar.runtime.llm import EngineBackend
 from attar.runtime.modeldir import ExportDir
 from attar.runtime.models import CATALOG, gguf_path, resolve_model
 
-QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "test" / "gsm_hard_500_20250507.json"
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "test"
 THREADS = 2
 
 LLAMA_WORKER = r"""
@@ -84,11 +84,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--dataset", default="gsm_hard_500_20250507.json", help="a question file in shared/datasets/test")
     parser.add_argument("--graph", choices=["exact", "int8", "both"], default="both")
     parser.add_argument("--gguf", type=Path, help="the GGUF a FOLDER was exported from (for llama.cpp's figure)")
     args = parser.parse_args()
     folder = ExportDir.open(resolve_model(args.model))
-    questions = load_questions(QUESTIONS, args.questions)
+    questions = load_questions(DATASETS / args.dataset, args.questions)
     graphs = {"exact": [False], "int8": [True], "both": [False, True]}[args.graph]
     if folder.int8_decoder is None:
         graphs = [g for g in graphs if not g] or [False]
@@ -100,7 +101,7 @@ def main() -> None:
         graph = "int8" if int8 else "exact"
         rates[graph] = on["tok_s"], off["tok_s"]
         prompts = prompts or off["prompts"]
-        emit(figure="agent decode tok/s, speculation off vs on", model=folder.name, graph=graph,
+        emit(figure="agent decode tok/s, speculation off vs on", model=folder.name, graph=graph, dataset=args.dataset,
              questions=len(questions), steps_off=len(off["texts"]), tokens_off=off["tokens"], off=round(off["tok_s"], 1),
              on=round(on["tok_s"], 1), speedup=round(on["tok_s"] / off["tok_s"], 2),
              tokens_per_step_on=round(on["tokens"] / max(1, on["steps"]), 2),
