@@ -68,6 +68,37 @@ def agent_run(folder: ExportDir, int8: bool, speculate: bool, questions: list[Qu
             "steps": engine.steps, "guessed": engine.guessed, "agreed": engine.agreed}
 
 
+def same_text(folder: ExportDir, int8: bool, questions: list[Question], new: int = 256) -> dict:
+    """Each question's first step decoded speculating, then the very same tokens fed one a step:
+    both ways over one text (the agent runs above may part at a near tie and then write different
+    texts, which is not the same work)."""
+    import numpy as np
+
+    from attar.runtime import prompts
+    from attar.runtime.engine import Engine, Request
+    from attar.runtime.tools import describe, final_answer
+
+    speculating = EngineBackend(folder, threads=THREADS, int8=int8, speculate=True)
+    plain = Engine(folder, threads=THREADS, int8=int8)
+    on = off = 0.0
+    tokens = 0
+    for q in questions:
+        ids = speculating.encode([{"role": "system", "content": prompts.system(describe(final_answer))},
+                                  {"role": "user", "content": prompts.TASK.format(question=q.question)}])
+        request = speculating.engine.run(Request(ids, new, eos=speculating.eos))
+        on += time.perf_counter() - request.began - request.first_token_s
+        plain._reserve(1, len(ids) + len(request.out) + 8)
+        plain._forward(0, 1, np.array([ids], dtype=np.int64), [0])
+        began = time.perf_counter()
+        for j, token in enumerate(request.out[:-1]):
+            plain._forward(0, 1, np.array([[token]], dtype=np.int64), [len(ids) + j])
+        off += time.perf_counter() - began
+        tokens += len(request.out) - 1
+    engine = speculating.engine
+    return {"tokens": tokens, "off": tokens / off, "on": tokens / on, "tokens_per_step": tokens / engine.steps,
+            "kept": engine.agreed / max(1, engine.guessed)}
+
+
 def llama_cpp(gguf: Path, prompts: list[str], new: int = 96) -> float | None:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(prompts, f)
@@ -109,6 +140,12 @@ def main() -> None:
              same_answers=on["answers"] == off["answers"],
              same_step_texts=sum(a == b for a, b in zip(on["texts"], off["texts"])),
              steps_on=len(on["texts"]), seconds=round(time.perf_counter() - began))
+    for int8 in graphs:
+        r = same_text(folder, int8, questions)
+        emit(figure="first-step decode tok/s on the same text, one token a step vs speculating", model=folder.name,
+             graph="int8" if int8 else "exact", dataset=args.dataset, questions=len(questions), tokens=r["tokens"],
+             off=round(r["off"], 1), on=round(r["on"], 1), speedup=round(r["on"] / r["off"], 2),
+             tokens_per_step=round(r["tokens_per_step"], 2), guesses_kept=round(r["kept"], 3))
     gguf = args.gguf or (gguf_path(args.model) if args.model in CATALOG else None)
     cpp = llama_cpp(gguf, prompts[:8]) if gguf else None
     for graph, (on, off) in rates.items():
