@@ -44,7 +44,7 @@ from typing import Callable
 
 import numpy as np
 
-from attar.runtime.modeldir import LAST_POSITION, ExportDir
+from attar.runtime.modeldir import ExportDir, edited_session, keep_last_positions
 
 GROW = 1024  # cache capacity grows in steps of this many tokens (doubling beyond)
 # Prompt lookup: the context's last n tokens (n = LOOKAHEAD, then fewer) are looked up earlier in
@@ -115,9 +115,12 @@ class Engine:
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         options.log_severity_level = 3
         self.graph = model.graph(int8)
-        self.session = self._open(self.graph, options, ort) if speculate else ort.InferenceSession(str(self.graph), options)
-        # A graph whose logits keep one position cannot check a guess (an onnxruntime-genai build).
-        self.speculate = speculate and self.session.get_outputs()[0].shape[1] != 1
+        # Speculating, the LM head of attar's graphs sees the last LOOKAHEAD + 1 positions (the
+        # file keeps one, genai's contract); a graph whose logits still keep one cannot check a guess.
+        self.session = edited_session(self.graph, lambda graph: keep_last_positions(graph, LOOKAHEAD + 1), options) \
+            if speculate else ort.InferenceSession(str(self.graph), options)
+        logits = next(o for o in self.session.get_outputs() if o.name == self.shape.names["logits"])
+        self.speculate = speculate and logits.shape[1] != 1
         self.guessed = self.agreed = 0  # guessed tokens checked, and those the model agreed with
         inputs = {i.name for i in self.session.get_inputs()}
         if "position_ids" in inputs:
@@ -170,27 +173,6 @@ class Engine:
 
     def run(self, request: Request) -> Request:
         return self.wait(self.submit(request))
-
-    @staticmethod
-    def _open(graph, options, ort):
-        """A session of `graph` whose LM head sees the last LOOKAHEAD + 1 positions (attar's graphs
-        keep one; the file is not changed). Other graphs are loaded as they are."""
-        import onnx
-
-        if graph.stat().st_size > 64 << 20:  # weights inside the graph: not one of attar's
-            return ort.InferenceSession(str(graph), options)
-        model = onnx.load(str(graph), load_external_data=False)
-        node = next((n for n in model.graph.node if n.name == LAST_POSITION), None)
-        if node is None or node.op_type != "Slice":
-            return ort.InferenceSession(str(graph), options)
-        start = f"{LAST_POSITION}/start"
-        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-(LOOKAHEAD + 1)], np.int64), start))
-        node.input[1] = start
-        logits = next(o for o in model.graph.output if o.name == "logits")
-        logits.type.tensor_type.shape.dim[1].dim_param = "positions"
-        # The graph comes from memory: its external weights resolve against its own folder.
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.parent))
-        return ort.InferenceSession(model.SerializeToString(), options)
 
     # -- the scheduler -----------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 from attar.runtime.lora import LoraDelta, LoraError, read_adapter
 from attar.runtime.gguf_tokenizer import build_tokenizer, write_tokenizer
 from attar.runtime.modeldir import (ADAPTER_SUFFIX, ADAPTERS_DIR, GENAI_CONFIG, INT8_FILE, LAST_POSITION,
-                                    ModelError, write_adapters_file)
+                                    ModelError, edited_session, write_adapters_file)
 from attar.runtime.quants import OFFSET_BLOCK, SUPPORTED, BlockQuant, block_quant, concat_rows
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -618,7 +618,7 @@ def calibration_ids(folder: Path) -> list[list[int]]:
 
 def activation_ranges(model_file: Path, inputs: dict[str, str], h: Hyper, sequences: list[list[int]]) -> dict:
     """Per input channel, the largest |activation| each projection sees on `sequences`, read off
-    the exact graph (its projection inputs added as outputs, in a temporary copy beside it)."""
+    the exact graph (its projection inputs added as outputs, in memory)."""
     names = sorted(set(inputs.values()))
 
     def expose(model: onnx.ModelProto) -> bool:
@@ -642,23 +642,6 @@ def whole_sequence_feeds(ids: list[int], layers: int, kv_heads: int, head_dim: i
     for i in range(layers):
         feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
     return feeds
-
-
-def edited_session(model_file: Path, edit: Callable[[onnx.ModelProto], bool], options=None):
-    """An onnxruntime session of `model_file` as `edit` changes its graph (`edit` says whether it
-    changed anything). A changed graph is saved beside the original, so that its weight file
-    resolves, and deleted once it is loaded."""
-    import onnxruntime as ort
-
-    model = onnx.load(str(model_file), load_external_data=False)
-    if not edit(model):
-        return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-    copy = model_file.with_name(f".{model_file.stem}.edited.onnx")
-    onnx.save(model, str(copy))
-    try:
-        return ort.InferenceSession(str(copy), options, providers=["CPUExecutionProvider"])
-    finally:
-        copy.unlink()
 
 
 def write_adapters(params: dict[str, dict[str, np.ndarray]], folder: Path) -> None:

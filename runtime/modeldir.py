@@ -18,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from attar.runtime.turns import Renderer, TemplateError, renderer
 
@@ -68,6 +69,43 @@ def inside(folder: Path, name: object, what: str) -> Path:
     if os.path.isabs(name) or root not in resolved.parents:
         raise ModelError(f"{folder}: {what} {name!r} points outside the model folder")
     return path
+
+
+def edited_session(model_file: Path, edit: Callable, options=None):
+    """An onnxruntime session of `model_file` as `edit` changes its graph (an onnx.ModelProto;
+    `edit` says whether it changed anything). A changed graph is loaded from memory with its
+    external weights resolved in the graph's own folder (onnxruntime still refuses any outside
+    it): nothing is written beside the model."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    if not edit(model):
+        return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    options = options or ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_file.parent))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def keep_last_positions(model, positions: int | None) -> bool:
+    """Edit an attar graph so that its LM head sees the last `positions` positions (None: every
+    one) instead of the last only; False for a graph without attar's LAST_POSITION node."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    node = next((n for n in model.graph.node if n.name == LAST_POSITION), None)
+    if node is None:
+        return False
+    if positions is None:
+        node.op_type = "Identity"
+        del node.input[1:]
+    else:
+        start = f"{LAST_POSITION}/start"
+        model.graph.initializer.append(numpy_helper.from_array(np.array([-positions], np.int64), start))
+        node.input[1] = start
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "positions"
+    return True
 
 
 def _count(config: dict, key: str, where: Path, low: int = 1, high: int = 1 << 16) -> int:

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
-import onnx
 
 from attar.runtime import prompts
 from attar.runtime.engine import Request
-from attar.runtime.gguf_import import edited_session, whole_sequence_feeds
+from attar.runtime.gguf_import import whole_sequence_feeds
 from attar.runtime.llm import EngineBackend
-from attar.runtime.modeldir import LAST_POSITION, ExportDir
+from attar.runtime.modeldir import ExportDir, edited_session, keep_last_positions
 from attar.runtime.retrieval import web_search_tool
 from attar.runtime.tools import describe, final_answer
 
@@ -64,7 +63,8 @@ class OnnxScorer:
         self.layers, self.kv_heads, self.head = model.layers, model.kv_heads, model.head
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = edited_session(graph or model.decoder, _every_position, options)
+        # attar's exports compute logits for the last position only; scoring needs every position.
+        self.session = edited_session(graph or model.decoder, lambda m: keep_last_positions(m, None), options)
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def logits(self, sequences, progress=lambda i, n: None, positions=None):
@@ -78,17 +78,6 @@ class OnnxScorer:
             out.append(logits if positions is None else logits[positions[n]])
         progress(len(sequences), len(sequences))
         return out
-
-
-def _every_position(model: onnx.ModelProto) -> bool:
-    """attar's exports compute logits for the last position only; for scoring, their LM head sees
-    every position (other graphs are used as they are)."""
-    node = next((n for n in model.graph.node if n.name == LAST_POSITION), None)
-    if node is None:
-        return False
-    node.op_type = "Identity"
-    del node.input[1:]
-    return True
 
 
 def _greedy(backend: EngineBackend, prompts: list[list[int]]) -> list[list[int]]:
