@@ -41,7 +41,7 @@ def generate(questions, teacher, teacher_model, out, ftp, completions, index, li
 
     try:
         qs = load_questions(questions, limit)
-        backend = load_teacher(teacher, teacher_model, completions)
+        backend = load_teacher(teacher, teacher_model, completions, concurrency)
         tools = []
         if index:
             from attar.runtime.retrieval import Index, web_search_tool

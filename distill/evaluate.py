@@ -24,12 +24,13 @@ from attar.runtime.retrieval import Index, web_search_tool
 from attar.runtime.sag import SAMPLING as SAG_SAMPLING
 
 
-def load_model(spec: str):
-    """An exported ONNX folder, an OpenAI-compatible URL (URL#model), or an HF folder."""
+def load_model(spec: str, rows: int = 8):
+    """An exported ONNX folder, an OpenAI-compatible URL (URL#model), or an HF folder; `rows`:
+    requests in flight at once (questions side by side, times SAG's candidates)."""
     path = Path(spec)
     if path.is_dir() and (path / "config.json").is_file() and not is_built(path):
         return TransformersBackend(path)
-    return load_backend(spec)
+    return load_backend(spec, rows=max(8, rows))
 
 
 def _agent_record(backend, q, sag, index, max_steps) -> dict:
@@ -72,7 +73,7 @@ def evaluate(model: str, questions: str | os.PathLike, out_dir: str | os.PathLik
     claim_folder(out_dir, {"model": _identity(model), "questions": _identity(questions), "mode": mode, "sag": sag,
                            "max_steps": max_steps, "index": _identity(index) if index else None},
                  "predictions", outputs=("predictions.jsonl",))
-    backend = load_model(model)
+    backend = load_model(model, concurrency * sag)
     retrieve = opened = None
     if index:
         opened = Index.open(index)  # once: every question's agent searches the same index

@@ -88,12 +88,12 @@ def first_paragraph(text: str, max_chars: int = 600) -> str:
     return ""
 
 
-def load_teacher(spec: str, model: str = "default", completions: bool = False) -> Backend:
+def load_teacher(spec: str, model: str = "default", completions: bool = False, concurrency: int = 8) -> Backend:
     """A teacher: comma-separated OpenAI-compatible base URLs, or an exported model (a folder or a
-    catalog name), run by the runtime's engine."""
+    catalog name), run by the runtime's engine with a batch row for each question in flight."""
     if spec.startswith(("http://", "https://")):
         return OpenAIBackend([u.strip() for u in spec.split(",")], model, completions=completions)
-    return load_backend(spec)
+    return load_backend(spec, rows=max(8, concurrency))
 
 
 JUDGE_PROMPT = ("Question: {question}\nGold answer: {gold}\nPredicted answer: {prediction}\n"

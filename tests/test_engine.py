@@ -266,3 +266,14 @@ def test_the_int8_graph_picks_what_the_exact_one_picks(int8_dir):
     alone = engine.generate(messages, sampling=GREEDY).text
     gens = engine.generate_batch(messages, [GREEDY] * 4)
     assert {g.text for g in gens} == {alone}
+
+
+def test_local_teacher_and_eval_get_a_batch_row_for_each_request_in_flight(model_dir):
+    # 16 teacher questions in flight decode as one batch of 16 rows, not 8 and a queue; eval's rows
+    # are its questions in flight times SAG's candidates.
+    from attar.distill.evaluate import load_model
+    from attar.distill.teacher import load_teacher
+
+    assert load_teacher(str(model_dir), concurrency=16).engine.max_rows == 16
+    assert load_teacher(str(model_dir), concurrency=2).engine.max_rows == 8
+    assert load_model(str(model_dir), rows=4 * 8).engine.max_rows == 32
