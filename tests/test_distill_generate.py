@@ -173,3 +173,17 @@ def test_retries_add_distinct_kept_runs(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "agent_sft.jsonl").read_text().splitlines()]
     assert [(r["id"], r["messages"][-1]["content"]) for r in rows] == [("a", "greedy a"), ("b", "retry b"), ("d", "same")]
     assert summarize(records)["kept_from_retries"] == 1 and summary["retries"] == 3
+
+
+def test_a_catalog_teacher_runs_its_int8_graph_with_a_row_per_question(monkeypatch, tmp_path):
+    # The teacher's work is batches and long prompts: a catalog teacher is built with the int8
+    # graph, which the engine then runs; a folder is taken as it is.
+    from attar.distill import teacher
+
+    built, loaded = [], []
+    monkeypatch.setattr(teacher, "pull", lambda name, int8=False: built.append((name, int8)) or tmp_path / name)
+    monkeypatch.setattr(teacher, "load_backend", lambda spec, rows=8: loaded.append((spec, rows)))
+    teacher.load_teacher("qwen2.5-coder-1.5b", concurrency=16)
+    teacher.load_teacher(str(tmp_path / "mine"), concurrency=4)
+    assert built == [("qwen2.5-coder-1.5b", True)]
+    assert loaded == [(tmp_path / "qwen2.5-coder-1.5b", 16), (str(tmp_path / "mine"), 8)]
