@@ -105,6 +105,27 @@ def test_a_cache_that_grows_past_its_capacity_stays_exact(model_dir):
     assert again.out == first
 
 
+def test_a_long_prompt_is_fed_between_the_steps_of_others_and_answers_as_if_fed_whole(int8_dir):
+    from attar.runtime.engine import Engine, Request
+
+    ids = [int(i) for i in np.random.default_rng(1).integers(300, 40000, 50 + 16 * 40 + 1)]
+    whole = Engine(ExportDir.open(int8_dir)).run(Request(ids, max_new_tokens=12)).out
+    engine = Engine(ExportDir.open(int8_dir), prefill_chunk=16)
+    other = engine.submit(Request(ids[:50], max_new_tokens=400))
+    while not other.out and not other.done.is_set():
+        other.done.wait(0.01)
+    late = Request(ids, max_new_tokens=12)
+    tokens_while_late_was_fed = []
+    other.accept = lambda token: tokens_while_late_was_fed.append(late.first_token_s is None) and False
+    engine.wait(engine.submit(late))
+    engine.wait(other)
+    # 641 ids after the 50 copied from the other row: 41 chunks (the 40th cut to 15 ids, so that
+    # none is fed alone), with a step of the other request after each of them.
+    assert late.reused == 50 and engine.time.prefilled == 50 + 641
+    assert sum(tokens_while_late_was_fed) >= 30
+    assert late.out == whole  # decoded in a batch: the int8 graph, whose rows do not depend on it
+
+
 def test_agents_in_threads_decode_in_one_batch_and_match_one_at_a_time(int8_dir):
     questions = ["What is 17 * 23? Answer with code.", "Name three rivers in Europe.",
                  "Write a haiku about the sea.", "How many days are in a leap year? Explain briefly."]
