@@ -1,7 +1,8 @@
 """attar's engine beside onnxruntime-genai on the same export, one JSON line per figure:
 time to first token at each step of a 5-step agent conversation (the engine reuses its cache,
-genai prefills the conversation again), a SAG step of N=8 samples against N=1, and
-`distill eval` with 8 questions in flight against one at a time (same predictions required).
+genai prefills the conversation again), a SAG step of N=8 samples against N=1,
+`distill eval` with 8 questions in flight against one at a time (same predictions required),
+and a long prompt arriving while 4 requests decode, fed in chunks against fed whole ("mixed").
 
     python bench/engine.py [--model NAME_OR_DIR] [--questions N]
 """
@@ -44,13 +45,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--questions", type=int, default=16, help="GSM-Hard questions for the eval figure (0: skip)")
-    parser.add_argument("--only", choices=["ttft", "sag", "eval"])
+    parser.add_argument("--only", choices=["ttft", "sag", "eval", "mixed"])
     args = parser.parse_args()
     if args.only in (None, "eval") and args.questions:
         concurrent_eval(args.model, args.questions)
     if args.only == "eval":
         return
     path = resolve_model(args.model)
+    if args.only in (None, "mixed"):
+        mixed(path, args.model)
+    if args.only == "mixed":
+        return
     one = Sampling(max_new_tokens=1)
     backends = (("onnxruntime-genai", lambda: OnnxBackend(path)), ("attar engine", lambda: EngineBackend(path)))
     for name, make in () if args.only == "sag" else backends:
@@ -81,6 +86,45 @@ def main() -> None:
         emit(figure="SAG step wall, N=8 vs N=1", backend=name, model=args.model, n1_s=round(walls[1], 3),
              n8_s=round(walls[8], 3), ratio=round(walls[8] / walls[1], 2), goal=2.0,
              tokens_n8=sum(g.completion_tokens for g in gens))
+
+
+def mixed(path, model: str, rows: int = 4, prompt: int = 1500) -> None:
+    """`rows` requests decoding when a `prompt`-token one arrives: the longest wait between two of
+    their tokens, and the time to the newcomer's first token, with chunked prefill and without."""
+    import numpy as np
+
+    from attar.runtime.engine import PREFILL_CHUNK, Engine, Request
+    from attar.runtime.modeldir import ExportDir
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(300, 20000, prompt + 64).tolist()
+    figures = {}
+    for name, chunk in (("chunked", PREFILL_CHUNK), ("whole", 10 ** 9)):
+        engine = Engine(ExportDir.open(path), prefill_chunk=chunk, max_rows=rows + 1)
+        # Warm up at the shapes measured (a first run of a shape pays for allocations), rows in use.
+        engine.run(Request(rng.integers(300, 20000, prompt).tolist(), max_new_tokens=1))
+        for warm in [engine.submit(Request(rng.integers(300, 20000, 64).tolist(), max_new_tokens=8))
+                     for _ in range(rows + 1)]:
+            engine.wait(warm)
+        stamps: list[list[float]] = [[] for _ in range(rows)]
+        decoding = [engine.submit(Request(ids[i:i + 64], max_new_tokens=10 ** 6, accept=lambda t, s=stamps[i]:
+                                          s.append(time.perf_counter()) and False)) for i in range(rows)]
+        while not all(len(s) > 8 for s in stamps):
+            time.sleep(0.01)
+        late = engine.run(Request(ids[64:], max_new_tokens=1))
+        after = time.perf_counter()
+        while not all(s[-1] > after for s in stamps):
+            time.sleep(0.01)
+        for request in decoding:
+            request.cancelled = True
+            engine.wait(request)
+        gap = max(b - a for s in stamps for a, b in zip(s, s[1:]))
+        figures[name] = (gap, late.first_token_s)
+    emit(figure="a long prompt while others decode: longest wait between their tokens", model=model, rows=rows,
+         prompt_tokens=prompt, chunk=PREFILL_CHUNK, chunked_s=round(figures["chunked"][0], 3),
+         whole_s=round(figures["whole"][0], 3), ratio=round(figures["chunked"][0] / figures["whole"][0], 2),
+         newcomer_first_token_chunked_s=round(figures["chunked"][1], 3),
+         newcomer_first_token_whole_s=round(figures["whole"][1], 3))
 
 
 def concurrent_eval(model: str, n: int) -> None:
