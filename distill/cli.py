@@ -4,6 +4,7 @@ Heavy imports stay inside the commands."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -72,6 +73,21 @@ def pack(run, out, note) -> None:
     except (ValueError, OSError) as exc:
         raise _fail(exc) from None
     click.echo(json.dumps({k: v for k, v in manifest.items() if k != "settings"}, indent=2))
+
+
+@distill.command()
+@click.argument("packed", type=click.Path(exists=True, dir_okay=False))
+@click.argument("run", type=click.Path(file_okay=False))
+def unpack(packed, run) -> None:
+    """Unpack a packed run (PACKED, NAME.jsonl.gz) into the new folder RUN, with the settings from
+    its manifest: `distill generate --out RUN` with those settings resumes it."""
+    from attar.distill.teacher import unpack as run_unpack
+
+    try:
+        n = run_unpack(packed, run)
+    except (ValueError, OSError) as exc:
+        raise _fail(exc) from None
+    click.echo(f"{n} trajectories in {Path(run) / 'trajectories.jsonl'}; resume with: attar distill generate --out {run} ...")
 
 
 @distill.command()

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from attar.distill.data import Question, check_messages, claim_folder, read_jsonl, write_atomic
+from attar.distill.data import Question, check_messages, claim_folder, read_jsonl, write_atomic, write_jsonl_atomic
 from attar.distill.runner import run_questions
 from attar.distill.scoring import Outcome, score, score_run
 from attar.runtime import prompts
@@ -213,6 +213,34 @@ def pack(run_dir: str | os.PathLike, out_file: str | os.PathLike, note: str | No
     manifest_file = out_file.with_name(out_file.name.removesuffix(".jsonl.gz") + ".manifest.json")
     write_atomic(manifest_file, json.dumps(manifest, indent=2).encode())
     return manifest
+
+
+MAX_MANIFEST = 1 << 20
+
+
+def unpack(packed_file: str | os.PathLike, run_dir: str | os.PathLike) -> int:
+    """`pack` undone: RUN/trajectories.jsonl and RUN/generate.json from a packed file and its
+    manifest, so that `generate --out RUN` with the same settings goes on where the packed run
+    stopped. Every record is checked; a folder that already holds trajectories is refused."""
+    packed_file, run_dir = Path(packed_file), Path(run_dir)
+    if not packed_file.name.endswith(".jsonl.gz"):
+        raise ValueError(f"{packed_file}: a packed file is NAME.jsonl.gz")
+    manifest_file = packed_file.with_name(packed_file.name.removesuffix(".jsonl.gz") + ".manifest.json")
+    if not manifest_file.is_file() or manifest_file.stat().st_size > MAX_MANIFEST:
+        raise ValueError(f"{manifest_file}: missing or larger than {MAX_MANIFEST >> 20} MiB; it holds the run's settings")
+    try:
+        settings = json.loads(manifest_file.read_bytes()).get("settings")
+    except (ValueError, AttributeError):
+        raise ValueError(f"{manifest_file}: not a manifest (a JSON object)") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("teacher"), str):
+        raise ValueError(f"{manifest_file}: its \"settings\" do not say which teacher made the run")
+    if (run_dir / "trajectories.jsonl").exists() or (run_dir / "generate.json").exists():
+        raise ValueError(f"{run_dir} already holds a run; unpack into a new folder")
+    records = read_jsonl(packed_file, check_trajectory)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "generate.json", json.dumps(settings, indent=2).encode())
+    write_jsonl_atomic(run_dir / "trajectories.jsonl", records)
+    return len(records)
 
 
 def summarize(records: list[dict]) -> dict:

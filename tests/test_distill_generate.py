@@ -98,6 +98,23 @@ def test_generate_with_ftp_and_resume(server, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "sft" / "agent_sft.jsonl").read_text() == (out / "agent_sft.jsonl").read_text()
 
+    # ... and a packed run resumes: unpacked into a new folder, generate finds every question done.
+    resumed = tmp_path / "resumed"
+    unpack = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "unpack", str(packed), str(resumed)],
+                            capture_output=True, text=True)
+    assert unpack.returncode == 0, unpack.stderr[-2000:]
+    third = generate(server, questions, resumed)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert json.loads(third.stdout[third.stdout.index("{"):])["trajectories"] == 3
+    assert (resumed / "trajectories.jsonl").read_text() == (out / "trajectories.jsonl").read_text()
+    twice = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "unpack", str(packed), str(resumed)],
+                           capture_output=True, text=True)
+    assert twice.returncode != 0 and "already holds a run" in twice.stderr and "Traceback" not in twice.stderr
+    (tmp_path / "data" / "smol.manifest.json").write_text("[1, 2]")
+    broken = subprocess.run([sys.executable, "-m", "attar.runtime.cli", "distill", "unpack", str(packed),
+                             str(tmp_path / "other")], capture_output=True, text=True)
+    assert broken.returncode != 0 and "not a manifest" in broken.stderr and "Traceback" not in broken.stderr
+
 
 def test_killed_run_resumes_without_loss_or_duplicates(server, tmp_path):
     questions = tmp_path / "q.jsonl"
