@@ -194,13 +194,22 @@ def generate(questions: list[Question], teacher: Backend, out_dir: str | os.Path
     return summarize(records) | {"failed": len(failures), "failures": failures[:5]}
 
 
+MAX_MANIFEST = 1 << 20
+
+
+def manifest_of(packed_file: Path) -> Path:
+    """NAME.manifest.json beside a packed NAME.jsonl.gz (any other name is refused)."""
+    if not packed_file.name.endswith(".jsonl.gz"):
+        raise ValueError(f"{packed_file}: the packed file is NAME.jsonl.gz")
+    return packed_file.with_name(packed_file.name.removesuffix(".jsonl.gz") + ".manifest.json")
+
+
 def pack(run_dir: str | os.PathLike, out_file: str | os.PathLike, note: str | None = None) -> dict:
     """A run's trajectories as one gzip JSONL (every trajectory, kept or not) and a manifest beside
     it (settings, counts, drop reasons), both written atomically: what gets committed, hourly
     during a long run, so that anyone can filter and train without the teacher."""
     run_dir, out_file = Path(run_dir), Path(out_file)
-    if not out_file.name.endswith(".jsonl.gz"):
-        raise ValueError(f"{out_file}: the packed file is NAME.jsonl.gz")
+    manifest_file = manifest_of(out_file)
     source = run_dir / "trajectories.jsonl"
     if not source.is_file():
         raise ValueError(f"{run_dir} holds no trajectories.jsonl")
@@ -210,12 +219,8 @@ def pack(run_dir: str | os.PathLike, out_file: str | os.PathLike, note: str | No
     settings = json.loads((run_dir / "generate.json").read_text()) if (run_dir / "generate.json").is_file() else {}
     manifest = {"note": note, "settings": settings, "packed": time.strftime("%Y-%m-%d %H:%M"),
                 "tokens": sum(r.get("tokens", 0) for r in records), **summarize(records)}
-    manifest_file = out_file.with_name(out_file.name.removesuffix(".jsonl.gz") + ".manifest.json")
     write_atomic(manifest_file, json.dumps(manifest, indent=2).encode())
     return manifest
-
-
-MAX_MANIFEST = 1 << 20
 
 
 def unpack(packed_file: str | os.PathLike, run_dir: str | os.PathLike) -> int:
@@ -223,9 +228,7 @@ def unpack(packed_file: str | os.PathLike, run_dir: str | os.PathLike) -> int:
     manifest, so that `generate --out RUN` with the same settings goes on where the packed run
     stopped. Every record is checked; a folder that already holds trajectories is refused."""
     packed_file, run_dir = Path(packed_file), Path(run_dir)
-    if not packed_file.name.endswith(".jsonl.gz"):
-        raise ValueError(f"{packed_file}: a packed file is NAME.jsonl.gz")
-    manifest_file = packed_file.with_name(packed_file.name.removesuffix(".jsonl.gz") + ".manifest.json")
+    manifest_file = manifest_of(packed_file)
     if not manifest_file.is_file() or manifest_file.stat().st_size > MAX_MANIFEST:
         raise ValueError(f"{manifest_file}: missing or larger than {MAX_MANIFEST >> 20} MiB; it holds the run's settings")
     try:
