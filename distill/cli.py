@@ -33,8 +33,10 @@ def distill() -> None:
 @click.option("--judge", is_flag=True, help="Let the teacher judge factual answers the rules call wrong (LLM judge).")
 @click.option("--retries", default=0, show_default=True,
               help="Where the greedy run is not kept, up to N sampled runs (T=0.7); distinct kept ones are data too.")
+@click.option("--stop-on-repeat/--no-stop-on-repeat", default=True, show_default=True,
+              help="End a run at a step that repeats an earlier one exactly (same text, same observation).")
 def generate(questions, teacher, teacher_model, out, ftp, completions, index, limit, max_steps, concurrency,
-             max_new_tokens, judge, retries) -> None:
+             max_new_tokens, judge, retries, stop_on_repeat) -> None:
     """Run the teacher as an agent over QUESTIONS; resumable, one JSONL line per trajectory."""
     from attar.distill.data import load_questions
     from attar.distill.teacher import GenerateConfig, generate as run, load_teacher
@@ -51,7 +53,8 @@ def generate(questions, teacher, teacher_model, out, ftp, completions, index, li
     except (ValueError, ModelError, OSError) as exc:
         raise _fail(exc) from None
     cfg = GenerateConfig(ftp=ftp, judge=judge, max_steps=max_steps, concurrency=concurrency,
-                         max_new_tokens=max_new_tokens, cot_max_new_tokens=max_new_tokens, retries=retries)
+                         max_new_tokens=max_new_tokens, cot_max_new_tokens=max_new_tokens, retries=retries,
+                         stop_on_repeat=stop_on_repeat)
     summary = run(qs, backend, out, cfg, tools)
     click.echo(json.dumps(summary, indent=2))
     if summary["failed"]:  # the finished ones are kept; a rerun retries the rest

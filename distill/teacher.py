@@ -123,6 +123,9 @@ class GenerateConfig:
     # each distinct kept one is training data too (a weak teacher's second paths help students).
     retries: int = 0
     retry_temperature: float = 0.7
+    # End a run at a step that repeats an earlier one exactly (Agent(stop_on_repeat=True)): such a
+    # run is never kept, and its long, looping rows are the teacher's costliest.
+    stop_on_repeat: bool = True
 
 
 def _trajectory(teacher: Backend, q: Question, cfg: GenerateConfig, tools: list) -> dict:
@@ -150,7 +153,8 @@ def _trajectory(teacher: Backend, q: Question, cfg: GenerateConfig, tools: list)
 
 def _agent_run(teacher: Backend, q: Question, cfg: GenerateConfig, tools: list, prefix: str, sampling: Sampling,
                began: float) -> dict:
-    with Agent(teacher, tools=tools, max_steps=cfg.max_steps, system_prompt=TEACHER_SYSTEM, sampling=sampling) as agent:
+    with Agent(teacher, tools=tools, max_steps=cfg.max_steps, system_prompt=TEACHER_SYSTEM, sampling=sampling,
+               stop_on_repeat=cfg.stop_on_repeat) as agent:
         result = agent.run(q.question, prefix=prefix)
         for step in result.steps:  # stored in the one format the student learns
             if step.code is not None:

@@ -80,7 +80,7 @@ def run_chat(question, *, model, index, max_steps, sag, temperature, top_p, seed
         if as_json:
             task = agent.memory.tasks[-1]
             click.echo(json.dumps({"answer": task.answer, "finished_by": task.finished_by,
-                                   "fallback": task.finished_by == Finish.MAX_STEPS, "memory": agent.memory.to_dict()},
+                                   "fallback": task.finished_by.is_fallback, "memory": agent.memory.to_dict()},
                                   default=repr))
         if trace:
             Path(trace).write_text(to_html(agent.memory))

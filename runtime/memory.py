@@ -17,7 +17,13 @@ class Finish(str, Enum):
 
     FINAL_ANSWER = "final_answer"  # the agent called final_answer
     MAX_STEPS = "max_steps"  # out of steps: the answer is a fallback from memory, not the agent's
+    REPEATED = "repeated"  # a step wrote and saw what an earlier one did (Agent(stop_on_repeat=True)): a fallback too
     INTERRUPTED = "interrupted"
+
+    @property
+    def is_fallback(self) -> bool:
+        """The answer is the model's guess from memory, not a final_answer call."""
+        return self in (Finish.MAX_STEPS, Finish.REPEATED)
 
     def __str__(self) -> str:
         return self.value

@@ -32,7 +32,6 @@ from typing import Any, Callable
 
 from attar.runtime.agent import Agent
 from attar.runtime.llm import Backend, PromptTooLong, Sampling
-from attar.runtime.memory import Finish
 from attar.runtime.sag import SAMPLING as SAG_SAMPLING
 from attar.runtime.sandbox import Sandbox
 
@@ -437,7 +436,7 @@ def _agent_run(server: Server, params: dict, check: Callable[[], None], emit: Ca
             check()
         task = agent.memory.tasks[-1]
         steps = task.steps
-    return {"answer": task.answer, "finished_by": task.finished_by, "fallback": task.finished_by == Finish.MAX_STEPS,
+    return {"answer": task.answer, "finished_by": task.finished_by, "fallback": task.finished_by.is_fallback,
             "steps": len(steps), "prompt_tokens": sum(s.prompt_tokens for s in steps),
             "completion_tokens": sum(s.completion_tokens for s in steps)}
 

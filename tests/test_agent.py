@@ -137,6 +137,24 @@ def test_max_steps_fallback_is_marked_everywhere(capsys):
     assert data["fallback"] is True and data["finished_by"] == "max_steps"
 
 
+def test_stop_on_repeat_ends_a_run_that_goes_round_and_only_that():
+    looping = [step("t", "print(1 / 0)"), step("u", "y = 2"), step("t", "print(1 / 0)"), "Perhaps 7.",
+               step("never", "final_answer(1)")]
+    with Agent(ScriptedBackend(list(looping)), max_steps=5, limits=LIMITS, stop_on_repeat=True) as agent:
+        result = agent.run("q")
+    # Step 3 wrote what step 1 wrote and saw the same error: the fallback comes next, not step 4.
+    assert result.finished_by == "repeated" and result.is_fallback and result.answer == "Perhaps 7."
+    assert [s.number for s in result.steps] == [1, 2, 3, 4] and result.steps[-1].is_fallback
+    with Agent(ScriptedBackend(list(looping)), max_steps=5, limits=LIMITS) as agent:  # the paper's loop goes on
+        assert agent.run("q").finished_by == "final_answer"
+
+    # The same code seeing another observation (the sandbox's state moved on) is no repeat.
+    counting = [step("t", "n = globals().get('n', 0) + 1\nprint(n)")] * 3 + [step("t", "final_answer(n)")]
+    with Agent(ScriptedBackend(list(counting)), max_steps=5, limits=LIMITS, stop_on_repeat=True) as agent:
+        result = agent.run("count")
+    assert result.finished_by == "final_answer" and result.answer == 3
+
+
 def test_repetition_is_detected_only_when_a_chunk_loops():
     assert is_repeating([5] * 48)
     assert is_repeating([1, 2, 3] + [7, 8, 9, 10] * 12)
