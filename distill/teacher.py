@@ -263,6 +263,8 @@ def summarize(records: list[dict]) -> dict:
             "cot_correct": sum(bool(r.get("cot_correct")) for r in records),
             "retries": sum(len(r.get("retries", [])) for r in records),
             "kept_from_retries": sum(len(kept_runs(r)) - keep(r) for r in records),
+            "runs_ended_on_repeat": sum(run["finished_by"] == Finish.REPEATED for r in records
+                                        for run in [r, *r.get("retries", [])]),
             "exec_error_runs": sum(r["exec_errors"] > 0 for r in records)}
 
 

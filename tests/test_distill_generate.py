@@ -182,7 +182,8 @@ def test_retries_add_distinct_kept_runs(tmp_path):
     records = [
         {"id": "a", "question": "q", "teacher": "t", **run(True, "greedy a"), "retries": []},
         {"id": "b", "question": "q", "teacher": "t", **run(False, "greedy b"), "retries": [run(True, "retry b")]},
-        {"id": "c", "question": "q", "teacher": "t", **run(False, "greedy c"), "retries": [run(False, "retry c")]},
+        {"id": "c", "question": "q", "teacher": "t", **run(False, "greedy c"),
+         "retries": [run(False, "retry c") | {"finished_by": "repeated"}]},
         {"id": "d", "question": "q", "teacher": "t", **run(True, "same"), "retries": [run(True, "same")]},
     ]
     (tmp_path / "trajectories.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -190,6 +191,7 @@ def test_retries_add_distinct_kept_runs(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "agent_sft.jsonl").read_text().splitlines()]
     assert [(r["id"], r["messages"][-1]["content"]) for r in rows] == [("a", "greedy a"), ("b", "retry b"), ("d", "same")]
     assert summarize(records)["kept_from_retries"] == 1 and summary["retries"] == 3
+    assert summarize(records)["runs_ended_on_repeat"] == 1
 
 
 def test_a_catalog_teacher_runs_its_int8_graph_with_a_row_per_question(monkeypatch, tmp_path):
