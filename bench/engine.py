@@ -132,20 +132,26 @@ def concurrent_eval(model: str, n: int) -> None:
     import tempfile
     from pathlib import Path
 
+    from attar.distill import evaluate as evaluation
     from attar.distill.data import read_jsonl
-    from attar.distill.evaluate import evaluate
 
     questions = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "test" / "gsm_hard_500_20250507.json"
+    backends = []  # the backend each run loads, for its engine's time accounts
+    load = evaluation.load_model
+    evaluation.load_model = lambda spec, rows=8: backends.append(load(spec, rows)) or backends[-1]
     walls, predictions = {}, {}
     for concurrency in (1, 8):
         with tempfile.TemporaryDirectory() as out:
             began = time.perf_counter()
-            summary = evaluate(model, questions, out, limit=n, concurrency=concurrency, progress=False)
+            summary = evaluation.evaluate(model, questions, out, limit=n, concurrency=concurrency, progress=False)
             walls[concurrency] = time.perf_counter() - began
             predictions[concurrency] = [(r["id"], r["prediction"]) for r in read_jsonl(Path(out) / "predictions.jsonl")]
             accuracy = summary["accuracy"]
+        spent = backends.pop().engine.time  # the backend goes with it: two loaded models would share the memory
         emit(figure="distill eval questions/hour", model=model, concurrency=concurrency, questions=n,
-             questions_per_hour=round(3600 * n / walls[concurrency], 1), accuracy=accuracy)
+             questions_per_hour=round(3600 * n / walls[concurrency], 1), accuracy=accuracy,
+             prefilled_per_question=round(spent.prefilled / n), prefill_s=round(spent.prefill_s, 1),
+             decode_s=round(spent.decode_s, 1))
     alone, batched = dict(predictions[1]), dict(predictions[8])
     differ = sorted(str(q) for q in alone.keys() | batched.keys() if alone.get(q) != batched.get(q))
     emit(figure="distill eval, 8 in flight vs 1", model=model, speedup=round(walls[1] / walls[8], 2), goal=3.0,

@@ -8,7 +8,10 @@ engine keeps a pool of KV rows and schedules every caller's requests onto it:
 - **Prefix cache.** A row keeps the KV of the ids it last held after its request ends. A new
   request takes the free row sharing the longest prefix with its ids, copies a longer prefix
   from any other row if one has it (the system prompt of a run, a SAG prompt), and prefills only
-  the rest: an agent's next step prefills the observation and the next turn's header.
+  the rest: an agent's next step prefills the observation and the next turn's header. A row
+  that must be overwritten is, first, one the request's own thread used last: a thread runs one
+  agent at a time, so that conversation has ended (a new question, a retry), while an agent of
+  another thread may be in its sandbox and about to come back; then the least recently used.
 - **Continuous batching.** Requests from any number of threads (agents in `distill eval` or
   `generate`, SAG candidates) decode together, one token per active row per step; a finished
   request leaves the batch at once and a waiting one takes its row. Rows may differ in length:
@@ -102,6 +105,7 @@ class Request:
     accept: Callable[[int], bool] = lambda token: False  # sees each new token; True ends the request
     out: list[int] = field(default_factory=list)
     reused: int = 0  # prompt ids found already in the cache
+    caller: int = field(default_factory=threading.get_ident)  # the thread that made it (rows are kept per thread)
     first_token_s: float | None = None
     error: BaseException | None = None
 
@@ -157,6 +161,7 @@ class Engine:
         self.rows = self.capacity = 0
         self.held: list[list[int]] = []  # per row: the ids whose KV it holds
         self.used: list[int] = []  # per row: when it last served a request (least recent is evicted)
+        self.callers: list[int | None] = []  # per row: the thread whose request it last served
         self.clock = itertools.count()
         self._allocate(1, GROW)
         self.active: list[Request] = []  # the request in row i
@@ -246,7 +251,17 @@ class Engine:
         ids, k = request.ids, len(self.active)
         try:
             self._reserve(k + 1, min(self.shape.context, len(ids) + request.max_new_tokens + LOOKAHEAD))
-            free = max(range(k, self.rows), key=lambda r: (_common(self.held[r], ids), -self.used[r]))
+
+            def rank(r: int) -> tuple:
+                # Losing nothing (the row holds a prefix of ids, or nothing), else the caller's own
+                # ended conversation, else the least recently used; the longest prefix first. An
+                # agent of another thread whose row was taken while it ran its code would prefill its
+                # conversation again, and its cache, prefilled rather than decoded, would differ in
+                # the last bits: a near tie could then fall the other way, as timing had it.
+                common = _common(self.held[r], ids)
+                return common == len(self.held[r]), self.callers[r] == request.caller, common, -self.used[r]
+
+            free = max(range(k, self.rows), key=rank)
             self._swap(free, k)
             have = _common(self.held[k], ids)
             donor = max((r for r in range(self.rows) if r != k), key=lambda r: _common(self.held[r], ids), default=None)
@@ -262,7 +277,7 @@ class Engine:
         # the first token must not depend on how much was cached: one-token steps compute otherwise.
         request.reused = max(0, min(have, len(ids) - (2 if self.speculate else 1)))
         self.held[k] = list(ids[:request.reused])
-        self.used[k] = next(self.clock)
+        self.used[k], self.callers[k] = next(self.clock), request.caller
         self.filling = request
 
     def _fill(self, budget: int | None) -> int | None:
@@ -361,6 +376,7 @@ class Engine:
     def _release(self, i: int) -> None:
         """Row i's request has ended: the last active row takes its place."""
         last = len(self.active) - 1
+        self.used[i] = next(self.clock)  # a row's age counts from its last use: the oldest is evicted first
         self._swap(i, last)
         self.active[i], self.active[last] = self.active[last], self.active[i]
         self.active.pop()
@@ -419,17 +435,27 @@ class Engine:
         self.keys, self.values = keys, values
         self.held += [[] for _ in range(rows - self.rows)]
         self.used += [-1] * (rows - self.rows)
+        self.callers += [None] * (rows - self.rows)
         self.rows, self.capacity = rows, capacity
         self._bindings: dict = {}
 
     def _swap(self, a: int, b: int) -> None:
+        """Rows a and b trade places, copying only what each holds."""
         if a == b:
             return
-        n = max(len(self.held[a]), len(self.held[b]))
+        na, nb = len(self.held[a]), len(self.held[b])
         for buf in self.keys + self.values:
-            buf[[a, b], :, :n] = buf[[b, a], :, :n]
+            if na and nb:
+                kept = buf[a, :, :na].copy()
+                buf[a, :, :nb] = buf[b, :, :nb]
+                buf[b, :, :na] = kept
+            elif na:
+                buf[b, :, :na] = buf[a, :, :na]
+            elif nb:
+                buf[a, :, :nb] = buf[b, :, :nb]
         self.held[a], self.held[b] = self.held[b], self.held[a]
         self.used[a], self.used[b] = self.used[b], self.used[a]
+        self.callers[a], self.callers[b] = self.callers[b], self.callers[a]
 
 
 def lookup(context: list[int], most: int) -> list[int]:

@@ -126,6 +126,32 @@ def test_a_long_prompt_is_fed_between_the_steps_of_others_and_answers_as_if_fed_
     assert late.out == whole  # decoded in a batch: the int8 graph, whose rows do not depend on it
 
 
+@pytest.mark.parametrize("own_rows", [True, False])
+def test_an_agent_running_its_code_keeps_its_cache_while_others_come_and_go(model_dir, own_rows):
+    # Agents run one per thread. When the others move on to new questions, each takes the row of
+    # its own ended conversation, not the least recently used one, which here is the row of the
+    # agent still running its code: that agent would prefill its conversation again (and its
+    # cache, prefilled rather than decoded, would differ in the last bits). One caller for every
+    # request (own_rows=False) falls back to least recently used, and the row is lost.
+    from attar.runtime.engine import Engine, Request
+
+    rng = np.random.default_rng(2)
+    prompt = lambda n: [int(i) for i in rng.integers(300, 40000, n)]  # noqa: E731
+    caller = (lambda c: c) if own_rows else (lambda c: 0)  # noqa: E731
+    engine = Engine(ExportDir.open(model_dir), max_rows=4)
+    first = [engine.submit(Request(prompt(n), max_new_tokens=10, caller=caller(c))) for n, c in ((120, 1), (60, 2), (60, 3))]
+    for request in first:
+        engine.wait(request)
+    assert engine.rows == 4  # the three conversations and an empty row
+    agent = first[0]
+    for _ in range(3):  # callers 2 and 3 go on to new questions while agent 1 runs its code
+        for c in (2, 3):
+            engine.run(Request(prompt(60), max_new_tokens=10, caller=caller(c)))
+    step = engine.run(Request(agent.ids + agent.out + prompt(15), max_new_tokens=4, caller=caller(1)))
+    held = len(agent.ids) + len(agent.out) - 1  # the last token sampled was never fed
+    assert (step.reused >= held) == own_rows, (step.reused, held)
+
+
 def test_agents_in_threads_decode_in_one_batch_and_match_one_at_a_time(int8_dir):
     questions = ["What is 17 * 23? Answer with code.", "Name three rivers in Europe.",
                  "Write a haiku about the sea.", "How many days are in a leap year? Explain briefly."]
