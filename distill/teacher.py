@@ -124,7 +124,7 @@ class GenerateConfig:
     retries: int = 0
     retry_temperature: float = 0.7
     # End a run at a step that repeats an earlier one exactly (Agent(stop_on_repeat=True)): such a
-    # run is never kept, and its long, looping rows are the teacher's costliest.
+    # run was never kept, and the steps it has left are at its longest contexts.
     stop_on_repeat: bool = True
 
 
