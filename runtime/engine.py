@@ -251,6 +251,7 @@ class Engine:
         ids, k = request.ids, len(self.active)
         try:
             self._reserve(k + 1, min(self.shape.context, len(ids) + request.max_new_tokens + LOOKAHEAD))
+            common = [_common(held, ids) for held in self.held]  # per row, once
 
             def rank(r: int) -> tuple:
                 # Losing nothing (the row holds a prefix of ids, or nothing), else the caller's own
@@ -258,15 +259,15 @@ class Engine:
                 # agent of another thread whose row was taken while it ran its code would prefill its
                 # conversation again, and its cache, prefilled rather than decoded, would differ in
                 # the last bits: a near tie could then fall the other way, as timing had it.
-                common = _common(self.held[r], ids)
-                return common == len(self.held[r]), self.callers[r] == request.caller, common, -self.used[r]
+                return common[r] == len(self.held[r]), self.callers[r] == request.caller, common[r], -self.used[r]
 
             free = max(range(k, self.rows), key=rank)
             self._swap(free, k)
-            have = _common(self.held[k], ids)
-            donor = max((r for r in range(self.rows) if r != k), key=lambda r: _common(self.held[r], ids), default=None)
-            if donor is not None and _common(self.held[donor], ids) > have:
-                have = _common(self.held[donor], ids)
+            common[free], common[k] = common[k], common[free]
+            have = common[k]
+            donor = max((r for r in range(self.rows) if r != k), key=common.__getitem__, default=None)
+            if donor is not None and common[donor] > have:
+                have = common[donor]
                 for buf in self.keys + self.values:
                     buf[k, :, :have] = buf[donor, :, :have]
         except Exception as exc:
