@@ -13,6 +13,7 @@ in a fork, and the winner's fork becomes the session."""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import Counter
@@ -58,7 +59,9 @@ def vote(kinds: list[str | None], keys: list[str | None]) -> int | None:
     words = {i: _words(keys[i]) for i in members}
 
     def agreement(i: int) -> float:  # how much of the others' outcomes this one shares
-        return sum(len(words[i] & words[j]) / max(1, len(words[i] | words[j])) for j in members if j != i)
+        # fsum: candidates with equal outcomes sum the same terms in another order, and a plain sum's
+        # rounding would then break their tie at random instead of for the earliest (the greedy one)
+        return math.fsum(len(words[i] & words[j]) / max(1, len(words[i] | words[j])) for j in members if j != i)
 
     return max(members, key=lambda i: (key_votes[keys[i]], agreement(i), -i))
 

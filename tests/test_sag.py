@@ -82,6 +82,18 @@ def test_a_tie_goes_to_the_outcome_the_others_agree_with_most():
     assert vote([None, None], [None, None]) is None
 
 
+def test_equal_outcomes_tie_for_the_earliest_whatever_the_rounding():
+    """Seen in a real SAG step of the default: five candidates answered 8 (the greedy one first),
+    two 31 and 0; summed in another order, the same agreement terms rounded differently and the
+    fifth candidate won. The greedy candidate must: it is the action N=1 would take."""
+    from attar.runtime.sag import vote
+
+    kinds = ["final", "final", "final", "compute", "final", "final", "final", "final"]
+    keys = ["final:8", "final:8", "final:31", "obs:\x00None", "final:8", "final:8", "final:0", "final:8"]
+    assert vote(kinds, keys) == 0
+    assert vote(kinds, [keys[2], *keys[:2], *keys[3:]]) == 1  # the earliest of the five, wherever it is
+
+
 def test_sag_on_a_real_model_is_deterministic_under_a_seed(tiny_onnx):
     def run():
         cmd = [sys.executable, "-m", "attar.runtime.cli", "chat", "What is 6*7?", "--model", str(tiny_onnx),
