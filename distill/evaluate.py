@@ -86,7 +86,7 @@ def evaluate(model: str, questions: str | os.PathLike, out_dir: str | os.PathLik
                 "seconds": round(time.perf_counter() - began, 2)}
 
     records, failures = run_questions(qs, lambda q: str(q.id), one, out_dir / "predictions.jsonl", concurrency,
-                                      "eval", progress)
+                                      "eval", progress, stop=backend.close)
     if failures:
         raise RuntimeError(f"{len(failures)} questions failed (rerun to retry them), e.g. {failures[0]}")
     n = len(records)

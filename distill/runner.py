@@ -19,9 +19,11 @@ Item = TypeVar("Item")
 
 def run_questions(items: Sequence[Item], key: Callable[[Item], str], work: Callable[[Item], dict],
                   log_path: str | os.PathLike, concurrency: int = 1, desc: str = "questions",
-                  progress: bool = True) -> tuple[list[dict], list[str]]:
+                  progress: bool = True, stop: Callable[[], None] = lambda: None) -> tuple[list[dict], list[str]]:
     """`work(item)` for every item whose key is not yet logged; the records of all items logged
-    so far, in item order, and one line per failure."""
+    so far, in item order, and one line per failure. Interrupted (Ctrl-C, SIGTERM), it calls
+    `stop()`, which must make the work in flight return soon (`Backend.close`), and waits for it:
+    that work is not logged, and a rerun does it again."""
     from tqdm import tqdm
 
     log = JsonlLog(log_path)
@@ -37,6 +39,9 @@ def run_questions(items: Sequence[Item], key: Callable[[Item], str], work: Calla
             except Exception as exc:  # one bad question must not stop the run
                 failures.append(f"{key(futures[future])}: {type(exc).__name__}: {str(exc)[:200]}")
             bar.update(1)
+    except BaseException:
+        stop()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: questions not started never start
         bar.close()

@@ -194,7 +194,8 @@ def generate(questions: list[Question], teacher: Backend, out_dir: str | os.Path
     claim_folder(out, {k: v for k, v in settings.items() if k != "concurrency"}, "trajectories",
                  record="generate.json", outputs=("trajectories.jsonl",))
     records, failures = run_questions(questions, lambda q: str(q.id), lambda q: _trajectory(teacher, q, cfg, list(tools)),
-                                      out / "trajectories.jsonl", cfg.concurrency, "trajectories", progress)
+                                      out / "trajectories.jsonl", cfg.concurrency, "trajectories", progress,
+                                      stop=teacher.close)
     return summarize(records) | {"failed": len(failures), "failures": failures[:5]}
 
 

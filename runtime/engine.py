@@ -79,6 +79,10 @@ class ContextFull(ValueError):
     """The prompt leaves no room in the model's context for even one new token."""
 
 
+class EngineClosed(RuntimeError):
+    """The engine was closed (its job was interrupted): it runs no request any more."""
+
+
 @dataclass
 class Timing:
     """Where the scheduler's time went (for benchmarks): seconds in prefills and in decode steps
@@ -168,6 +172,7 @@ class Engine:
         self.filling: Request | None = None  # the prompt being fed, in row len(active)
         self.chunk = prefill_chunk
         self.queue: deque[Request] = deque()
+        self.closed = False
         self.lock = threading.Lock()
         self.worker: threading.Thread | None = None
         self.steps = 0  # batched decode steps run (for benchmarks)
@@ -182,6 +187,8 @@ class Engine:
         if len(request.ids) >= self.shape.context:
             raise ContextFull(f"{len(request.ids)} prompt tokens fill the model's context of {self.shape.context}")
         with self.lock:
+            if self.closed:
+                raise EngineClosed("the engine is closed")
             self.queue.append(request)
             if self.worker is None:
                 self.worker = threading.Thread(target=self._loop, daemon=True, name="attar-engine")
@@ -201,7 +208,20 @@ class Engine:
             raise
         if request.error is not None:
             raise request.error
+        if self.closed:  # cut short by close(): what it holds is not the model's answer
+            raise EngineClosed("the engine was closed")
         return request
+
+    def close(self) -> None:
+        """End every request, queued or running, and refuse new ones. An interrupted job (Ctrl-C,
+        SIGTERM) calls this so that its threads return at once instead of decoding, to the end of
+        each question in flight, what no one will keep. Queued requests end here, the others at
+        their next token (`_emit`)."""
+        with self.lock:
+            self.closed = True
+            for request in self.queue:
+                request.finish(EngineClosed("the engine was closed"))
+            self.queue.clear()
 
     def run(self, request: Request) -> Request:
         return self.wait(self.submit(request))
@@ -365,7 +385,7 @@ class Engine:
         request.out.append(token)
         request.next = token
         try:
-            ended = request.cancelled or request.accept(token)
+            ended = request.cancelled or self.closed or request.accept(token)
         except Exception as exc:  # the caller's callback failed: that request ends, the batch goes on
             request.finish(exc)
             return True

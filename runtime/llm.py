@@ -67,6 +67,10 @@ class Backend:
     def generate_batch(self, messages: list[Message], samplings: list[Sampling], stop: list[str] = ()) -> list[Generation]:
         return [self.generate(messages, stop, sampling) for sampling in samplings]
 
+    def close(self) -> None:
+        """Stop answering: generations in flight end with an error and later ones are refused (a
+        job interrupted mid-run). Nothing to stop for a backend that answers one call at a time."""
+
 
 class BackendError(Exception):
     """The model backend cannot answer (an unreachable server, a rejected request): one line."""
@@ -205,6 +209,9 @@ class EngineBackend(Backend):
         except ContextFull as exc:
             raise PromptTooLong(f"the conversation is too long for {self.name}: {exc}") from None
         return [self._generation(text, self.engine.wait(request)) for text, request in zip(texts, requests)]
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 class OnnxBackend(Backend):

@@ -141,6 +141,35 @@ def test_killed_run_resumes_without_loss_or_duplicates(server, tmp_path):
     assert shown.returncode == 0 and "── assistant" in shown.stdout and "Thought:" in shown.stdout
 
 
+INTERRUPTED = """
+import json, os, signal, sys, threading
+from attar.distill.runner import run_questions
+from attar.runtime.cli import _exit_on_signal  # what `attar` makes of SIGTERM
+signal.signal(signal.SIGTERM, _exit_on_signal)
+started, release, ended = threading.Event(), threading.Event(), []
+def work(item):
+    if item == "slow":  # a question whose model call would run for minutes
+        started.set()
+        ended.append("stopped" if release.wait(120) else "ran to its end")
+    return {"id": item}
+threading.Thread(target=lambda: started.wait(60) and os.kill(os.getpid(), signal.SIGTERM), daemon=True).start()
+try:
+    run_questions(["fast", "slow"], str, work, sys.argv[1], concurrency=2, progress=False, stop=release.set)
+finally:
+    print(json.dumps(ended), flush=True)
+"""
+
+
+def test_a_terminated_run_stops_its_work_in_flight_and_logs_none_of_it(tmp_path):
+    """SIGTERM (a scheduler ending the job) must end it now: the questions in flight are told to
+    stop (`Backend.close`), not waited for to their end, and none of their work is logged."""
+    log = tmp_path / "log.jsonl"
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED, str(log)], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 128 + 15, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == ["stopped"]
+    assert "slow" not in JsonlLog(log).records
+
+
 def test_unreachable_teacher_is_reported_not_fatal(tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps(QUESTIONS[0]) + "\n")

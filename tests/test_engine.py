@@ -199,6 +199,26 @@ def test_a_failing_callback_ends_only_its_own_request(model_dir):
     assert len(engine.wait(good).out) == 8
 
 
+def test_closing_ends_requests_in_flight_and_refuses_new_ones(model_dir):
+    """What an interrupted `distill generate` or `eval` does: its threads waiting on long
+    generations must return now, not when each generation has run to its end."""
+    from attar.runtime.engine import Engine, EngineClosed, Request
+
+    engine = Engine(ExportDir.open(model_dir), max_rows=4)
+    ids = EngineBackend(model_dir).encode(conversation("Write a very long story."), "")
+    running = [engine.submit(Request(ids, max_new_tokens=4000)) for _ in range(2)]
+    queued = [engine.submit(Request(ids, max_new_tokens=4000)) for _ in range(3)]  # one more than the rows
+    while not all(r.out for r in running):
+        threading.Event().wait(0.05)
+    engine.close()
+    for request in running + queued:
+        with pytest.raises(EngineClosed):
+            engine.wait(request)
+    assert all(len(r.out) < 1000 for r in running + queued)
+    with pytest.raises(EngineClosed):
+        engine.submit(Request(ids, max_new_tokens=4))
+
+
 # -- speculation: a lone greedy request checks guessed tokens ---------------------------------
 
 
