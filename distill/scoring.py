@@ -17,6 +17,8 @@ from attar.runtime.answers import extract_boxed
 from attar.runtime.memory import Finish
 
 F1_THRESHOLD = 0.8
+# A number as models write one: 12, -0.5, .5, 12., 3/4, 1.2e+08 (how Python prints large floats).
+NUMBER = r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?:/\d+)?"
 
 
 def to_number(value: Any) -> float | None:
@@ -24,21 +26,23 @@ def to_number(value: Any) -> float | None:
         return None
     if isinstance(value, (int, float)):
         return float(value)
-    text = str(value).strip()
+    text = str(value).strip().replace("\u2212", "-")  # a typeset minus sign
     text = extract_boxed(text) or text
     text = re.sub(r"\\text\{[^}]*\}|\\!|\\,|\$|,(?=\d{3})|%|\\%", "", text).strip()
     frac = re.fullmatch(r"-?\\d?frac\{(-?\d+)\}\{(-?\d+)\}", text.replace("\\dfrac", "\\frac").replace("-\\frac", "\\frac"))
     if frac:
         sign = -1 if text.startswith("-") else 1
         return sign * float(Fraction(int(frac.group(1)), int(frac.group(2))))
-    numbers = re.findall(r"-?\d+(?:\.\d+)?(?:/\d+)?", text)
-    candidate = text if re.fullmatch(r"-?\d+(?:\.\d+)?(?:/\d+)?", text) else (numbers[-1] if numbers else None)
+    numbers = re.findall(NUMBER, text)
+    candidate = text if re.fullmatch(NUMBER, text) else (numbers[-1] if numbers else None)
     if candidate is None:
         return None
-    try:
-        return float(Fraction(candidate))
+    try:  # float() reads an exponent without building 10**exponent (a model may write 1e99999999)
+        return float(candidate) if "e" in candidate.lower() else float(Fraction(candidate))
     except (ValueError, ZeroDivisionError):
         return None
+    except OverflowError:  # more digits than a float holds
+        return -math.inf if candidate.startswith("-") else math.inf
 
 
 def numeric_match(prediction: Any, gold: Any) -> bool:
