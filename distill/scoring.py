@@ -104,7 +104,9 @@ def f1(prediction: Any, gold: Any) -> float:
 
 def factual_match(prediction: Any, gold: Any) -> bool:
     p, g = normalize_text(prediction), normalize_text(gold)
-    return bool(g) and (p == g or f1(prediction, gold) >= F1_THRESHOLD or (len(g) > 3 and g in p and len(p) < 4 * len(g)))
+    # The gold inside a short answer counts, as whole words only: "Rome" is not in "Romeo".
+    return bool(g) and (p == g or f1(prediction, gold) >= F1_THRESHOLD
+                        or (len(g) > 3 and f" {g} " in f" {p} " and len(p) < 4 * len(g)))
 
 
 def score(prediction: Any, gold: Any, kind: str) -> bool:

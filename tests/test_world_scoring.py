@@ -70,7 +70,8 @@ def test_oracle_trajectories_are_correct_real_agent_runs(tmp_path):
     ("\\frac{1}{3}", "0.33", "math", False), ("x^2+2x", "x(x+2)", "math", True), ("\\dfrac{3}{4}", "\\frac{3}{4}", "math", True),
     ("\\boxed{0.75}", "\\frac{3}{4}", "math", True), ("(-\\infty,-8]\\cup [8,\\infty)", "(-\\infty, -8] \\cup [8, \\infty)", "math", True),
     ("President Richard Nixon", "Richard Nixon", "factual", True), ("the Danube", "Danube", "factual", True),
-    ("Vienna", "Budapest", "factual", False), (-38, "-38", "factual", True), (None, "1", "numeric", False),
+    ("Vienna", "Budapest", "factual", False), ("Romeo", "Rome", "factual", False),
+    ("in Rome", "Rome", "factual", True), (-38, "-38", "factual", True), (None, "1", "numeric", False),
 ])
 def test_scoring(pred, gold, kind, ok):
     assert scoring.score(pred, gold, kind) is ok
