@@ -28,10 +28,27 @@ from attar.runtime.memory import Candidate
 SAMPLING = Sampling(temperature=0.4, top_p=0.8)
 
 
+_INTEGER = re.compile(r"[-+]?\d+")
+_DECIMAL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def answer_key(value: object) -> str:
+    """A final answer as candidates must agree on it: a number by its value, so that 8, 8.0 and
+    "8" (integer or float arithmetic, or text) are one answer; anything else by its repr."""
+    if isinstance(value, str) and len(value) <= 100:  # int() refuses over 4,300 digits; no answer is that long
+        text = value.strip()
+        value = int(text) if _INTEGER.fullmatch(text) else float(text) if _DECIMAL.fullmatch(text) else value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
+        value = int(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    return repr(value).strip().lower()
+
+
 def vote_key(result: CellResult) -> str:
     """What candidates must agree on: the final answer, or the observation (normalized)."""
     if result.is_final:
-        return "final:" + repr(result.final_answer).strip().lower()
+        return "final:" + answer_key(result.final_answer)
     stdout = "\n".join(line.rstrip() for line in result.stdout.strip().splitlines())
     return f"obs:{stdout}\x00{result.output}"
 

@@ -28,6 +28,16 @@ def test_majority_wins_and_failures_are_dropped():
     assert result.answer == 40  # the winner's fork (x == 4) became the session
 
 
+def test_the_same_number_is_one_answer_however_it_was_computed():
+    """8 from integer arithmetic, 8.0 from a division and "8" as text are one answer in the vote."""
+    backend = ScriptedBackend([act("final_answer(16 / 2)"), act("final_answer(9)"), act("final_answer(16 // 2)"),
+                               act("final_answer('8')")])
+    with Agent(backend, sag=4, limits=LIMITS) as agent:
+        result = agent.run("q")
+    assert [c.votes for c in result.steps[0].candidates] == [3, 1, 3, 3]
+    assert result.answer == 8.0  # the earliest of the three
+
+
 def test_candidates_do_not_see_each_others_side_effects():
     backend = ScriptedBackend([
         act("items.append('a')\nprint(len(items))"), act("items.append('b')\nprint(len(items))"),
