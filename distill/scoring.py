@@ -13,12 +13,10 @@ from enum import Enum
 from fractions import Fraction
 from typing import Any, Callable
 
-from attar.runtime.answers import extract_boxed
+from attar.runtime.answers import NUMBER, extract_boxed, read_number
 from attar.runtime.memory import Finish
 
 F1_THRESHOLD = 0.8
-# A number as models write one: 12, -0.5, .5, 12., 3/4, 1.2e+08 (how Python prints large floats).
-NUMBER = r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?:/\d+)?"
 
 
 def to_number(value: Any) -> float | None:
@@ -33,16 +31,14 @@ def to_number(value: Any) -> float | None:
     if frac:
         sign = -1 if text.startswith("-") else 1
         return sign * float(Fraction(int(frac.group(1)), int(frac.group(2))))
-    numbers = re.findall(NUMBER, text)
-    candidate = text if re.fullmatch(NUMBER, text) else (numbers[-1] if numbers else None)
-    if candidate is None:
+    numbers = NUMBER.findall(text)
+    number = read_number(text if NUMBER.fullmatch(text) or not numbers else numbers[-1])
+    if number is None:
         return None
-    try:  # float() reads an exponent without building 10**exponent (a model may write 1e99999999)
-        return float(candidate) if "e" in candidate.lower() else float(Fraction(candidate))
-    except (ValueError, ZeroDivisionError):
-        return None
-    except OverflowError:  # more digits than a float holds
-        return -math.inf if candidate.startswith("-") else math.inf
+    try:
+        return float(number)
+    except OverflowError:  # an integer of more digits than a float holds
+        return math.inf if number > 0 else -math.inf
 
 
 def numeric_match(prediction: Any, gold: Any) -> bool:

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from attar.runtime import prompts
+from attar.runtime.answers import read_number
 from attar.runtime.executor import CellResult, Executor
 from attar.runtime.llm import Generation, Sampling
 from attar.runtime.memory import Candidate
@@ -28,16 +29,14 @@ from attar.runtime.memory import Candidate
 SAMPLING = Sampling(temperature=0.4, top_p=0.8)
 
 
-_INTEGER = re.compile(r"[-+]?\d+")
-_DECIMAL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-
-
 def answer_key(value: object) -> str:
     """A final answer as candidates must agree on it: a number by its value, so that 8, 8.0 and
     "8" (integer or float arithmetic, or text) are one answer; anything else by its repr."""
-    if isinstance(value, str) and len(value) <= 100:  # int() refuses over 4,300 digits; no answer is that long
-        text = value.strip()
-        value = int(text) if _INTEGER.fullmatch(text) else float(text) if _DECIMAL.fullmatch(text) else value
+    # No answer is longer than 100 characters (a longer one stays text); a fraction stays text too:
+    # an exact 3/4 is not the float 0.75.
+    if isinstance(value, str) and len(value) <= 100 and "/" not in value:
+        number = read_number(value)
+        value = value if number is None else number
     if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
         value = int(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
