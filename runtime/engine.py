@@ -66,6 +66,16 @@ LOOKAHEAD = 5
 PREFILL_CHUNK = 256
 
 
+def memory_budget() -> int:
+    """The KV pool's default ceiling in bytes: half the machine's memory. The pool holds every row
+    at the capacity of the longest, so one long conversation among the teacher's 16 rows would
+    otherwise grow it to 16 × that length: the 1.5B's 32,768-token context is 29 GB."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume a 16 GB laptop
+        return 8 << 30
+
+
 @dataclass(frozen=True)
 class Shape:
     layers: int
@@ -130,13 +140,17 @@ class Engine:
 
     def __init__(self, model: ExportDir, threads: int | None = None,
                  extra_inputs: dict[str, np.ndarray] | None = None, max_rows: int = 8, int8: bool = True,
-                 speculate: bool = False, prefill_chunk: int = PREFILL_CHUNK):
+                 speculate: bool = False, prefill_chunk: int = PREFILL_CHUNK, kv_budget: int | None = None):
         """`int8`: run the folder's int8 graph where it has one (`attar pull --int8`): the same
         decoder with its projections on the CPU's integer matrix units. One graph for every step,
         so a request's tokens never depend on what else is in the batch. `speculate`: let a lone
         greedy request check guessed tokens (see the module doc), for an engine that serves one
         stream; off, every request steps one token at a time, alone or in a batch.
-        `prefill_chunk`: while others decode, the most prompt tokens fed between two of their steps."""
+        `prefill_chunk`: while others decode, the most prompt tokens fed between two of their steps.
+        `kv_budget`: the most bytes the KV pool may take (default: half the machine's memory); with
+        `max_rows` rows it bounds each row's context (`self.context`), below the model's where it
+        must: a longer conversation is refused as ContextFull, which an agent meets by leaving out
+        its oldest observations."""
         if prefill_chunk < 4:
             raise ValueError("prefill_chunk must be at least 4 tokens")
         import onnxruntime as ort
@@ -160,6 +174,10 @@ class Engine:
         # LoRA inputs of an export (rank 0 unless an adapter is fed) and their values.
         self.extra = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in (extra_inputs or {}).items()}
         self.max_rows = max_rows
+        per_token = 2 * model.layers * model.kv_heads * model.head * 4  # K and V of every layer, fp32
+        self.context = min(model.context, (kv_budget or memory_budget()) // (max_rows * per_token))
+        if self.context < 2 * LOOKAHEAD:
+            raise ValueError(f"a KV budget of {kv_budget} bytes leaves {self.context} tokens a row for {max_rows} rows")
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self.rows = self.capacity = 0
@@ -167,7 +185,7 @@ class Engine:
         self.used: list[int] = []  # per row: when it last served a request (least recent is evicted)
         self.callers: list[int | None] = []  # per row: the thread whose request it last served
         self.clock = itertools.count()
-        self._allocate(1, GROW)
+        self._allocate(1, min(GROW, self.context))
         self.active: list[Request] = []  # the request in row i
         self.filling: Request | None = None  # the prompt being fed, in row len(active)
         self.chunk = prefill_chunk
@@ -184,8 +202,10 @@ class Engine:
         """Queue a request; the scheduler thread runs while there is work and then exits."""
         if not request.ids:
             raise ValueError("a request needs at least one prompt id")
-        if len(request.ids) >= self.shape.context:
-            raise ContextFull(f"{len(request.ids)} prompt tokens fill the model's context of {self.shape.context}")
+        if len(request.ids) >= self.context:
+            whose = "the model's context" if self.context == self.shape.context else \
+                f"the context that {self.max_rows} rows of KV cache leave in the engine's memory budget,"
+            raise ContextFull(f"{len(request.ids)} prompt tokens fill {whose} {self.context}")
         with self.lock:
             if self.closed:
                 raise EngineClosed("the engine is closed")
@@ -270,7 +290,7 @@ class Engine:
         the cache; it is then fed from there (`_fill`)."""
         ids, k = request.ids, len(self.active)
         try:
-            self._reserve(k + 1, min(self.shape.context, len(ids) + request.max_new_tokens + LOOKAHEAD))
+            self._reserve(k + 1, min(self.context, len(ids) + request.max_new_tokens + LOOKAHEAD))
             common = [_common(held, ids) for held in self.held]  # per row, once
 
             def rank(r: int) -> tuple:
@@ -351,7 +371,7 @@ class Engine:
         """One step of the lone greedy request in row 0: its next token and a guess of the ones
         after it, fed together; the model's tokens are kept while they agree with the guess."""
         request, held = self.active[0], self.held[0]
-        room = min(self.capacity, self.shape.context) - len(held) - 1  # cache slots after the next token
+        room = min(self.capacity, self.context) - len(held) - 1  # cache slots after the next token
         guess = (lookup(held + [request.next], LOOKAHEAD) or [request.next])[:room]
         fed = [request.next, *guess]
         began = time.perf_counter()
@@ -389,7 +409,7 @@ class Engine:
         except Exception as exc:  # the caller's callback failed: that request ends, the batch goes on
             request.finish(exc)
             return True
-        if ended or len(request.out) >= request.max_new_tokens or len(request.ids) + len(request.out) >= self.shape.context:
+        if ended or len(request.out) >= request.max_new_tokens or len(request.ids) + len(request.out) >= self.context:
             request.finish()
             return True
         return False
@@ -442,23 +462,28 @@ class Engine:
     def _reserve(self, rows: int, tokens: int) -> None:
         if rows > self.rows or tokens > self.capacity:
             capacity = self.capacity if tokens <= self.capacity else \
-                min(self.shape.context, max(tokens + GROW, 2 * self.capacity))
+                min(self.context, max(tokens + GROW, 2 * self.capacity))
             self._allocate(max(rows, min(self.max_rows, 2 * self.rows)) if rows > self.rows else self.rows, capacity)
 
     def _allocate(self, rows: int, capacity: int) -> None:
         s = self.shape
         shape = (rows, s.kv_heads, capacity, s.head)
-        keys = [np.zeros(shape, np.float32) for _ in range(s.layers)]
-        values = [np.zeros(shape, np.float32) for _ in range(s.layers)]
         keep = max((len(h) for h in self.held), default=0)
-        for new, old in zip(keys + values, self.keys + self.values):
-            new[:self.rows, :, :keep] = old[:, :, :keep]
-        self.keys, self.values = keys, values
+        self._bindings: dict = {}  # they hold the old buffers
+        # One buffer at a time, each old one let go once copied: the peak is the new pool and one
+        # layer's buffer, not both pools (the teacher's 16 rows at 9,000 tokens are 8 GB).
+        for pool in (self.keys, self.values):
+            for i in range(s.layers):
+                buf = np.zeros(shape, np.float32)
+                if i < len(pool):
+                    buf[:self.rows, :, :keep] = pool[i][:, :, :keep]
+                    pool[i] = buf
+                else:
+                    pool.append(buf)
         self.held += [[] for _ in range(rows - self.rows)]
         self.used += [-1] * (rows - self.rows)
         self.callers += [None] * (rows - self.rows)
         self.rows, self.capacity = rows, capacity
-        self._bindings: dict = {}
 
     def _swap(self, a: int, b: int) -> None:
         """Rows a and b trade places, copying only what each holds."""

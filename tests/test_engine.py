@@ -105,6 +105,29 @@ def test_a_cache_that_grows_past_its_capacity_stays_exact(model_dir):
     assert again.out == first
 
 
+def test_the_kv_budget_bounds_every_rows_context_and_what_was_cached_survives_growth(model_dir):
+    from attar.runtime.engine import ContextFull, Engine, Request
+
+    folder = ExportDir.open(model_dir)
+    per_token = 2 * folder.layers * folder.kv_heads * folder.head * 4
+    engine = Engine(folder, max_rows=2, kv_budget=2 * 300 * per_token)  # two rows of 300 tokens
+    assert engine.context == 300 and Engine(folder, max_rows=2).context == folder.context
+    ids = [int(i) for i in np.random.default_rng(2).integers(300, 40000, 320)]
+    with pytest.raises(ContextFull, match="memory budget"):
+        engine.submit(Request(ids, max_new_tokens=4))
+    alone = Engine(folder, max_rows=2).run(Request(ids[:250], max_new_tokens=80))
+    capped = engine.run(Request(ids[:250], max_new_tokens=80))
+    assert len(capped.out) == 50 and capped.out == alone.out[:50]  # ended at the budget's context, not beyond
+    assert engine.capacity <= 300
+    # Growing the pool (a second row, then more capacity) keeps every row's cache.
+    grown = Engine(folder, max_rows=2, kv_budget=2 * 2048 * per_token)
+    first, other = grown.submit(Request(ids[:200], max_new_tokens=6)), grown.submit(Request(ids[100:150], max_new_tokens=6))
+    first, _ = grown.wait(first).out, grown.wait(other)  # two at once: the pool grows to two rows
+    more = [int(i) for i in np.random.default_rng(3).integers(300, 40000, 1000)]
+    again = grown.run(Request(ids[:200] + first + more, max_new_tokens=1))  # past the first capacity
+    assert grown.rows == 2 and grown.capacity > 1024 and again.reused >= 200
+
+
 def test_a_long_prompt_is_fed_between_the_steps_of_others_and_answers_as_if_fed_whole(int8_dir):
     from attar.runtime.engine import Engine, Request
 
