@@ -1,6 +1,7 @@
 """One decode step's attention, alone, at a model's shape: onnxruntime's GroupQueryAttention (what
 attar's graphs run) against the same attention as batched MatMuls over the KV pool (each KV head
-read once for its group of query heads), and against reading those bytes with numpy. One JSON
+read once for its group of query heads), the same GroupQueryAttention over an int8 cache, and
+against reading those bytes with numpy. One JSON
 line per figure; `gb_s` is the KV cache read per second. It is where a multi-row step's time goes
 at long rows (README, "The int8 graph"), and what a better kernel would have to beat.
 
@@ -31,7 +32,7 @@ def emit(**row) -> None:
 
 def session(nodes, inputs, outputs, threads: int) -> ort.InferenceSession:
     graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info(*i) for i in inputs],
-                              [helper.make_tensor_value_info(o, F, None) for o in outputs])
+                              [helper.make_tensor_value_info(*(o if isinstance(o, tuple) else (o, F)), None) for o in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
@@ -48,22 +49,32 @@ def median_ms(run, repeat: int = 15) -> float:
     return statistics.median(times)
 
 
-def gqa_ms(rows, heads, kv, head, cached, capacity, threads, rng) -> float:
-    """GroupQueryAttention on one new token a row, past and present sharing one buffer (as the engine runs it)."""
-    node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "past_k", "past_v", "seqlens", "total"],
-                            ["out", "present_k", "present_v"], domain="com.microsoft", num_heads=heads,
-                            kv_num_heads=kv, scale=head ** -0.5)
+def gqa_ms(rows, heads, kv, head, cached, capacity, threads, rng, int8_cache: bool = False) -> float:
+    """GroupQueryAttention on one new token a row, past and present sharing one buffer (as the
+    engine runs it); `int8_cache`: the cache in int8 with a scale per channel (onnxruntime 1.32's
+    quantized KV cache), a quarter of the bytes."""
+    inputs, attrs, kv_type = ["q", "k", "v", "past_k", "past_v", "seqlens", "total"], {}, F
+    if int8_cache:
+        inputs += ["", "", "", "", "", "k_scale", "v_scale"]
+        attrs = dict(kv_cache_bit_width=8, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
+        kv_type = TensorProto.INT8
+    node = helper.make_node("GroupQueryAttention", inputs, ["out", "present_k", "present_v"], domain="com.microsoft",
+                            num_heads=heads, kv_num_heads=kv, scale=head ** -0.5, **attrs)
     pool = [(rows, kv, capacity, head)] * 2
     s = session([node], [("q", F, [rows, 1, heads * head]), ("k", F, [rows, 1, kv * head]), ("v", F, [rows, 1, kv * head]),
-                         ("past_k", F, pool[0]), ("past_v", F, pool[1]), ("seqlens", TensorProto.INT32, [rows]),
-                         ("total", TensorProto.INT32, [])], ["out", "present_k", "present_v"], threads)
+                         ("past_k", kv_type, pool[0]), ("past_v", kv_type, pool[1]), ("seqlens", TensorProto.INT32, [rows]),
+                         ("total", TensorProto.INT32, [])] + [(n, F, [kv, 1, head]) for n in ("k_scale", "v_scale") if int8_cache],
+                ["out", ("present_k", kv_type), ("present_v", kv_type)], threads)
     io = s.io_binding()
     for name, width in (("q", heads), ("k", kv), ("v", kv)):
         io.bind_cpu_input(name, rng.standard_normal((rows, 1, width * head), dtype=np.float32))
     io.bind_cpu_input("seqlens", np.full(rows, cached - 1, np.int32))
     io.bind_cpu_input("total", np.array(cached, np.int32))
+    for name in ("k_scale", "v_scale") if int8_cache else ():
+        io.bind_cpu_input(name, np.full((kv, 1, head), 0.02, np.float32))
     for kind in ("k", "v"):
-        buffer = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal(pool[0], dtype=np.float32))
+        cache = rng.integers(-100, 100, pool[0]).astype(np.int8) if int8_cache else rng.standard_normal(pool[0], dtype=np.float32)
+        buffer = ort.OrtValue.ortvalue_from_numpy(cache)
         io.bind_ortvalue_input(f"past_{kind}", buffer)
         io.bind_ortvalue_output(f"present_{kind}", buffer)
     io.bind_output("out")
@@ -108,12 +119,13 @@ def main() -> None:
             block = np.ones(kv_bytes // 4, np.float32)
             numpy_ms = median_ms(lambda: block.sum())
             gqa = gqa_ms(rows, heads, kv, head, cached, cached + 64, args.threads, rng)
+            int8 = gqa_ms(rows, heads, kv, head, cached, cached + 64, args.threads, rng, int8_cache=True)
             tight = grouped_ms(rows, heads, kv, head, cached, cached + 64, args.threads, rng)
             loose = grouped_ms(rows, heads, kv, head, cached, 2 * cached, args.threads, rng)
             gb_s = lambda ms: round(kv_bytes / ms / 1e6, 1)  # noqa: E731
             emit(figure="attention ms a layer, one decode step", model=folder.name, rows=rows, cached=cached,
                  heads=heads, kv_heads=kv, head=head, gqa_ms=round(gqa, 2), gqa_gb_s=gb_s(gqa),
-                 grouped_ms=round(tight, 2), grouped_vs_gqa=round(gqa / tight, 2),
+                 gqa_int8_cache_ms=round(int8, 2), int8_cache_vs_gqa=round(gqa / int8, 2), grouped_ms=round(tight, 2), grouped_vs_gqa=round(gqa / tight, 2),
                  grouped_pool_twice_ms=round(loose, 2), grouped_pool_twice_vs_gqa=round(gqa / loose, 2),
                  numpy_read_gb_s=gb_s(numpy_ms), gqa_all_layers_ms=round(gqa * layers, 1))
 
