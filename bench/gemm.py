@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +20,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from attar.runtime.gguf_import import DecoderBuilder, GraphWriter
+from attention import median_ms  # bench/attention.py's: the median of timed runs after one warm-up
 
 # Qwen2.5-Coder-1.5B, the local teacher: (inputs, outputs) of its fused Q/K/V, gate+up and down projections.
 SHAPES = {"qkv": (1536, 2048), "gate_up": (1536, 17920), "down": (8960, 1536)}
-
-
-def median_ms(run, repeat: int = 20) -> float:
-    run()
-    times = []
-    for _ in range(repeat):
-        began = time.perf_counter()
-        run()
-        times.append(1000 * (time.perf_counter() - began))
-    return statistics.median(times)
 
 
 def int8_session(w: np.ndarray, folder: Path, threads: int) -> ort.InferenceSession:
