@@ -468,15 +468,16 @@ class Engine:
     def _allocate(self, rows: int, capacity: int) -> None:
         s = self.shape
         shape = (rows, s.kv_heads, capacity, s.head)
-        keep = max((len(h) for h in self.held), default=0)
         self._bindings: dict = {}  # they hold the old buffers
-        # One buffer at a time, each old one let go once copied: the peak is the new pool and one
-        # layer's buffer, not both pools (the teacher's 16 rows at 9,000 tokens are 8 GB).
+        # One buffer at a time, each old one let go once copied, and of each row only what it
+        # holds: fresh pages are not memory until written, so the pool takes what the rows hold,
+        # not rows × the longest (the teacher's 16 rows at 9,000 tokens are 8 GB).
         for pool in (self.keys, self.values):
             for i in range(s.layers):
                 buf = np.zeros(shape, np.float32)
                 if i < len(pool):
-                    buf[:self.rows, :, :keep] = pool[i][:, :, :keep]
+                    for r, held in enumerate(self.held):
+                        buf[r, :, :len(held)] = pool[i][r, :, :len(held)]
                     pool[i] = buf
                 else:
                     pool.append(buf)
