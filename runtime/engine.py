@@ -36,7 +36,8 @@ what else is in the batch.
   whatever its width, and differently in a step of one (other kernels: `tests/test_engine.py`
   checks both). So such a request never takes a one-token step, and its tokens do not depend on
   what was guessed, nor on how its prompt was split between the cache and the prefill. Rows in a
-  batch step one token each (GroupQueryAttention takes several new tokens for one row only).
+  batch step one token each: onnxruntime 1.32 can take guesses for every row in one step
+  (`query_seqlens`), but on 2 cores a guess costs more than it keeps from 4 rows up (README).
 """
 
 from __future__ import annotations
