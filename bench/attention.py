@@ -1,9 +1,9 @@
 """One decode step's attention, alone, at a model's shape: onnxruntime's GroupQueryAttention (what
 attar's graphs run) against the same attention as batched MatMuls over the KV pool (each KV head
 read once for its group of query heads), the same GroupQueryAttention over an int8 cache, and
-against reading those bytes with numpy. One JSON
-line per figure; `gb_s` is the KV cache read per second. It is where a multi-row step's time goes
-at long rows (README, "The int8 graph"), and what a better kernel would have to beat.
+reading those bytes with numpy. One JSON line per figure; `gb_s` is the KV cache read per second.
+It is where a multi-row step's time goes at long rows (README, "The int8 graph"), and what a
+better kernel would have to beat.
 
     python bench/attention.py [--model qwen2.5-coder-1.5b | FOLDER] [--rows 8,16] [--cached 600,1500]
 """

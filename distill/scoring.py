@@ -31,8 +31,10 @@ def to_number(value: Any) -> float | None:
     if frac:
         sign = -1 if text.startswith("-") else 1
         return sign * float(Fraction(int(frac.group(1)), int(frac.group(2))))
-    numbers = NUMBER.findall(text)
-    number = read_number(text if NUMBER.fullmatch(text) or not numbers else numbers[-1])
+    number = read_number(text)
+    if number is None:  # not one number: the last one it writes
+        numbers = NUMBER.findall(text)
+        number = read_number(numbers[-1]) if numbers else None
     if number is None:
         return None
     try:

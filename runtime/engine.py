@@ -65,6 +65,7 @@ LOOKAHEAD = 5
 # prompt with 4 rows decoding: their longest wait 0.82 s instead of 3.93 s on the 0.5B, and the
 # newcomer's first token no later: `bench/engine.py --only mixed`).
 PREFILL_CHUNK = 256
+KV_DTYPE = np.float32  # the graphs' past/present type: GroupQueryAttention's fp16 CPU kernel is slower (README)
 
 
 def memory_budget() -> int:
@@ -175,10 +176,11 @@ class Engine:
         # LoRA inputs of an export (rank 0 unless an adapter is fed) and their values.
         self.extra = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in (extra_inputs or {}).items()}
         self.max_rows = max_rows
-        per_token = 2 * model.layers * model.kv_heads * model.head * 4  # K and V of every layer, fp32
-        self.context = min(model.context, (kv_budget or memory_budget()) // (max_rows * per_token))
+        per_token = 2 * model.layers * model.kv_heads * model.head * np.dtype(KV_DTYPE).itemsize  # K and V, every layer
+        budget = kv_budget or memory_budget()
+        self.context = min(model.context, budget // (max_rows * per_token))
         if self.context < 2 * LOOKAHEAD:
-            raise ValueError(f"a KV budget of {kv_budget} bytes leaves {self.context} tokens a row for {max_rows} rows")
+            raise ValueError(f"a KV budget of {budget} bytes leaves {self.context} tokens a row for {max_rows} rows")
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self.rows = self.capacity = 0
@@ -475,7 +477,7 @@ class Engine:
         # not rows × the longest (the teacher's 16 rows at 9,000 tokens are 8 GB).
         for pool in (self.keys, self.values):
             for i in range(s.layers):
-                buf = np.zeros(shape, np.float32)
+                buf = np.zeros(shape, KV_DTYPE)
                 if i < len(pool):
                     for r, held in enumerate(self.held):
                         buf[r, :, :len(held)] = pool[i][r, :, :len(held)]
