@@ -87,7 +87,7 @@ def same_text(folder: ExportDir, int8: bool, questions: list[Question], new: int
                                   {"role": "user", "content": prompts.TASK.format(question=q.question)}])
         request = speculating.engine.run(Request(ids, new, eos=speculating.eos))
         on += time.perf_counter() - request.began - request.first_token_s
-        plain._reserve(1, len(ids) + len(request.out) + 8)
+        plain.pool.reserve(1, len(ids) + len(request.out) + 8)
         plain._forward(0, 1, np.array([ids], dtype=np.int64), [0])
         began = time.perf_counter()
         for j, token in enumerate(request.out[:-1]):

@@ -21,9 +21,11 @@ engine keeps a pool of KV rows and schedules every caller's requests onto it:
   long prompt no longer stalls every other agent for the whole of its prefill. A chunk is never
   a single token, so the cache a prompt leaves does not depend on how it was cut (below).
 
-The active requests always occupy rows 0..k-1 (a finished one swaps with the last), so a step
-runs on one contiguous slice of the cache. Each layer's past and present are one buffer that
-GroupQueryAttention writes into in place ("share-buffer"): no copy per token.
+The KV cache is a `KVPool` (its buffers, what each row holds, and the rows' growth); the
+`Engine` is the scheduler over it. The active requests always occupy rows 0..k-1 (a finished one
+swaps with the last), so a step runs on one contiguous slice of the pool. Each layer's past and
+present are one buffer that GroupQueryAttention writes into in place ("share-buffer"): no copy
+per token.
 
 Sampling is per request with its own seeded generator, so a request's tokens do not depend on
 what else is in the batch.
@@ -157,7 +159,6 @@ class Engine:
             raise ValueError("prefill_chunk must be at least 4 tokens")
         import onnxruntime as ort
 
-        self.ort = ort
         self.shape = Shape(model.layers, model.kv_heads, model.head, model.context, model.io_names)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
@@ -181,14 +182,7 @@ class Engine:
         self.context = min(model.context, budget // (max_rows * per_token))
         if self.context < 2 * LOOKAHEAD:
             raise ValueError(f"a KV budget of {budget} bytes leaves {self.context} tokens a row for {max_rows} rows")
-        self.keys: list[np.ndarray] = []
-        self.values: list[np.ndarray] = []
-        self.rows = self.capacity = 0
-        self.held: list[list[int]] = []  # per row: the ids whose KV it holds
-        self.used: list[int] = []  # per row: when it last served a request (least recent is evicted)
-        self.callers: list[int | None] = []  # per row: the thread whose request it last served
-        self.clock = itertools.count()
-        self._allocate(1, min(GROW, self.context))
+        self.pool = KVPool(self.shape, max_rows, self.context)
         self.active: list[Request] = []  # the request in row i
         self.filling: Request | None = None  # the prompt being fed, in row len(active)
         self.chunk = prefill_chunk
@@ -270,7 +264,7 @@ class Engine:
                 self.active.clear()
                 self.queue.clear()
                 self.filling = None
-                self.held = [[] for _ in self.held]  # a half-run step leaves no cache to trust
+                self.pool.forget()  # a half-run step leaves no cache to trust
                 self.worker = None
 
     def _admit(self, budget: int | None) -> None:
@@ -291,10 +285,10 @@ class Engine:
     def _place(self, request: Request) -> None:
         """Give `request` row k (k = active count), holding the longest prefix of its ids found in
         the cache; it is then fed from there (`_fill`)."""
-        ids, k = request.ids, len(self.active)
+        ids, k, pool = request.ids, len(self.active), self.pool
         try:
-            self._reserve(k + 1, min(self.context, len(ids) + request.max_new_tokens + LOOKAHEAD))
-            common = [_common(held, ids) for held in self.held]  # per row, once
+            pool.reserve(k + 1, min(self.context, len(ids) + request.max_new_tokens + LOOKAHEAD))
+            common = [_common(held, ids) for held in pool.held]  # per row, once
 
             def rank(r: int) -> tuple:
                 # Losing nothing (the row holds a prefix of ids, or nothing), else the caller's own
@@ -302,26 +296,25 @@ class Engine:
                 # agent of another thread whose row was taken while it ran its code would prefill its
                 # conversation again, and its cache, prefilled rather than decoded, would differ in
                 # the last bits: a near tie could then fall the other way, as timing had it.
-                return common[r] == len(self.held[r]), self.callers[r] == request.caller, common[r], -self.used[r]
+                return common[r] == len(pool.held[r]), pool.callers[r] == request.caller, common[r], -pool.used[r]
 
-            free = max(range(k, self.rows), key=rank)
-            self._swap(free, k)
+            free = max(range(k, pool.rows), key=rank)
+            pool.swap(free, k)
             common[free], common[k] = common[k], common[free]
             have = common[k]
-            donor = max((r for r in range(self.rows) if r != k), key=common.__getitem__, default=None)
+            donor = max((r for r in range(pool.rows) if r != k), key=common.__getitem__, default=None)
             if donor is not None and common[donor] > have:
                 have = common[donor]
-                for buf in self.keys + self.values:
-                    buf[k, :, :have] = buf[donor, :, :have]
+                pool.copy_prefix(donor, k, have)
         except Exception as exc:
-            self.held[k] = []
+            pool.held[k] = []
             request.finish(exc)
             return
         # At least one id is fed (its logits are the first sample's); two when speculating, where
         # the first token must not depend on how much was cached: one-token steps compute otherwise.
         request.reused = max(0, min(have, len(ids) - (2 if self.speculate else 1)))
-        self.held[k] = list(ids[:request.reused])
-        self.used[k], self.callers[k] = next(self.clock), request.caller
+        pool.held[k] = list(ids[:request.reused])
+        pool.touch(k, request.caller)
         self.filling = request
 
     def _fill(self, budget: int | None) -> int | None:
@@ -329,7 +322,7 @@ class Engine:
         token for a step of its own (such a step computes otherwise: a prompt's cache must not
         depend on how it was cut); what is left of the budget."""
         request, k = self.filling, len(self.active)
-        ids, have = request.ids, len(self.held[k])
+        ids, have = request.ids, len(self.pool.held[k])
         n = len(ids) - have
         if budget is not None and n > budget:
             n = budget - (n - budget == 1)
@@ -339,14 +332,14 @@ class Engine:
         try:
             logits = self._forward(k, k + 1, np.array([ids[have:have + n]], dtype=np.int64), [have])
         except Exception as exc:
-            self.held[k] = []
+            self.pool.held[k] = []
             self.filling = None
             request.finish(exc)
             return budget
         finally:
             self.time.prefill_s += time.perf_counter() - began
         self.time.prefilled += n
-        self.held[k] = list(ids[:have + n])
+        self.pool.held[k] = list(ids[:have + n])
         budget = None if budget is None else budget - n
         if have + n == len(ids):
             self.filling = None
@@ -360,12 +353,12 @@ class Engine:
         k = len(self.active)
         tokens = np.array([[r.next] for r in self.active], dtype=np.int64)
         began = time.perf_counter()
-        logits = self._forward(0, k, tokens, [len(self.held[i]) for i in range(k)])
+        logits = self._forward(0, k, tokens, [len(self.pool.held[i]) for i in range(k)])
         self.time.decode_s += time.perf_counter() - began
         self.time.decoded_rows += k
         self.steps += 1
         for i, request in enumerate(self.active):
-            self.held[i].append(request.next)
+            self.pool.held[i].append(request.next)
         finished = [i for i, request in enumerate(self.active) if self._emit(request, self._pick(request, logits[i, -1]))]
         for i in reversed(finished):
             self._release(i)
@@ -373,8 +366,8 @@ class Engine:
     def _speculate(self) -> None:
         """One step of the lone greedy request in row 0: its next token and a guess of the ones
         after it, fed together; the model's tokens are kept while they agree with the guess."""
-        request, held = self.active[0], self.held[0]
-        room = min(self.capacity, self.context) - len(held) - 1  # cache slots after the next token
+        request, held = self.active[0], self.pool.held[0]
+        room = min(self.pool.capacity, self.context) - len(held) - 1  # cache slots after the next token
         guess = (lookup(held + [request.next], LOOKAHEAD) or [request.next])[:room]
         fed = [request.next, *guess]
         began = time.perf_counter()
@@ -420,14 +413,12 @@ class Engine:
     def _release(self, i: int) -> None:
         """Row i's request has ended: the last active row takes its place."""
         last = len(self.active) - 1
-        self.used[i] = next(self.clock)  # a row's age counts from its last use: the oldest is evicted first
-        self._swap(i, last)
+        self.pool.touch(i)  # a row's age counts from its last use: the oldest is evicted first
+        self.pool.swap(i, last)
         self.active[i], self.active[last] = self.active[last], self.active[i]
         self.active.pop()
         if self.filling is not None:  # the prompt being fed keeps the row just after the batch
-            self._swap(last + 1, last)
-
-    # -- the KV pool -------------------------------------------------------------------------
+            self.pool.swap(last + 1, last)
 
     def _forward(self, start: int, stop: int, ids: np.ndarray, past: list[int]) -> np.ndarray:
         """Feed `ids` (rows × S) to rows start..stop-1, whose caches hold `past` tokens each;
@@ -439,30 +430,67 @@ class Engine:
         mask = np.zeros((rows, total), dtype=np.int64)
         for r, p in enumerate(past):
             mask[r, :p + new] = 1
-        io = self._binding(start, stop)
+        io = self.pool.binding(self.session, self.extra, start, stop)
         io.bind_cpu_input(names["input_ids"], ids)
         io.bind_cpu_input(names["attention_mask"], mask)
         io.bind_output(names["logits"])
         self.session.run_with_iobinding(io)
         return io.get_outputs()[-1].numpy()
 
-    def _binding(self, start: int, stop: int):
-        """An IO binding with rows start..stop-1 of each cache buffer as both past and present."""
+
+class KVPool:
+    """The KV cache: per layer one key and one value buffer (rows × KV heads × capacity × head),
+    and per row the ids whose KV it holds, when it last served a request and the thread whose
+    request that was (what the scheduler evicts by). It grows in rows and in capacity as requests
+    need, up to `max_rows` and `context`."""
+
+    def __init__(self, shape: Shape, max_rows: int, context: int):
+        self.shape, self.max_rows, self.context = shape, max_rows, context
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.rows = self.capacity = 0
+        self.held: list[list[int]] = []  # per row: the ids whose KV it holds
+        self.used: list[int] = []  # per row: when it last served a request (least recent is evicted)
+        self.callers: list[int | None] = []  # per row: the thread whose request it last served
+        self.clock = itertools.count()
+        self.bindings: dict = {}
+        self._allocate(1, min(GROW, context))
+
+    def touch(self, row: int, caller: int | None = None) -> None:
+        """Row `row` serves a request now (one of thread `caller`, when given)."""
+        self.used[row] = next(self.clock)
+        if caller is not None:
+            self.callers[row] = caller
+
+    def forget(self) -> None:
+        self.held = [[] for _ in self.held]
+
+    def copy_prefix(self, source: int, row: int, n: int) -> None:
+        """Row `row` gets the KV of the first n ids of row `source`."""
+        for buf in self.keys + self.values:
+            buf[row, :, :n] = buf[source, :, :n]
+
+    def binding(self, session, extra: dict, start: int, stop: int):
+        """An IO binding of `session` with rows start..stop-1 of each buffer as both past and
+        present (GroupQueryAttention writes into the pool in place), and the `extra` inputs."""
+        import onnxruntime as ort
+
         key = (start, stop)
-        if key not in self._bindings:
-            names, ortvalue = self.shape.names, self.ort.OrtValue.ortvalue_from_numpy
-            io = self.session.io_binding()
+        if key not in self.bindings:
+            names, ortvalue = self.shape.names, ort.OrtValue.ortvalue_from_numpy
+            io = session.io_binding()
             for i in range(self.shape.layers):
                 for kind, bufs in (("key", self.keys), ("value", self.values)):
                     value = ortvalue(bufs[i][start:stop])  # a view: onnxruntime writes into the pool
                     io.bind_ortvalue_input(names[f"past_{kind}_names"] % i, value)
                     io.bind_ortvalue_output(names[f"present_{kind}_names"] % i, value)
-            for name, value in self.extra.items():
+            for name, value in extra.items():
                 io.bind_ortvalue_input(name, value)
-            self._bindings[key] = io
-        return self._bindings[key]
+            self.bindings[key] = io
+        return self.bindings[key]
 
-    def _reserve(self, rows: int, tokens: int) -> None:
+    def reserve(self, rows: int, tokens: int) -> None:
+        """Room for `rows` rows of `tokens` tokens (rows double; capacity grows by GROW, or doubles)."""
         if rows > self.rows or tokens > self.capacity:
             capacity = self.capacity if tokens <= self.capacity else \
                 min(self.context, max(tokens + GROW, 2 * self.capacity))
@@ -471,7 +499,7 @@ class Engine:
     def _allocate(self, rows: int, capacity: int) -> None:
         s = self.shape
         shape = (rows, s.kv_heads, capacity, s.head)
-        self._bindings: dict = {}  # they hold the old buffers
+        self.bindings = {}  # they hold the old buffers
         # One buffer at a time, each old one let go once copied, and of each row only what it
         # holds: fresh pages are not memory until written, so the pool takes what the rows hold,
         # not rows × the longest (the teacher's 16 rows at 9,000 tokens are 8 GB).
@@ -489,7 +517,7 @@ class Engine:
         self.callers += [None] * (rows - self.rows)
         self.rows, self.capacity = rows, capacity
 
-    def _swap(self, a: int, b: int) -> None:
+    def swap(self, a: int, b: int) -> None:
         """Rows a and b trade places, copying only what each holds."""
         if a == b:
             return
