@@ -310,9 +310,10 @@ class Engine:
             pool.held[k] = []
             request.finish(exc)
             return
-        # At least one id is fed (its logits are the first sample's); two when speculating, where
-        # the first token must not depend on how much was cached: one-token steps compute otherwise.
-        request.reused = max(0, min(have, len(ids) - (2 if self.speculate else 1)))
+        # Two ids are fed at least (the last one's logits are the first sample's), so that the first
+        # token does not depend on how much was cached: one-token steps compute otherwise, and on the
+        # int8 graph enough so that a prompt asked twice could start its answer otherwise.
+        request.reused = max(0, min(have, len(ids) - 2))
         pool.held[k] = list(ids[:request.reused])
         pool.touch(k, request.caller)
         self.filling = request

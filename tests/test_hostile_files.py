@@ -276,7 +276,7 @@ def hostile_copy(src: Path, dst: Path) -> Path:
     """A model folder that links to the real weights (cheap) but has its own metadata files."""
     dst.mkdir()
     for f in src.iterdir():
-        if f.name in ("model.onnx.data",):
+        if f.name.endswith(".onnx.data"):
             os.link(f, dst / f.name) if f.stat().st_dev == dst.stat().st_dev else shutil.copy(f, dst / f.name)
         elif f.is_file():
             shutil.copy(f, dst / f.name)
@@ -319,12 +319,13 @@ class TestModelFolder:
         elif case == "weights-outside":
             import onnx
 
-            graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-            for tensor in graph.graph.initializer:
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = "../secret"
-            onnx.save(graph, str(folder / "model.onnx"))
+            for file in folder.glob("*.onnx"):  # the int8 graph too, where the folder was pulled with one
+                graph = onnx.load(str(file), load_external_data=False)
+                for tensor in graph.graph.initializer:
+                    for entry in tensor.external_data:
+                        if entry.key == "location":
+                            entry.value = "../secret"
+                onnx.save(graph, str(file))
         else:
             self.edit_config(folder, lambda c: c["model"].update(eos_token_id="</s>"))
         before = tree(tmp_path)
