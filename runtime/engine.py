@@ -54,6 +54,7 @@ from typing import Callable
 
 import numpy as np
 
+from attar.runtime import attention
 from attar.runtime.modeldir import ExportDir, edited_session, keep_last_positions
 
 GROW = 1024  # cache capacity grows in steps of this many tokens (doubling beyond)
@@ -144,7 +145,8 @@ class Engine:
 
     def __init__(self, model: ExportDir, threads: int | None = None,
                  extra_inputs: dict[str, np.ndarray] | None = None, max_rows: int = 8, int8: bool = True,
-                 speculate: bool = False, prefill_chunk: int = PREFILL_CHUNK, kv_budget: int | None = None):
+                 speculate: bool = False, prefill_chunk: int = PREFILL_CHUNK, kv_budget: int | None = None,
+                 kernel: bool | None = None):
         """`int8`: run the folder's int8 graph where it has one (`attar pull --int8`): the same
         decoder with its projections on the CPU's integer matrix units. One graph for every step,
         so a request's tokens never depend on what else is in the batch. `speculate`: let a lone
@@ -154,7 +156,9 @@ class Engine:
         `kv_budget`: the most bytes the KV pool may take (default: half the machine's memory); with
         `max_rows` rows it bounds each row's context (`self.context`), below the model's where it
         must: a longer conversation is refused as ContextFull, which an agent meets by leaving out
-        its oldest observations."""
+        its oldest observations. `kernel`: run attention on attar's kernel (`attention.py`: each KV
+        head read once per step, not once per query head); None: when it is built (`attar kernel
+        build`), True: it must be."""
         if prefill_chunk < 4:
             raise ValueError("prefill_chunk must be at least 4 tokens")
         import onnxruntime as ort
@@ -164,10 +168,18 @@ class Engine:
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         options.log_severity_level = 3
         self.graph = model.graph(int8)
-        # Speculating, the LM head of attar's graphs sees the last LOOKAHEAD + 1 positions (the
-        # file keeps one, genai's contract); a graph whose logits still keep one cannot check a guess.
-        self.session = edited_session(self.graph, lambda graph: keep_last_positions(graph, LOOKAHEAD + 1), options) \
-            if speculate else ort.InferenceSession(str(self.graph), options)
+        registered = attention.register(options, kernel)
+
+        def edit(graph) -> bool:
+            # Speculating, the LM head of attar's graphs sees the last LOOKAHEAD + 1 positions (the file
+            # keeps one, genai's contract); a graph whose logits still keep one cannot check a guess.
+            kept = speculate and keep_last_positions(graph, LOOKAHEAD + 1)
+            self.kernel = registered and attention.use_kernel(graph)
+            return kept or self.kernel
+
+        self.session = edited_session(self.graph, edit, options)
+        if kernel and not self.kernel:
+            raise attention.KernelError(f"{self.graph} has attention the kernel does not compute")
         logits = next(o for o in self.session.get_outputs() if o.name == self.shape.names["logits"])
         self.speculate = speculate and logits.shape[1] != 1
         self.guessed = self.agreed = 0  # guessed tokens checked, and those the model agreed with

@@ -156,7 +156,7 @@ class EngineBackend(Backend):
     take beside others."""
 
     def __init__(self, model: str | os.PathLike | ExportDir, adapter: str | None = None, threads: int | None = None,
-                 max_rows: int = 8, int8: bool = True, speculate: bool = False):
+                 max_rows: int = 8, int8: bool = True, speculate: bool = False, kernel: bool | None = None):
         folder = model if isinstance(model, ExportDir) else ExportDir.open(model)
         self.adapter = folder.choose_adapter(adapter)
         self.name = f"{folder.name}+{self.adapter}" if self.adapter else folder.name
@@ -168,7 +168,7 @@ class EngineBackend(Backend):
             raise ModelError(f"{tokenizer_file}: cannot read the tokenizer: {str(exc)[:200]}") from None
         extra = folder.adapter_params(self.adapter) if self.adapter else {}
         self.engine = _load(folder, lambda: Engine(folder, threads=threads, extra_inputs=extra, max_rows=max_rows,
-                                                      int8=int8, speculate=speculate), folder.graph(int8))
+                                                      int8=int8, speculate=speculate, kernel=kernel), folder.graph(int8))
         self.eos = folder.eos  # the engine bounds the context itself
 
     def encode(self, messages: list[Message], prefix: str = "") -> list[int]:

@@ -17,6 +17,7 @@ from attar.runtime import prompts
 from attar.runtime.engine import Request
 from attar.runtime.gguf_import import whole_sequence_feeds
 from attar.runtime.llm import EngineBackend
+from attar.runtime import attention
 from attar.runtime.modeldir import ExportDir, edited_session, keep_last_positions
 from attar.runtime.retrieval import web_search_tool
 from attar.runtime.tools import describe, final_answer
@@ -53,9 +54,11 @@ class OnnxScorer:
 
     name = "export (onnxruntime)"
 
-    def __init__(self, model: ExportDir, adapter: str | None = None, graph: Path | None = None):
+    def __init__(self, model: ExportDir, adapter: str | None = None, graph: Path | None = None,
+                 kernel: bool | None = None):
         """`adapter`: which of the export's LoRA adapters to feed (None: its default one;
-        "base": none). `graph`: another decoder graph of the folder (default: its decoder)."""
+        "base": none). `graph`: another decoder graph of the folder (default: its decoder).
+        `kernel`: attention on attar's kernel (None: where built, as the engine runs it)."""
         import onnxruntime as ort
 
         chosen = model.choose_adapter(adapter)
@@ -63,8 +66,15 @@ class OnnxScorer:
         self.layers, self.kv_heads, self.head = model.layers, model.kv_heads, model.head
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        # attar's exports compute logits for the last position only; scoring needs every position.
-        self.session = edited_session(graph or model.decoder, lambda m: keep_last_positions(m, None), options)
+        registered = attention.register(options, kernel)
+
+        def edit(m) -> bool:
+            # attar's exports compute logits for the last position only; scoring needs every position.
+            kept = keep_last_positions(m, None)
+            self.kernel = registered and attention.use_kernel(m)
+            return kept or self.kernel
+
+        self.session = edited_session(graph or model.decoder, edit, options)
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def logits(self, sequences, progress=lambda i, n: None, positions=None):
@@ -98,12 +108,12 @@ def _nll(logits: np.ndarray, ids: list[int]) -> float:
 
 
 def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None] = lambda m: None,
-                  questions: int | None = None) -> dict:
+                  questions: int | None = None, kernel: bool | None = None) -> dict:
     """Score the first `questions` agent prompts + the export's greedy continuations, and
     HELD_OUT, with both. Only the positions compared are kept (a Qwen vocabulary makes every
-    kept position 0.6 MB)."""
+    kept position 0.6 MB). `kernel`: attention on attar's kernel (None: where it is built)."""
     folder = ExportDir.open(model_dir)
-    backend = EngineBackend(folder, int8=False)  # the exact graph's own continuations
+    backend = EngineBackend(folder, int8=False, kernel=kernel)  # the exact graph's own continuations
     tools = (web_search_tool(index=None), final_answer)  # described, never called
     system = prompts.system("\n".join(describe(t) for t in tools))
     prompts_ids = [backend.encode([{"role": "system", "content": system}, {"role": "user", "content": q}])
@@ -121,7 +131,8 @@ def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None]
         return report
 
     spans = [slice(len(p) - 1, len(p) - 1 + len(c)) for p, c in zip(prompts_ids, continuations)] + [slice(None)]
-    export = OnnxScorer(folder).logits(sequences, progress("the export"), positions=spans)
+    scorer = OnnxScorer(folder, kernel=kernel)
+    export = scorer.logits(sequences, progress("the export"), positions=spans)
     source = reference.logits(sequences, progress(reference.name), positions=spans)
     agree = total = exact = 0
     for cont, s in zip(continuations, source):
@@ -131,6 +142,7 @@ def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None]
     agreement = agree / max(total, 1)
     report = {
         "reference": reference.name,
+        "attention": "attar kernel" if scorer.kernel else "onnxruntime",
         "prompts": len(prompts_ids),
         "top1_agreement": round(agreement, 4),
         "greedy_exact_match": round(exact / max(len(prompts_ids), 1), 4),
@@ -143,7 +155,7 @@ def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None]
     }
     if folder.int8_decoder is not None:
         del export
-        many = OnnxScorer(folder, graph=folder.int8_decoder).logits(sequences, progress("the int8 graph"),
+        many = OnnxScorer(folder, graph=folder.int8_decoder, kernel=kernel).logits(sequences, progress("the int8 graph"),
                                                                          positions=spans)
         picks = np.concatenate([m.argmax(-1) for m in many[:-1]] or [np.zeros(0)])
         wanted = np.concatenate([s.argmax(-1) for s in source[:-1]] or [np.zeros(0)])

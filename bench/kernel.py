@@ -1,0 +1,81 @@
+"""attar's attention kernel beside onnxruntime's GroupQueryAttention, in one run: what each path
+costs (a decode step of R rows over real cache contents, a prefill) and how exactly each answers
+(the parity check against the GGUF, per graph and per attention). One JSON line a figure.
+
+    python bench/kernel.py [--model qwen2.5-coder-0.5b | FOLDER] [--rows 1,8,16] [--past 600,1500] [--no-parity]
+
+Needs the kernel built (`attar kernel build`); a catalog model is pulled with its int8 graph."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from int8 import prefill_ms, timed_ms  # noqa: E402
+
+from attar.runtime import attention  # noqa: E402
+from attar.runtime.engine import Engine  # noqa: E402
+from attar.runtime.modeldir import ExportDir  # noqa: E402
+from attar.runtime.models import CATALOG, gguf_path, pull  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", default="1,8,16")
+    parser.add_argument("--past", default="600,1500", help="tokens in each row's cache")
+    parser.add_argument("--no-parity", action="store_true")
+    args = parser.parse_args()
+    if attention.library() is None:
+        raise SystemExit("the kernel is not built: attar kernel build")
+    folder = ExportDir.open(args.model if Path(args.model).is_dir() else pull(args.model, int8=True))
+    rows, pasts = [int(r) for r in args.rows.split(",")], [int(p) for p in args.past.split(",")]
+    graphs = [("exact", False)] + ([("int8", True)] if folder.int8_decoder is not None else [])
+    for graph, int8 in graphs:
+        ms: dict[bool, dict] = {}
+        for kernel in (False, True):
+            engine = Engine(folder, threads=args.threads, max_rows=max(rows), int8=int8, kernel=kernel)
+            ms[kernel] = {(r, p): statistics.median(timed_ms(engine, np.full((r, 1), 100, dtype=np.int64), p, 7)[1:])
+                          for p in pasts for r in rows}
+            ms[kernel]["prefill"] = prefill_ms(engine, 512)
+            del engine
+        for p in pasts:
+            for r in rows:
+                emit(figure="decode step ms", model=folder.name, graph=graph, rows=r, past=p,
+                     onnxruntime_ms=round(ms[False][r, p], 1), kernel_ms=round(ms[True][r, p], 1),
+                     speedup=round(ms[False][r, p] / ms[True][r, p], 2))
+            if {1, 8} <= set(rows):
+                emit(figure="decode step of 8 rows vs 1", model=folder.name, graph=graph, past=p,
+                     onnxruntime=round(ms[False][8, p] / ms[False][1, p], 2), kernel=round(ms[True][8, p] / ms[True][1, p], 2),
+                     kernel_8_rows_vs_onnxruntime_1_row=round(ms[True][8, p] / ms[False][1, p], 2), goal=1.3)
+        emit(figure="prefill ms, 512 tokens", model=folder.name, graph=graph, onnxruntime_ms=round(ms[False]["prefill"]),
+             kernel_ms=round(ms[True]["prefill"]), speedup=round(ms[False]["prefill"] / ms[True]["prefill"], 2))
+    if args.no_parity or folder.name not in CATALOG:
+        return
+    from attar.runtime.parity import parity_report
+    from attar.runtime.reference import GGUFScorer
+
+    reference = GGUFScorer(gguf_path(folder.name))
+    for kernel in (False, True):
+        report = parity_report(reference, folder.path, kernel=kernel)
+        for graph, part in (("exact", report), ("int8", report.get("int8"))):
+            if part:
+                emit(figure="parity against the GGUF", model=folder.name, graph=graph, attention=report["attention"],
+                     top1=part["top1_agreement"], held_out_top1=part["held_out_top1_agreement"],
+                     max_abs_logit_diff=part["max_abs_logit_diff"], perplexity=part["perplexity_export"],
+                     perplexity_gguf=report["perplexity_source"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+// attar's attention kernel: onnxruntime's GroupQueryAttention contract (com.microsoft), computed
+// so that each row's cached keys and values are read once per KV head, not once per query head.
+//
+// Why: onnxruntime's CPU GroupQueryAttention runs one GEMV per query head, so the 1.5B teacher
+// (6 query heads per KV head) reads its whole KV cache six times a step, at a third of what the
+// memory delivers; at 16 rows and 1,500 cached tokens attention was a third of a decode step.
+// Here one work item is (row, KV head, up to TILE query tokens): its query heads' vectors go
+// through the keys together, one block of KEYS keys at a time (an online softmax), so each key
+// and value is loaded once and reused from L1 by every query head of its group.
+//
+// The contract kept, for the graphs attar exports: a packed QKV input (or separate Q, K, V),
+// past and present KV of shape (rows, KV heads, capacity, head) that may be one buffer (the
+// engine binds them so: the new keys are written in place), seqlens_k (each row's length - 1),
+// total_sequence_length, and the rotary embedding (do_rotary) from cos/sin
+// caches, interleaved or not. Attributes beyond those (local_window_size, softcap, smooth
+// softmax) are refused at load, so a graph that needs them fails loudly instead of computing
+// something else.
+//
+// Results do not depend on the batch: a query's keys are visited in blocks aligned at absolute
+// positions, in the same order, whatever other rows and tokens share the call, and every product
+// is an explicit fma (built with -ffp-contract=off, so vectorized and scalar code round alike):
+// a row's output is the same, bit for bit, alone or in a batch, and a token's in a step of any
+// width, one token included.
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int TILE = 16;   // query tokens per work item (prefill); a decode step has one
+
+const OrtApi* g_api = nullptr;
+
+void check(OrtStatus* status) {
+  if (status != nullptr) {
+    std::string message = g_api->GetErrorMessage(status);
+    g_api->ReleaseStatus(status);
+    throw Ort::Exception(std::move(message), ORT_FAIL);
+  }
+}
+
+// The rotary embedding of one head vector: pairs of dims turn by the angle of this position, the
+// pairs (d, d + half) ("rotate half", Qwen's GGUFs) or (2d, 2d + 1) (interleaved, llama's GGUFs);
+// dims past 2 * half pass through.
+inline void rotate(const float* x, float* out, const float* cos, const float* sin, int half, int head, bool interleaved) {
+  const int stride = interleaved ? 2 : 1, partner = interleaved ? 1 : half;
+  for (int d = 0; d < half; ++d) {
+    const int i = d * stride;
+    out[i] = x[i] * cos[d] - x[i + partner] * sin[d];
+    out[i + partner] = x[i + partner] * cos[d] + x[i] * sin[d];
+  }
+  for (int d = 2 * half; d < head; ++d) out[d] = x[d];
+}
+
+struct Call {  // what one Compute shares with its work items
+  int rows, tokens, heads, kv_heads, head, group, capacity, half;
+  bool interleaved;
+  float scale;
+  const float *q, *k, *v;     // the new tokens' projections
+  int64_t q_token, kv_token;  // floats from one token to the next in q and in k/v
+  const float *cos, *sin;     // rotary caches (nullptr: no rotary)
+  float *keys, *values;       // present (rows, kv_heads, capacity, head)
+  const int32_t* lengths;     // seqlens_k: each row's length - 1
+  float* queries;             // scratch: rotated queries (rows, kv_heads, tokens, group, head)
+  float* out;                 // (rows, tokens, heads * head)
+
+  int past(int b) const { return std::max(0, lengths[b] + 1 - tokens); }
+  int valid(int b) const { return std::min(tokens, lengths[b] + 1); }  // the rest is right padding
+};
+
+// Stage 1, per (row, KV head): rotate the group's query heads into scratch; rotate the new keys
+// and write them and the new values into the cache at the row's positions.
+void place(void* data, size_t item) {
+  const Call& c = *static_cast<const Call*>(data);
+  const int b = static_cast<int>(item) / c.kv_heads, g = static_cast<int>(item) % c.kv_heads;
+  const int past = c.past(b), valid = c.valid(b);
+  for (int i = 0; i < valid; ++i) {
+    const int pos = past + i;
+    const float* cos = c.cos ? c.cos + static_cast<int64_t>(pos) * c.half : nullptr;
+    const float* sin = c.sin ? c.sin + static_cast<int64_t>(pos) * c.half : nullptr;
+    const int64_t token = static_cast<int64_t>(b) * c.tokens + i;
+    for (int h = 0; h < c.group; ++h) {
+      const float* x = c.q + token * c.q_token + static_cast<int64_t>(g * c.group + h) * c.head;
+      float* dst = c.queries + ((((static_cast<int64_t>(b) * c.kv_heads + g) * c.tokens + i) * c.group + h) * c.head);
+      if (cos) rotate(x, dst, cos, sin, c.half, c.head, c.interleaved); else std::memcpy(dst, x, sizeof(float) * c.head);
+    }
+    const int64_t slot = ((static_cast<int64_t>(b) * c.kv_heads + g) * c.capacity + pos) * c.head;
+    const float* k = c.k + token * c.kv_token + static_cast<int64_t>(g) * c.head;
+    if (cos) rotate(k, c.keys + slot, cos, sin, c.half, c.head, c.interleaved); else std::memcpy(c.keys + slot, k, sizeof(float) * c.head);
+    std::memcpy(c.values + slot, c.v + token * c.kv_token + static_cast<int64_t>(g) * c.head, sizeof(float) * c.head);
+  }
+}
+
+// Sixteen floats as one value: GCC/Clang vector extensions compile to one AVX-512 register, two
+// AVX2 ones or four SSE ones, so the kernel is portable C++ that still vectorizes everywhere.
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+constexpr i16 LANES = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+inline v16 load(const float* p) {
+  v16 x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+
+inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
+
+// exp(x) for x <= 0 (scores minus their maximum), lane by lane: 2^n by the exponent bits, e^r on
+// |r| <= ln2/2 by its Taylor series to degree 7 (relative error under 1e-7, as good as the float
+// scores it is applied to). The rounding adds and removes 1.5 * 2^23, which leaves x * log2(e)
+// rounded to the nearest integer in float arithmetic.
+inline v16 exp_nonpositive(v16 x) {
+  x = x < -87.0f ? v16{} - 87.0f : x;
+  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const v16 r = x - n * 0.693147180559945309f;
+  v16 p = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
+  return p * (v16)bits;  // the bits as floats: 2^n
+}
+
+// The largest and the sum of the 16 lanes, always in the same order (a halving tree).
+inline float max_lanes(v16 x) {
+  x = x > __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}) ? x : __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  x = x > __builtin_shuffle(x, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}) ? x : __builtin_shuffle(x, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  x = x > __builtin_shuffle(x, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}) ? x : __builtin_shuffle(x, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  return std::max(x[0], x[1]);
+}
+
+inline float add_lanes(v16 x) {
+  x += __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  x += __builtin_shuffle(x, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  x += __builtin_shuffle(x, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  return x[0] + x[1];
+}
+
+// Lane k of the result is the sum of the 16 lanes of a[k]: a transpose-and-add tree, 15 vector
+// additions for 16 dot products instead of a horizontal sum each.
+inline v16 sum_lanes(v16 a[16]) {
+  v16 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: a[2i] folded in half, lanes 8-15: a[2i+1]
+    b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], i16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+           __builtin_shuffle(a[2 * i], a[2 * i + 1], i16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  for (int i = 0; i < 4; ++i)  // lanes 4m..4m+3: a[4i + m] folded to 4
+    c[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1], i16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}) +
+           __builtin_shuffle(b[2 * i], b[2 * i + 1], i16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  for (int i = 0; i < 2; ++i)  // lanes 2m, 2m+1: a[8i + perm(m)] folded to 2
+    d[i] = __builtin_shuffle(c[2 * i], c[2 * i + 1], i16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}) +
+           __builtin_shuffle(c[2 * i], c[2 * i + 1], i16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  const v16 e = __builtin_shuffle(d[0], d[1], i16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}) +
+                __builtin_shuffle(d[0], d[1], i16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  // Lane l of e holds a[k] for the k that the folds above sent there; put each a[k] in lane k.
+  return __builtin_shuffle(e, i16{0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15});
+}
+
+// The 16 dot products of query x with the 16 keys (rows of `head` floats) starting at k.
+inline v16 dots(const float* x, const float* k, int head) {
+  v16 acc[16] = {};
+  for (int d = 0; d < head; d += 16) {
+    const v16 q = load(x + d);
+    for (int j = 0; j < 16; ++j) acc[j] += q * load(k + static_cast<int64_t>(j) * head + d);
+  }
+  return sum_lanes(acc);
+}
+
+// Stage 2, per (row, KV head, tile of query tokens): attention for the tile's query vectors,
+// 16 keys at a time with an online softmax. Every query vector takes the same path whatever the
+// tile holds, so its result does not depend on the step's width.
+void attend(void* data, size_t item) {
+  const Call& c = *static_cast<const Call*>(data);
+  const int head = c.head, tiles = (c.tokens + TILE - 1) / TILE;
+  const int b = static_cast<int>(item / (static_cast<size_t>(c.kv_heads) * tiles));
+  const int g = static_cast<int>(item / tiles % c.kv_heads), t = static_cast<int>(item % tiles);
+  const int past = c.past(b), first = t * TILE, last = std::min(c.valid(b), first + TILE);
+  if (first >= last) return;
+  const int n = (last - first) * c.group;  // query vectors: (token, query head)
+  const float* q = c.queries + ((static_cast<int64_t>(b) * c.kv_heads + g) * c.tokens + first) * c.group * head;
+  const int64_t base = (static_cast<int64_t>(b) * c.kv_heads + g) * c.capacity * head;
+
+  std::vector<float> acc(static_cast<size_t>(n) * head, 0.0f), top(n, -INFINITY), sum(n, 0.0f);
+  std::vector<float> padded(16 * static_cast<size_t>(head));
+  const int seen = past + last;  // keys the tile's last token sees
+  for (int j0 = 0; j0 < seen; j0 += 16) {
+    const int width = std::min(16, seen - j0);
+    const float* keys = c.keys + base + static_cast<int64_t>(j0) * head;
+    const float* values = c.values + base + static_cast<int64_t>(j0) * head;
+    if (width < 16) {  // the last block: never read past the cache, zeros in the unused lanes
+      std::fill(padded.begin(), padded.end(), 0.0f);
+      std::memcpy(padded.data(), keys, sizeof(float) * width * head);
+      keys = padded.data();
+    }
+    for (int r = 0; r < n; ++r) {
+      const int sees = std::min(width, past + first + r / c.group + 1 - j0);  // causal
+      if (sees <= 0) continue;
+      const v16 x = dots(q + static_cast<int64_t>(r) * head, keys, head) * c.scale;
+      const i16 live = LANES < sees;
+      const float high = std::max(top[r], max_lanes(live ? x : v16{} - INFINITY));
+      const float shrink = exp_nonpositive(v16{} + (top[r] - high))[0];  // ~0 for the first block (top = -inf)
+      const v16 p = live ? exp_nonpositive(x - high) : v16{};
+      float s[16];
+      store(s, p);
+      sum[r] = sum[r] * shrink + add_lanes(p);
+      top[r] = high;
+      float* a = &acc[static_cast<size_t>(r) * head];
+      for (int d = 0; d < head; d += 16) {
+        v16 x = load(a + d) * shrink;
+        for (int j = 0; j < sees; ++j) x += s[j] * load(values + static_cast<int64_t>(j) * head + d);
+        store(a + d, x);
+      }
+    }
+  }
+  for (int r = 0; r < n; ++r) {
+    const int token = first + r / c.group, h = g * c.group + r % c.group;
+    float* o = c.out + (static_cast<int64_t>(b) * c.tokens + token) * c.heads * head + static_cast<int64_t>(h) * head;
+    const float inv = 1.0f / sum[r];
+    for (int d = 0; d < head; ++d) o[d] = acc[static_cast<size_t>(r) * head + d] * inv;
+  }
+}
+
+int64_t attribute(const OrtKernelInfo* info, const char* name, int64_t otherwise) {
+  int64_t value = 0;
+  OrtStatus* status = g_api->KernelInfoGetAttribute_int64(info, name, &value);
+  if (status != nullptr) {  // absent
+    g_api->ReleaseStatus(status);
+    return otherwise;
+  }
+  return value;
+}
+
+float attribute(const OrtKernelInfo* info, const char* name, float otherwise) {
+  float value = 0.0f;
+  OrtStatus* status = g_api->KernelInfoGetAttribute_float(info, name, &value);
+  if (status != nullptr) {
+    g_api->ReleaseStatus(status);
+    return otherwise;
+  }
+  return value;
+}
+
+std::vector<int64_t> dims(const OrtValue* value) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(g_api->GetTensorTypeAndShape(value, &info));
+  size_t count = 0;
+  check(g_api->GetDimensionsCount(info, &count));
+  std::vector<int64_t> shape(count);
+  check(g_api->GetDimensions(info, shape.data(), count));
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  return shape;
+}
+
+const OrtValue* input(OrtKernelContext* context, size_t i) {
+  const OrtValue* value = nullptr;
+  check(g_api->KernelContext_GetInput(context, i, &value));
+  return value;
+}
+
+template <typename T>
+T* data(const OrtValue* value) {
+  void* p = nullptr;
+  check(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &p));
+  return static_cast<T*>(p);
+}
+
+void fail(const std::string& message) { throw Ort::Exception("attar attention: " + message, ORT_INVALID_ARGUMENT); }
+
+struct Kernel {
+  int heads, kv_heads, rotary;
+  bool interleaved;
+  float scale;
+
+  explicit Kernel(const OrtKernelInfo* info)
+      : heads(static_cast<int>(attribute(info, "num_heads", int64_t{0}))),
+        kv_heads(static_cast<int>(attribute(info, "kv_num_heads", int64_t{0}))),
+        rotary(static_cast<int>(attribute(info, "do_rotary", int64_t{0}))),
+        interleaved(attribute(info, "rotary_interleaved", int64_t{0}) != 0),
+        scale(attribute(info, "scale", 0.0f)) {
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0) fail("num_heads must be a positive multiple of kv_num_heads");
+    if (attribute(info, "local_window_size", int64_t{-1}) != -1) fail("a local window is not supported");
+    if (attribute(info, "softcap", 0.0f) != 0.0f) fail("softcap is not supported");
+    if (attribute(info, "smooth_softmax", int64_t{0}) != 0) fail("smooth softmax is not supported");
+  }
+
+  void Compute(OrtKernelContext* context) {
+    const OrtValue* query = input(context, 0);
+    const OrtValue* key = input(context, 1);
+    const OrtValue* value = input(context, 2);
+    const OrtValue* past_key = input(context, 3);
+    const OrtValue* past_value = input(context, 4);
+    const OrtValue* seqlens = input(context, 5);
+    const OrtValue* total = input(context, 6);
+    const OrtValue* cos = input(context, 7);
+    const OrtValue* sin = input(context, 8);
+    if (!past_key || !past_value) fail("past_key and past_value are required");
+    if ((key == nullptr) != (value == nullptr)) fail("key and value go together");
+
+    Call c{};
+    const std::vector<int64_t> qs = dims(query), ps = dims(past_key);
+    if (qs.size() != 3 || ps.size() != 4 || dims(past_value) != ps) fail("query must be 3-d, past key and value 4-d and alike");
+    c.rows = static_cast<int>(qs[0]);
+    c.tokens = static_cast<int>(qs[1]);
+    c.heads = heads;
+    c.kv_heads = kv_heads;
+    c.group = heads / kv_heads;
+    c.head = static_cast<int>(ps[3]);
+    if (ps[0] != c.rows || ps[1] != kv_heads) fail("past shape does not match the query");
+    if (c.head <= 0 || c.head % 16 != 0) fail("the head size must be a multiple of 16");
+    const float* q = data<float>(query);
+    if (key == nullptr) {  // packed: Q heads, then K heads, then V heads, per token
+      if (qs[2] != static_cast<int64_t>(heads + 2 * kv_heads) * c.head) fail("packed query width mismatch");
+      c.q = q;
+      c.k = q + static_cast<int64_t>(heads) * c.head;
+      c.v = c.k + static_cast<int64_t>(kv_heads) * c.head;
+      c.q_token = c.kv_token = qs[2];
+    } else {
+      if (qs[2] != static_cast<int64_t>(heads) * c.head || dims(key) != dims(value) ||
+          dims(key) != std::vector<int64_t>{qs[0], qs[1], static_cast<int64_t>(kv_heads) * c.head})
+        fail("query, key and value widths mismatch");
+      c.q = q;
+      c.k = data<float>(key);
+      c.v = data<float>(value);
+      c.q_token = qs[2];
+      c.kv_token = static_cast<int64_t>(kv_heads) * c.head;
+    }
+    if (dims(seqlens) != std::vector<int64_t>{qs[0]}) fail("seqlens_k must hold one length a row");
+    c.lengths = data<int32_t>(seqlens);
+    int64_t count = 1;
+    for (int64_t d : dims(total)) count *= d;
+    if (count != 1) fail("total_sequence_length must be one number");
+    const int total_length = data<int32_t>(total)[0];
+    int longest = 0;
+    for (int b = 0; b < c.rows; ++b) {  // lengths come from the caller: nothing is read or written past a buffer
+      if (c.lengths[b] < 0 || c.lengths[b] + 1 > total_length) fail("a row's length is out of range");
+      if (c.past(b) > ps[2]) fail("a row's cached length exceeds the past buffer");
+      longest = std::max(longest, c.lengths[b] + 1);
+    }
+    c.capacity = static_cast<int>(std::max<int64_t>(ps[2], total_length));
+    c.scale = scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(c.head));
+    if (rotary) {
+      if (!cos || !sin) fail("do_rotary needs cos_cache and sin_cache");
+      const std::vector<int64_t> cs = dims(cos);
+      if (cs.size() != 2 || dims(sin) != cs || 2 * cs[1] > c.head || cs[0] < longest) fail("rotary caches too small");
+      c.half = static_cast<int>(cs[1]);
+      c.interleaved = interleaved;
+      c.cos = data<float>(cos);
+      c.sin = data<float>(sin);
+    }
+
+    const int64_t out_shape[3] = {qs[0], qs[1], static_cast<int64_t>(heads) * c.head};
+    const int64_t kv_shape[4] = {ps[0], ps[1], c.capacity, ps[3]};
+    OrtValue *out = nullptr, *present_key = nullptr, *present_value = nullptr;
+    check(g_api->KernelContext_GetOutput(context, 0, out_shape, 3, &out));
+    check(g_api->KernelContext_GetOutput(context, 1, kv_shape, 4, &present_key));
+    check(g_api->KernelContext_GetOutput(context, 2, kv_shape, 4, &present_value));
+    c.out = data<float>(out);
+    c.keys = data<float>(present_key);
+    c.values = data<float>(present_value);
+    // Not the engine's shared buffer: the present starts as a copy of each row's past.
+    const float* pk = data<float>(past_key);
+    const float* pv = data<float>(past_value);
+    for (int b = 0; b < c.rows; ++b) {
+      const int past = c.past(b);
+      for (int g = 0; g < kv_heads; ++g) {
+        const int64_t from = (static_cast<int64_t>(b) * kv_heads + g) * ps[2] * c.head;
+        const int64_t to = (static_cast<int64_t>(b) * kv_heads + g) * c.capacity * c.head;
+        if (c.keys + to != pk + from) std::memmove(c.keys + to, pk + from, sizeof(float) * past * c.head);
+        if (c.values + to != pv + from) std::memmove(c.values + to, pv + from, sizeof(float) * past * c.head);
+      }
+    }
+    // Right padding of a batched first prompt gets zeros, as onnxruntime's kernel leaves it.
+    std::memset(c.out, 0, sizeof(float) * c.rows * c.tokens * heads * c.head);
+
+    std::vector<float> queries(static_cast<size_t>(c.rows) * c.tokens * heads * c.head);
+    c.queries = queries.data();
+    const size_t tiles = (c.tokens + TILE - 1) / TILE;
+    check(g_api->KernelContext_ParallelFor(context, place, static_cast<size_t>(c.rows) * kv_heads, 0, &c));
+    check(g_api->KernelContext_ParallelFor(context, attend, static_cast<size_t>(c.rows) * kv_heads * tiles, 0, &c));
+  }
+};
+
+struct Op : Ort::CustomOpBase<Op, Kernel> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new Kernel(info); }
+  const char* GetName() const { return "GroupQueryAttention"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 9; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 5 || i == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 1 || i == 2 || i == 7 || i == 8 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+// onnxruntime calls this when a session registers the library; every session shares one domain.
+extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  static std::once_flag once;
+  static Op op;
+  static Ort::CustomOpDomain* domain = nullptr;
+  try {
+    std::call_once(once, [&] {
+      g_api = api_base->GetApi(ORT_API_VERSION);
+      Ort::InitApi(g_api);
+      domain = new Ort::CustomOpDomain("attar");
+      domain->Add(&op);
+    });
+    return g_api->AddCustomOpDomain(options, *domain);
+  } catch (const std::exception& e) {
+    return g_api ? g_api->CreateStatus(ORT_FAIL, e.what()) : nullptr;
+  }
+}

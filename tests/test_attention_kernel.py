@@ -1,0 +1,188 @@
+"""attar's attention kernel (`runtime/attention.cc`) against onnxruntime's own GroupQueryAttention on
+the same inputs, the invariants the engine rests on (a row does not depend on its batch, a token
+not on the width of its step), what it refuses, and the engine and `attar kernel build` using it.
+
+The kernel is built once for the session (it fetches onnxruntime's headers from Debian unless
+built already); only a machine with no C++ compiler skips these tests."""
+
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper
+
+from attar.runtime import attention
+
+MAX_POS = 512
+
+
+@pytest.fixture(scope="module")
+def library():
+    if attention._compiler() is None:
+        pytest.skip("no C++ compiler")
+    return attention.build(log=lambda m: None)
+
+
+def gqa_model(domain: str, heads: int, kv: int, head: int, packed: bool = True, rotary: int = 1, **extra) -> bytes:
+    qkv = ["query", "", ""] if packed else ["query", "key", "value"]
+    node = helper.make_node("GroupQueryAttention", qkv + ["past_key", "past_value", "seqlens_k", "total", "cos", "sin"],
+                            ["out", "present_key", "present_value"], domain=domain, num_heads=heads, kv_num_heads=kv,
+                            do_rotary=rotary, scale=head ** -0.5, **extra)
+    width = (heads + 2 * kv) * head if packed else heads * head
+    inputs = [helper.make_tensor_value_info("query", T.FLOAT, ["b", "s", width])]
+    if not packed:
+        inputs += [helper.make_tensor_value_info(n, T.FLOAT, ["b", "s", kv * head]) for n in ("key", "value")]
+    inputs += [helper.make_tensor_value_info(n, T.FLOAT, ["b", kv, "c", head]) for n in ("past_key", "past_value")]
+    inputs += [helper.make_tensor_value_info("seqlens_k", T.INT32, ["b"]), helper.make_tensor_value_info("total", T.INT32, []),
+               helper.make_tensor_value_info("cos", T.FLOAT, [MAX_POS, head // 2]),
+               helper.make_tensor_value_info("sin", T.FLOAT, [MAX_POS, head // 2])]
+    outputs = [helper.make_tensor_value_info("out", T.FLOAT, None),
+               helper.make_tensor_value_info("present_key", T.FLOAT, None),
+               helper.make_tensor_value_info("present_value", T.FLOAT, None)]
+    graph = helper.make_graph([node], "attention", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)]).SerializeToString()
+
+
+def run(library, domain, heads, kv, head, past, new, capacity=None, shared=True, packed=True, rotary=1, seed=0, feeds=None,
+        **extra):
+    """One call on rows whose caches hold `past[b]` tokens, `new` tokens each; (out, keys, values).
+    Shared: past and present are one buffer, as the engine binds them."""
+    rows, capacity = len(past), capacity or max(past) + new + 5
+    rng = np.random.default_rng(seed)
+    if feeds is None:
+        angle = np.arange(MAX_POS)[:, None] / 10000 ** (np.arange(head // 2) / (head // 2))
+        feeds = {"cos": np.cos(angle).astype(np.float32), "sin": np.sin(angle).astype(np.float32),
+                 "query": rng.standard_normal((rows, new, ((heads + 2 * kv) if packed else heads) * head), dtype=np.float32)}
+        if not packed:
+            feeds |= {n: rng.standard_normal((rows, new, kv * head), dtype=np.float32) for n in ("key", "value")}
+        feeds |= {n: rng.standard_normal((rows, kv, capacity, head), dtype=np.float32) for n in ("past_key", "past_value")}
+    feeds = {k: v.copy() for k, v in feeds.items()}
+    feeds["seqlens_k"] = np.array([p + new - 1 for p in past], np.int32)
+    feeds["total"] = np.array(max(past) + new, np.int32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if domain == "attar":
+        options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(gqa_model(domain, heads, kv, head, packed, rotary, **extra), options, providers=["CPUExecutionProvider"])
+    io = session.io_binding()
+    for name, value in feeds.items():
+        if name.startswith("past_"):
+            buffer = ort.OrtValue.ortvalue_from_numpy(value)
+            io.bind_ortvalue_input(name, buffer)
+            io.bind_ortvalue_output(name.replace("past", "present"), buffer) if shared else io.bind_output(name.replace("past", "present"))
+        else:
+            io.bind_cpu_input(name, value)
+    io.bind_output("out")
+    session.run_with_iobinding(io)
+    if shared:
+        return io.get_outputs()[-1].numpy(), feeds["past_key"], feeds["past_value"]
+    present_key, present_value, out = (v.numpy() for v in io.get_outputs())
+    return out, present_key, present_value
+
+
+CASES = {  # heads, kv heads, head size, each row's cached tokens, new tokens a row
+    "decode, 0.5B's heads, rows of different lengths": (14, 2, 64, [3, 17, 40, 0], 1),
+    "decode, 1.5B's heads": (12, 2, 128, [100, 1, 63], 1),
+    "a prompt after a cached prefix": (12, 2, 128, [130], 37),
+    "a first prompt longer than a tile": (14, 2, 64, [0], 70),
+    "one query head a KV head": (4, 4, 32, [9], 2),
+    "SmolLM2's heads, a speculating step": (9, 3, 64, [21], 6),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("shared", [True, False], ids=["in place", "copied"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "q-k-v"])
+def test_it_computes_what_onnxruntime_computes(library, case, shared, packed):
+    heads, kv, head, past, new = CASES[case]
+    theirs = run(library, "com.microsoft", heads, kv, head, past, new, shared=shared, packed=packed)
+    ours = run(library, "attar", heads, kv, head, past, new, shared=shared, packed=packed)
+    np.testing.assert_allclose(ours[0], theirs[0], atol=2e-5)
+    for b, p in enumerate(past):  # the cache it leaves, up to each row's length (the rest is not anyone's)
+        for kind in (1, 2):
+            np.testing.assert_allclose(ours[kind][b, :, :p + new], theirs[kind][b, :, :p + new], atol=2e-5)
+    assert np.abs(ours[0]).max() > 0.01  # not an all-zero answer
+
+
+@pytest.mark.parametrize("rotary", [dict(rotary=0), dict(rotary_interleaved=1)], ids=["no rotary", "interleaved"])
+def test_either_rotary_or_none_it_computes_what_onnxruntime_computes(library, rotary):
+    theirs = run(library, "com.microsoft", 9, 3, 64, [5, 30], 1, **rotary)
+    ours = run(library, "attar", 9, 3, 64, [5, 30], 1, **rotary)
+    np.testing.assert_allclose(ours[0], theirs[0], atol=2e-5)
+    np.testing.assert_allclose(ours[1][1, :, :31], theirs[1][1, :, :31], atol=2e-5)
+
+
+def test_a_row_and_a_token_come_out_the_same_bit_for_bit_whatever_else_is_in_the_step(library):
+    heads, kv, head = 12, 2, 128
+    rng = np.random.default_rng(3)
+    angle = np.arange(MAX_POS)[:, None] / 10000 ** (np.arange(head // 2) / (head // 2))
+    base = {"cos": np.cos(angle).astype(np.float32), "sin": np.sin(angle).astype(np.float32)}
+    cache = {n: rng.standard_normal((3, kv, 300, head), dtype=np.float32) for n in ("past_key", "past_value")}
+    tokens = rng.standard_normal((3, 8, (heads + 2 * kv) * head), dtype=np.float32)
+    # A row alone and in a batch of three of other lengths.
+    batch = run(library, "attar", heads, kv, head, [200, 37, 120], 1,
+                feeds=base | {"query": tokens[:, :1]} | cache)[0]
+    alone = run(library, "attar", heads, kv, head, [37], 1,
+                feeds=base | {"query": tokens[1:2, :1]} | {k: v[1:2] for k, v in cache.items()})[0]
+    assert np.array_equal(batch[1], alone[0])
+    # A token in a step of 1, of 2 and of 8 (the first token of each step is the same).
+    first = [run(library, "attar", heads, kv, head, [150], width,
+                 feeds=base | {"query": tokens[:1, :width]} | {k: v[:1] for k, v in cache.items()})[0][0, 0]
+             for width in (1, 2, 8)]
+    assert np.array_equal(first[0], first[1]) and np.array_equal(first[0], first[2])
+
+
+@pytest.mark.parametrize("attribute", [{"local_window_size": 64}, {"softcap": 30.0}, {"smooth_softmax": 1}])
+def test_attention_it_does_not_compute_stays_on_onnxruntime(library, attribute):
+    import onnx
+
+    model = onnx.load_from_string(gqa_model("com.microsoft", 14, 2, 64, **attribute))
+    assert not attention.use_kernel(model)
+    assert model.graph.node[0].domain == "com.microsoft"
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    model.graph.node[0].domain = "attar"  # forced onto the kernel anyway: refused at load, not computed wrong
+    model.opset_import.add(domain="attar", version=1)
+    with pytest.raises(Exception, match="not supported"):
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def test_lengths_out_of_range_are_an_error_not_a_read_past_the_cache(library):
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(gqa_model("attar", 14, 2, 64), options, providers=["CPUExecutionProvider"])
+    angle = np.zeros((MAX_POS, 32), np.float32)
+    feeds = {"query": np.zeros((1, 1, 18 * 64), np.float32), "cos": angle, "sin": angle,
+             "past_key": np.zeros((1, 2, 8, 64), np.float32), "past_value": np.zeros((1, 2, 8, 64), np.float32)}
+    for lengths, total in (([900], 901), ([-5], 1), ([7], 3), ([MAX_POS + 10], MAX_POS + 11)):
+        with pytest.raises(Exception, match="attar attention"):
+            session.run(None, feeds | {"seqlens_k": np.array(lengths, np.int32), "total": np.array(total, np.int32)})
+
+
+def test_the_engine_runs_on_the_kernel_and_answers_as_on_onnxruntimes(library):
+    from attar.runtime.engine import Engine, Request
+    from attar.runtime.llm import EngineBackend
+    from attar.runtime.modeldir import ExportDir
+    from attar.runtime.models import pull
+
+    folder = ExportDir.open(pull("smollm2-135m", log=lambda m: None, check=False))
+    ids = EngineBackend(folder).encode([{"role": "user", "content": "Write Python that prints the squares of 1 to 9."}])
+    ours, theirs = Engine(folder, kernel=True), Engine(folder, kernel=False)
+    assert ours.kernel and not theirs.kernel
+    assert ours.run(Request(ids, 32)).out == theirs.run(Request(ids, 32)).out
+
+
+def test_attar_kernel_build_prints_the_library_and_a_bad_include_folder_is_one_line(library, tmp_path):
+    import subprocess
+
+    attar = shutil.which("attar")
+    done = subprocess.run([attar, "kernel", "build"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == str(library)
+    empty = tmp_path / "include"
+    empty.mkdir()
+    env = {"ATTAR_CACHE": str(tmp_path / "cache"), "PATH": __import__("os").environ["PATH"]}
+    done = subprocess.run([attar, "kernel", "build", "--include", str(empty)], capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"Error: {empty} has no onnxruntime_c_api.h"]
