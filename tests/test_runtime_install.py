@@ -36,6 +36,10 @@ def test_runtime_only_install_pulls_and_chats(tmp_path):
             shutil.copyfile(gguf, cache / "gguf" / gguf.name)
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "ATTAR_CACHE": str(cache), "HOME": str(tmp_path)}
     attar = str(venv / "bin" / "attar")
+    # The attention kernel's source ships with the package and builds for this CPU (the chat below runs on it).
+    kernel = subprocess.run([attar, "kernel", "build"], capture_output=True, text=True, timeout=600, env=env)
+    assert kernel.returncode == 0, kernel.stderr[-3000:]
+    assert Path(kernel.stdout.strip()).parent == cache / "kernels" and Path(kernel.stdout.strip()).is_file()
     pull = subprocess.run([attar, "pull", "default"], capture_output=True, text=True, timeout=900, env=env)
     assert pull.returncode == 0, pull.stderr[-3000:]
     assert "top-1 next-token agreement" in pull.stdout and "GGUF (numpy" in pull.stdout
