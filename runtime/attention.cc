@@ -166,8 +166,12 @@ inline v16 sum_lanes(v16 a[16]) {
   return __builtin_shuffle(e, i16{0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15});
 }
 
-// The 16 dot products of query x with the 16 keys (rows of `head` floats) starting at k.
+// The 16 dot products of query x with the 16 keys (rows of `head` floats) starting at k. HEAD is
+// the head size where it is known when compiled (64, 128: the keys' offsets become constants and
+// no pointer leaves a register), else 0.
+template <int HEAD>
 inline v16 dots(const float* x, const float* k, int head) {
+  if (HEAD) head = HEAD;
   v16 acc[16] = {};
   for (int d = 0; d < head; d += 16) {
     const v16 q = load(x + d);
@@ -179,9 +183,9 @@ inline v16 dots(const float* x, const float* k, int head) {
 // Stage 2, per (row, KV head, tile of query tokens): attention for the tile's query vectors,
 // 16 keys at a time with an online softmax. Every query vector takes the same path whatever the
 // tile holds, so its result does not depend on the step's width.
-void attend(void* data, size_t item) {
-  const Call& c = *static_cast<const Call*>(data);
-  const int head = c.head, tiles = (c.tokens + TILE - 1) / TILE;
+template <int HEAD>
+void attend(const Call& c, size_t item) {
+  const int head = HEAD ? HEAD : c.head, tiles = (c.tokens + TILE - 1) / TILE;
   const int b = static_cast<int>(item / (static_cast<size_t>(c.kv_heads) * tiles));
   const int g = static_cast<int>(item / tiles % c.kv_heads), t = static_cast<int>(item % tiles);
   const int past = c.past(b), first = t * TILE, last = std::min(c.valid(b), first + TILE);
@@ -191,21 +195,23 @@ void attend(void* data, size_t item) {
   const int64_t base = (static_cast<int64_t>(b) * c.kv_heads + g) * c.capacity * head;
 
   std::vector<float> acc(static_cast<size_t>(n) * head, 0.0f), top(n, -INFINITY), sum(n, 0.0f);
-  std::vector<float> padded(16 * static_cast<size_t>(head));
+  std::vector<float> padded(32 * static_cast<size_t>(head));  // a last, partial block: keys, then values
   const int seen = past + last;  // keys the tile's last token sees
   for (int j0 = 0; j0 < seen; j0 += 16) {
     const int width = std::min(16, seen - j0);
     const float* keys = c.keys + base + static_cast<int64_t>(j0) * head;
     const float* values = c.values + base + static_cast<int64_t>(j0) * head;
-    if (width < 16) {  // the last block: never read past the cache, zeros in the unused lanes
+    if (width < 16) {  // the last block: never read past the cache, zeros in the unused rows
       std::fill(padded.begin(), padded.end(), 0.0f);
       std::memcpy(padded.data(), keys, sizeof(float) * width * head);
+      std::memcpy(padded.data() + 16 * head, values, sizeof(float) * width * head);
       keys = padded.data();
+      values = padded.data() + 16 * head;
     }
     for (int r = 0; r < n; ++r) {
       const int sees = std::min(width, past + first + r / c.group + 1 - j0);  // causal
       if (sees <= 0) continue;
-      const v16 x = dots(q + static_cast<int64_t>(r) * head, keys, head) * c.scale;
+      const v16 x = dots<HEAD>(q + static_cast<int64_t>(r) * head, keys, head) * c.scale;
       const i16 live = LANES < sees;
       const float high = std::max(top[r], max_lanes(live ? x : v16{} - INFINITY));
       const float shrink = exp_nonpositive(v16{} + (top[r] - high))[0];  // ~0 for the first block (top = -inf)
@@ -214,12 +220,19 @@ void attend(void* data, size_t item) {
       store(s, p);
       sum[r] = sum[r] * shrink + add_lanes(p);
       top[r] = high;
+      // All 16 rows: past `sees` the weights are 0 and the rows real numbers (or the padding's
+      // zeros), so a query adds exact zeros there, whatever the step's width. The head's chunks
+      // accumulate side by side (independent chains, in registers when HEAD is known).
+      constexpr int CHUNKS = HEAD ? HEAD / 16 : 64;
+      const int chunks = head / 16;
       float* a = &acc[static_cast<size_t>(r) * head];
-      for (int d = 0; d < head; d += 16) {
-        v16 x = load(a + d) * shrink;
-        for (int j = 0; j < sees; ++j) x += s[j] * load(values + static_cast<int64_t>(j) * head + d);
-        store(a + d, x);
+      v16 part[CHUNKS];
+      for (int k = 0; k < chunks; ++k) part[k] = load(a + 16 * k) * shrink;
+      for (int j = 0; j < 16; ++j) {
+        const float* v = values + static_cast<int64_t>(j) * head;
+        for (int k = 0; k < chunks; ++k) part[k] += s[j] * load(v + 16 * k);
       }
+      for (int k = 0; k < chunks; ++k) store(a + 16 * k, part[k]);
     }
   }
   for (int r = 0; r < n; ++r) {
@@ -228,6 +241,13 @@ void attend(void* data, size_t item) {
     const float inv = 1.0f / sum[r];
     for (int d = 0; d < head; ++d) o[d] = acc[static_cast<size_t>(r) * head + d] * inv;
   }
+}
+
+void attend_any(void* data, size_t item) {
+  const Call& c = *static_cast<const Call*>(data);
+  if (c.head == 128) attend<128>(c, item);
+  else if (c.head == 64) attend<64>(c, item);
+  else attend<0>(c, item);
 }
 
 int64_t attribute(const OrtKernelInfo* info, const char* name, int64_t otherwise) {
@@ -386,7 +406,7 @@ struct Kernel {
     c.queries = queries.data();
     const size_t tiles = (c.tokens + TILE - 1) / TILE;
     check(g_api->KernelContext_ParallelFor(context, place, static_cast<size_t>(c.rows) * kv_heads, 0, &c));
-    check(g_api->KernelContext_ParallelFor(context, attend, static_cast<size_t>(c.rows) * kv_heads * tiles, 0, &c));
+    check(g_api->KernelContext_ParallelFor(context, attend_any, static_cast<size_t>(c.rows) * kv_heads * tiles, 0, &c));
   }
 };
 
