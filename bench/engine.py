@@ -5,7 +5,9 @@ genai prefills the conversation again), a SAG step of N=8 samples against N=1,
 and a long prompt arriving while 4 requests decode, fed in chunks against fed whole ("mixed").
 
     python bench/engine.py [--model NAME_OR_DIR] [--questions N]
-"""
+
+Every engine runs attention on attar's kernel where it is built; ATTAR_KERNEL=0 measures
+onnxruntime's own."""
 
 from __future__ import annotations
 
@@ -151,7 +153,8 @@ def concurrent_eval(model: str, n: int) -> None:
         emit(figure="distill eval questions/hour", model=model, concurrency=concurrency, questions=n,
              questions_per_hour=round(3600 * n / walls[concurrency], 1), accuracy=accuracy,
              prefilled_per_question=round(spent.prefilled / n), prefill_s=round(spent.prefill_s, 1),
-             decode_s=round(spent.decode_s, 1))
+             decode_s=round(spent.decode_s, 1), decoded_tokens=spent.decoded_rows,
+             decode_tokens_per_s=round(spent.decoded_rows / max(spent.decode_s, 1e-9), 1))
     alone, batched = dict(predictions[1]), dict(predictions[8])
     differ = sorted(str(q) for q in alone.keys() | batched.keys() if alone.get(q) != batched.get(q))
     emit(figure="distill eval, 8 in flight vs 1", model=model, speedup=round(walls[1] / walls[8], 2), goal=3.0,

@@ -78,7 +78,10 @@ def build(include: Path | None = None, log=print) -> Path:
 
 def register(options, kernel: bool | None = None) -> bool:
     """Register the built kernel with onnxruntime session `options`; whether graphs loaded with them
-    should run on it (`use_kernel`). `kernel`: None, when it is built; True, it must be; False, never."""
+    should run on it (`use_kernel`). `kernel`: None, when it is built (and ATTAR_KERNEL is not 0);
+    True, it must be; False, never."""
+    if kernel is None and os.environ.get("ATTAR_KERNEL") == "0":  # the user's way back to onnxruntime's attention
+        kernel = False
     path = library() if kernel is not False else None
     if kernel and path is None:
         raise KernelError("the attention kernel is not built: run `attar kernel build`")
