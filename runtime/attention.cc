@@ -172,11 +172,11 @@ inline v16 sum_lanes(v16 a[16]) {
 template <int HEAD>
 inline v16 dots(const float* x, const float* k, int head) {
   if (HEAD) head = HEAD;
-  v16 acc[16] = {};
-  for (int d = 0; d < head; d += 16) {
-    const v16 q = load(x + d);
-    for (int j = 0; j < 16; ++j) acc[j] += q * load(k + static_cast<int64_t>(j) * head + d);
-  }
+  constexpr int CHUNKS = HEAD ? HEAD / 16 : 64;
+  v16 q[CHUNKS], acc[16] = {};
+  for (int d = 0; d < head / 16; ++d) q[d] = load(x + 16 * d);
+  for (int j = 0; j < 16; ++j)  // key by key: each key's row is read front to back
+    for (int d = 0; d < head / 16; ++d) acc[j] += q[d] * load(k + static_cast<int64_t>(j) * head + 16 * d);
   return sum_lanes(acc);
 }
 
