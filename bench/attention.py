@@ -1,6 +1,6 @@
-"""One decode step's attention, alone, at a model's shape: onnxruntime's GroupQueryAttention (what
-attar's graphs run) against the same attention as batched MatMuls over the KV pool (each KV head
-read once for its group of query heads), the same GroupQueryAttention over an int8 cache, and
+"""One decode step's attention, alone, at a model's shape: onnxruntime's GroupQueryAttention against
+attar's kernel (`attar kernel build`; each KV head read once for its group of query heads), the
+same attention as batched MatMuls over the KV pool, GroupQueryAttention over an int8 cache, and
 reading those bytes with numpy. One JSON line per figure; `gb_s` is the KV cache read per second.
 It is where a multi-row step's time goes at long rows (README, "The int8 graph"), and what a
 better kernel would have to beat.
@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from attar.runtime import attention
 from attar.runtime.modeldir import ExportDir
 from attar.runtime.models import CATALOG, pull
 
@@ -33,9 +34,12 @@ def emit(**row) -> None:
 def session(nodes, inputs, outputs, threads: int) -> ort.InferenceSession:
     graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info(*i) for i in inputs],
                               [helper.make_tensor_value_info(*(o if isinstance(o, tuple) else (o, F)), None) for o in outputs])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid(attention.DOMAIN, 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if any(n.domain == attention.DOMAIN for n in nodes):
+        attention.register(options, kernel=True)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -49,16 +53,17 @@ def median_ms(run, repeat: int = 15) -> float:
     return statistics.median(times)
 
 
-def gqa_ms(rows, heads, kv, head, cached, capacity, threads, rng, int8_cache: bool = False) -> float:
+def gqa_ms(rows, heads, kv, head, cached, capacity, threads, rng, int8_cache: bool = False, kernel: bool = False) -> float:
     """GroupQueryAttention on one new token a row, past and present sharing one buffer (as the
     engine runs it); `int8_cache`: the cache in int8 with a scale per channel (onnxruntime 1.32's
-    quantized KV cache), a quarter of the bytes."""
+    quantized KV cache), a quarter of the bytes; `kernel`: on attar's kernel."""
     inputs, attrs, kv_type = ["q", "k", "v", "past_k", "past_v", "seqlens", "total"], {}, F
     if int8_cache:
         inputs += ["", "", "", "", "", "k_scale", "v_scale"]
         attrs = dict(kv_cache_bit_width=8, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
         kv_type = TensorProto.INT8
-    node = helper.make_node("GroupQueryAttention", inputs, ["out", "present_k", "present_v"], domain="com.microsoft",
+    node = helper.make_node("GroupQueryAttention", inputs, ["out", "present_k", "present_v"],
+                            domain=attention.DOMAIN if kernel else "com.microsoft",
                             num_heads=heads, kv_num_heads=kv, scale=head ** -0.5, **attrs)
     pool = [(rows, kv, capacity, head)] * 2
     s = session([node], [("q", F, [rows, 1, heads * head]), ("k", F, [rows, 1, kv * head]), ("v", F, [rows, 1, kv * head]),
@@ -119,12 +124,14 @@ def main() -> None:
             block = np.ones(kv_bytes // 4, np.float32)
             numpy_ms = median_ms(lambda: block.sum())
             gqa = gqa_ms(rows, heads, kv, head, cached, cached + 64, args.threads, rng)
+            kernel = gqa_ms(rows, heads, kv, head, cached, cached + 64, args.threads, rng, kernel=True)
             int8 = gqa_ms(rows, heads, kv, head, cached, cached + 64, args.threads, rng, int8_cache=True)
             tight = grouped_ms(rows, heads, kv, head, cached, cached + 64, args.threads, rng)
             loose = grouped_ms(rows, heads, kv, head, cached, 2 * cached, args.threads, rng)
             gb_s = lambda ms: round(kv_bytes / ms / 1e6, 1)  # noqa: E731
             emit(figure="attention ms a layer, one decode step", model=folder.name, rows=rows, cached=cached,
                  heads=heads, kv_heads=kv, head=head, gqa_ms=round(gqa, 2), gqa_gb_s=gb_s(gqa),
+                 kernel_ms=round(kernel, 2), kernel_gb_s=gb_s(kernel), kernel_vs_gqa=round(gqa / kernel, 2),
                  gqa_int8_cache_ms=round(int8, 2), int8_cache_vs_gqa=round(gqa / int8, 2), grouped_ms=round(tight, 2), grouped_vs_gqa=round(gqa / tight, 2),
                  grouped_pool_twice_ms=round(loose, 2), grouped_pool_twice_vs_gqa=round(gqa / loose, 2),
                  numpy_read_gb_s=gb_s(numpy_ms), gqa_all_layers_ms=round(gqa * layers, 1))

@@ -5,22 +5,20 @@
 // (6 query heads per KV head) reads its whole KV cache six times a step, at a third of what the
 // memory delivers; at 16 rows and 1,500 cached tokens attention was a third of a decode step.
 // Here one work item is (row, KV head, up to TILE query tokens): its query heads' vectors go
-// through the keys together, one block of KEYS keys at a time (an online softmax), so each key
-// and value is loaded once and reused from L1 by every query head of its group.
+// through the keys 16 at a time (an online softmax), so each key and value comes from memory once
+// and from L1 for every other query head of its group.
 //
 // The contract kept, for the graphs attar exports: a packed QKV input (or separate Q, K, V),
 // past and present KV of shape (rows, KV heads, capacity, head) that may be one buffer (the
 // engine binds them so: the new keys are written in place), seqlens_k (each row's length - 1),
-// total_sequence_length, and the rotary embedding (do_rotary) from cos/sin
-// caches, interleaved or not. Attributes beyond those (local_window_size, softcap, smooth
-// softmax) are refused at load, so a graph that needs them fails loudly instead of computing
-// something else.
+// total_sequence_length, and the rotary embedding (do_rotary) from cos/sin caches, interleaved
+// or not. Attributes beyond those (local_window_size, softcap, smooth softmax) are refused at
+// load, so a graph that needs them fails loudly instead of computing something else.
 //
-// Results do not depend on the batch: a query's keys are visited in blocks aligned at absolute
-// positions, in the same order, whatever other rows and tokens share the call, and every product
-// is an explicit fma (built with -ffp-contract=off, so vectorized and scalar code round alike):
-// a row's output is the same, bit for bit, alone or in a batch, and a token's in a step of any
-// width, one token included.
+// Results do not depend on the batch: every query vector visits the keys in blocks aligned at
+// absolute positions, through the same vector code (a last, partial block is zero-padded), in
+// the same order, whatever other rows and tokens share the call. A row's output is the same, bit
+// for bit, alone or in a batch, and a token's in a step of any width, one token included.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
