@@ -31,14 +31,15 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def timed_ms(engine: Engine, ids: np.ndarray, past: int, repeat: int) -> list[float]:
-    """ms of each of `repeat` runs of one step feeding `ids` (rows × new) to caches of `past` tokens."""
+def timed_ms(engine: Engine, ids: np.ndarray, past: int, repeat: int, fill: bool = True) -> list[float]:
+    """ms of each of `repeat` runs of one step feeding `ids` (rows × new) to caches of `past` tokens
+    (`fill`: of real numbers first; False: as the last call left them)."""
     rows, new = ids.shape
     engine.pool.reserve(rows, past + new + 8)
     # Real numbers in the cache: a fresh pool is the zero page, which every read finds in the cache,
     # and attention over it costs nothing like a step over a real conversation.
     rng = np.random.default_rng(0)
-    for buf in engine.pool.keys + engine.pool.values:
+    for buf in engine.pool.keys + engine.pool.values if fill else ():
         buf[:rows, :, :past] = rng.standard_normal(buf[:rows, :, :past].shape, dtype=np.float32)
     mask = np.ones((rows, past + new), dtype=np.int64)
     names = engine.shape.names

@@ -43,13 +43,27 @@ def main() -> None:
     rows, pasts = [int(r) for r in args.rows.split(",")], [int(p) for p in args.past.split(",")]
     graphs = [("exact", False)] + ([("int8", True)] if folder.int8_decoder is not None else [])
     for graph, int8 in graphs:
-        ms: dict[bool, dict] = {}
-        for kernel in (False, True):
-            engine = Engine(folder, threads=args.threads, max_rows=max(rows), int8=int8, kernel=kernel)
-            ms[kernel] = {(r, p): statistics.median(timed_ms(engine, np.full((r, 1), 100, dtype=np.int64), p, 7)[1:])
-                          for p in pasts for r in rows}
-            ms[kernel]["prefill"] = prefill_ms(engine, 512)
-            del engine
+        # Both engines at once, their steps interleaved: this VM's speed drifts from minute to
+        # minute, and one engine timed after the other compared two machines.
+        engines = {kernel: Engine(folder, threads=args.threads, max_rows=max(rows), int8=int8, kernel=kernel)
+                   for kernel in (False, True)}
+        ms: dict[bool, dict] = {False: {}, True: {}}
+        for p in pasts:
+            for r in rows:
+                ids = np.full((r, 1), 100, dtype=np.int64)
+                runs = {kernel: [] for kernel in engines}
+                for i in range(8):
+                    for kernel, engine in engines.items():
+                        runs[kernel] += timed_ms(engine, ids, p, 1, fill=i == 0)
+                for kernel in engines:
+                    ms[kernel][r, p] = statistics.median(runs[kernel][1:])
+        prompt = {kernel: [] for kernel in engines}
+        for _ in range(3):
+            for kernel, engine in engines.items():
+                prompt[kernel].append(prefill_ms(engine, 512))
+        for kernel in engines:
+            ms[kernel]["prefill"] = statistics.median(prompt[kernel])
+        del engines
         for p in pasts:
             for r in rows:
                 emit(figure="decode step ms", model=folder.name, graph=graph, rows=r, past=p,
