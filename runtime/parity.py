@@ -13,11 +13,10 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from attar.runtime import prompts
+from attar.runtime import attention, prompts
 from attar.runtime.engine import Request
 from attar.runtime.gguf_import import whole_sequence_feeds
 from attar.runtime.llm import EngineBackend
-from attar.runtime import attention
 from attar.runtime.modeldir import ExportDir, edited_session, keep_last_positions
 from attar.runtime.retrieval import web_search_tool
 from attar.runtime.tools import describe, final_answer
