@@ -171,6 +171,7 @@ def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None]
 def format_report(report: dict) -> str:
     rows = [
         ("reference", report.get("reference", "source")),
+        ("attention", report.get("attention", "onnxruntime")),
         ("top-1 next-token agreement", f"{report['top1_agreement']:.1%}"),
         ("greedy continuation exact match", f"{report['greedy_exact_match']:.1%}"),
         ("perplexity, source", f"{report['perplexity_source']:.3f}"),
