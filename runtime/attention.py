@@ -16,6 +16,7 @@ the built library everything runs as before, on onnxruntime's own kernel.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -24,8 +25,10 @@ import subprocess
 import tarfile
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from attar.runtime.fetch import cache_dir, work_folder
+from attar.runtime.modeldir import edited_session
 
 SOURCE = Path(__file__).with_name("attention.cc")
 DOMAIN = "attar"
@@ -49,7 +52,7 @@ def library() -> Path | None:
 def build(include: Path | None = None, log=print) -> Path:
     """Compile the kernel into the user cache (once; atomically) and return its path. `include`:
     a folder holding onnxruntime's C API headers; by default they are fetched from Debian."""
-    target = _target()
+    target, compiler = _target(), _compiler()
     if target is None:
         raise KernelError("no C++ compiler: install g++ (or set CXX) to build the attention kernel")
     if target.is_file():
@@ -61,9 +64,9 @@ def build(include: Path | None = None, log=print) -> Path:
             _fetch_headers(include, log)
         elif not (include / HEADERS[0]).is_file():
             raise KernelError(f"{include} has no {HEADERS[0]}")
-        log(f"  compiling {SOURCE.name} ({_compiler()} {' '.join(FLAGS)})")
+        log(f"  compiling {SOURCE.name} ({compiler} {' '.join(FLAGS)})")
         out = work / target.name
-        proc = subprocess.run([_compiler(), *FLAGS, "-I", str(include), str(SOURCE), "-o", str(out)],
+        proc = subprocess.run([compiler, *FLAGS, "-I", str(include), str(SOURCE), "-o", str(out)],
                               capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise KernelError(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-2000:]}")
@@ -90,20 +93,36 @@ def register(options, kernel: bool | None = None) -> bool:
     return path is not None
 
 
+def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], bool]):
+    """An onnxruntime session of `graph` as `edit` changes it (`modeldir.edited_session`), its
+    attention on the kernel where `register` says so; and whether it runs there."""
+    registered = register(options, kernel)
+    on_kernel = False
+
+    def both(model) -> bool:
+        nonlocal on_kernel
+        edited = edit(model)
+        on_kernel = registered and use_kernel(model)
+        return edited or on_kernel
+
+    made = edited_session(graph, both, options)
+    if kernel and not on_kernel:
+        raise KernelError(f"{graph} has attention the kernel does not compute")
+    return made, on_kernel
+
+
 def use_kernel(model) -> bool:
     """Edit an onnx.ModelProto so that its GroupQueryAttention nodes run on attar's kernel; False
     when it has none, or one whose attributes the kernel does not compute."""
     nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
     supported = {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved", "local_window_size"}
-    defaults = {"local_window_size": -1}
-    for node in nodes:
-        for a in node.attribute:
-            if a.name not in supported or (a.name in defaults and a.i != defaults[a.name]):
-                return False
-        if len(node.input) > 9:  # position ids, attention bias, quantized-cache scales
-            return False
     if not nodes:
         return False
+    for node in nodes:
+        if any(a.name not in supported or (a.name == "local_window_size" and a.i != -1) for a in node.attribute):
+            return False
+        if len(node.input) > 9:  # position ids, attention bias, quantized-cache scales
+            return False
     for node in nodes:
         node.domain = DOMAIN
     if not any(o.domain == DOMAIN for o in model.opset_import):
@@ -119,14 +138,19 @@ def _target() -> Path | None:
     """Where the library for this source, these flags and this compiler lives (one per CPU's cache
     folder: -march=native builds for the machine that builds it)."""
     compiler = _compiler()
-    if compiler is None:
-        return None
+    key = _key(compiler) if compiler else None
+    return cache_dir() / "kernels" / f"attention-{key}.so" if key else None
+
+
+@functools.cache
+def _key(compiler: str) -> str | None:
+    """The build's name: a hash of the source, the flags and the compiler's version, asked once a
+    process (every engine and scorer looks for the library)."""
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"attention-{key}.so"
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
 
 
 def _fetch_headers(into: Path, log) -> None:

@@ -55,7 +55,7 @@ from typing import Callable
 import numpy as np
 
 from attar.runtime import attention
-from attar.runtime.modeldir import ExportDir, edited_session, keep_last_positions
+from attar.runtime.modeldir import ExportDir, keep_last_positions
 
 GROW = 1024  # cache capacity grows in steps of this many tokens (doubling beyond)
 # Prompt lookup: the context's last n tokens (n = LOOKAHEAD, then fewer) are looked up earlier in
@@ -168,18 +168,10 @@ class Engine:
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         options.log_severity_level = 3
         self.graph = model.graph(int8)
-        registered = attention.register(options, kernel)
-
-        def edit(graph) -> bool:
-            # Speculating, the LM head of attar's graphs sees the last LOOKAHEAD + 1 positions (the file
-            # keeps one, genai's contract); a graph whose logits still keep one cannot check a guess.
-            kept = speculate and keep_last_positions(graph, LOOKAHEAD + 1)
-            self.kernel = registered and attention.use_kernel(graph)
-            return kept or self.kernel
-
-        self.session = edited_session(self.graph, edit, options)
-        if kernel and not self.kernel:
-            raise attention.KernelError(f"{self.graph} has attention the kernel does not compute")
+        # Speculating, the LM head of attar's graphs sees the last LOOKAHEAD + 1 positions (the file
+        # keeps one, genai's contract); a graph whose logits still keep one cannot check a guess.
+        self.session, self.kernel = attention.session(
+            self.graph, options, kernel, lambda graph: speculate and keep_last_positions(graph, LOOKAHEAD + 1))
         logits = next(o for o in self.session.get_outputs() if o.name == self.shape.names["logits"])
         self.speculate = speculate and logits.shape[1] != 1
         self.guessed = self.agreed = 0  # guessed tokens checked, and those the model agreed with

@@ -17,7 +17,7 @@ from attar.runtime import attention, prompts
 from attar.runtime.engine import Request
 from attar.runtime.gguf_import import whole_sequence_feeds
 from attar.runtime.llm import EngineBackend
-from attar.runtime.modeldir import ExportDir, edited_session, keep_last_positions
+from attar.runtime.modeldir import ExportDir, keep_last_positions
 from attar.runtime.retrieval import web_search_tool
 from attar.runtime.tools import describe, final_answer
 
@@ -65,15 +65,9 @@ class OnnxScorer:
         self.layers, self.kv_heads, self.head = model.layers, model.kv_heads, model.head
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        registered = attention.register(options, kernel)
-
-        def edit(m) -> bool:
-            # attar's exports compute logits for the last position only; scoring needs every position.
-            kept = keep_last_positions(m, None)
-            self.kernel = registered and attention.use_kernel(m)
-            return kept or self.kernel
-
-        self.session = edited_session(graph or model.decoder, edit, options)
+        # attar's exports compute logits for the last position only; scoring needs every position.
+        self.session, self.kernel = attention.session(graph or model.decoder, options, kernel,
+                                                      lambda m: keep_last_positions(m, None))
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def logits(self, sequences, progress=lambda i, n: None, positions=None):
