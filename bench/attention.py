@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from attar.runtime import attention
+from attar.runtime import kernels as attention
 from attar.runtime.modeldir import ExportDir
 from attar.runtime.models import CATALOG, pull
 

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from int8 import prefill_ms, timed_ms  # noqa: E402
 
-from attar.runtime import attention  # noqa: E402
+from attar.runtime import kernels  # noqa: E402
 from attar.runtime.engine import Engine  # noqa: E402
 from attar.runtime.modeldir import ExportDir  # noqa: E402
 from attar.runtime.models import CATALOG, gguf_path, pull  # noqa: E402
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--past", default="600,1500", help="tokens in each row's cache")
     parser.add_argument("--no-parity", action="store_true")
     args = parser.parse_args()
-    if attention.library() is None:
+    if kernels.library() is None:
         raise SystemExit("the kernel is not built: attar kernel build")
     folder = ExportDir.open(args.model if Path(args.model).is_dir() else pull(args.model, int8=True))
     rows, pasts = [int(r) for r in args.rows.split(",")], [int(p) for p in args.past.split(",")]

@@ -20,30 +20,19 @@
 // the same order, whatever other rows and tokens share the call. A row's output is the same, bit
 // for bit, alone or in a batch, and a token's in a step of any width, one token included.
 
-#define ORT_API_MANUAL_INIT
-#include <onnxruntime_cxx_api.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "kernels.h"
+
+namespace attar {
 namespace {
 
 constexpr int TILE = 16;   // query tokens per work item (prefill); a decode step has one
-
-const OrtApi* g_api = nullptr;
-
-void check(OrtStatus* status) {
-  if (status != nullptr) {
-    std::string message = g_api->GetErrorMessage(status);
-    g_api->ReleaseStatus(status);
-    throw Ort::Exception(std::move(message), ORT_FAIL);
-  }
-}
 
 // The rotary embedding of one head vector: pairs of dims turn by the angle of this position, the
 // pairs (d, d + half) ("rotate half", Qwen's GGUFs) or (2d, 2d + 1) (interleaved, llama's GGUFs);
@@ -251,52 +240,6 @@ void attend_any(void* data, size_t item) {
   else attend<0>(c, item);
 }
 
-int64_t attribute(const OrtKernelInfo* info, const char* name, int64_t otherwise) {
-  int64_t value = 0;
-  OrtStatus* status = g_api->KernelInfoGetAttribute_int64(info, name, &value);
-  if (status != nullptr) {  // absent
-    g_api->ReleaseStatus(status);
-    return otherwise;
-  }
-  return value;
-}
-
-float attribute(const OrtKernelInfo* info, const char* name, float otherwise) {
-  float value = 0.0f;
-  OrtStatus* status = g_api->KernelInfoGetAttribute_float(info, name, &value);
-  if (status != nullptr) {
-    g_api->ReleaseStatus(status);
-    return otherwise;
-  }
-  return value;
-}
-
-std::vector<int64_t> dims(const OrtValue* value) {
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  check(g_api->GetTensorTypeAndShape(value, &info));
-  size_t count = 0;
-  check(g_api->GetDimensionsCount(info, &count));
-  std::vector<int64_t> shape(count);
-  check(g_api->GetDimensions(info, shape.data(), count));
-  g_api->ReleaseTensorTypeAndShapeInfo(info);
-  return shape;
-}
-
-const OrtValue* input(OrtKernelContext* context, size_t i) {
-  const OrtValue* value = nullptr;
-  check(g_api->KernelContext_GetInput(context, i, &value));
-  return value;
-}
-
-template <typename T>
-T* data(const OrtValue* value) {
-  void* p = nullptr;
-  check(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &p));
-  return static_cast<T*>(p);
-}
-
-void fail(const std::string& message) { throw Ort::Exception("attar attention: " + message, ORT_INVALID_ARGUMENT); }
-
 struct Kernel {
   int heads, kv_heads, rotary;
   bool interleaved;
@@ -308,10 +251,10 @@ struct Kernel {
         rotary(static_cast<int>(attribute(info, "do_rotary", int64_t{0}))),
         interleaved(attribute(info, "rotary_interleaved", int64_t{0}) != 0),
         scale(attribute(info, "scale", 0.0f)) {
-    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0) fail("num_heads must be a positive multiple of kv_num_heads");
-    if (attribute(info, "local_window_size", int64_t{-1}) != -1) fail("a local window is not supported");
-    if (attribute(info, "softcap", 0.0f) != 0.0f) fail("softcap is not supported");
-    if (attribute(info, "smooth_softmax", int64_t{0}) != 0) fail("smooth softmax is not supported");
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0) fail("attention", "num_heads must be a positive multiple of kv_num_heads");
+    if (attribute(info, "local_window_size", int64_t{-1}) != -1) fail("attention", "a local window is not supported");
+    if (attribute(info, "softcap", 0.0f) != 0.0f) fail("attention", "softcap is not supported");
+    if (attribute(info, "smooth_softmax", int64_t{0}) != 0) fail("attention", "smooth softmax is not supported");
   }
 
   void Compute(OrtKernelContext* context) {
@@ -324,23 +267,23 @@ struct Kernel {
     const OrtValue* total = input(context, 6);
     const OrtValue* cos = input(context, 7);
     const OrtValue* sin = input(context, 8);
-    if (!past_key || !past_value) fail("past_key and past_value are required");
-    if ((key == nullptr) != (value == nullptr)) fail("key and value go together");
+    if (!past_key || !past_value) fail("attention", "past_key and past_value are required");
+    if ((key == nullptr) != (value == nullptr)) fail("attention", "key and value go together");
 
     Call c{};
     const std::vector<int64_t> qs = dims(query), ps = dims(past_key);
-    if (qs.size() != 3 || ps.size() != 4 || dims(past_value) != ps) fail("query must be 3-d, past key and value 4-d and alike");
+    if (qs.size() != 3 || ps.size() != 4 || dims(past_value) != ps) fail("attention", "query must be 3-d, past key and value 4-d and alike");
     c.rows = static_cast<int>(qs[0]);
     c.tokens = static_cast<int>(qs[1]);
     c.heads = heads;
     c.kv_heads = kv_heads;
     c.group = heads / kv_heads;
     c.head = static_cast<int>(ps[3]);
-    if (ps[0] != c.rows || ps[1] != kv_heads) fail("past shape does not match the query");
-    if (c.head <= 0 || c.head % 16 != 0) fail("the head size must be a multiple of 16");
+    if (ps[0] != c.rows || ps[1] != kv_heads) fail("attention", "past shape does not match the query");
+    if (c.head <= 0 || c.head % 16 != 0) fail("attention", "the head size must be a multiple of 16");
     const float* q = data<float>(query);
     if (key == nullptr) {  // packed: Q heads, then K heads, then V heads, per token
-      if (qs[2] != static_cast<int64_t>(heads + 2 * kv_heads) * c.head) fail("packed query width mismatch");
+      if (qs[2] != static_cast<int64_t>(heads + 2 * kv_heads) * c.head) fail("attention", "packed query width mismatch");
       c.q = q;
       c.k = q + static_cast<int64_t>(heads) * c.head;
       c.v = c.k + static_cast<int64_t>(kv_heads) * c.head;
@@ -348,31 +291,31 @@ struct Kernel {
     } else {
       if (qs[2] != static_cast<int64_t>(heads) * c.head || dims(key) != dims(value) ||
           dims(key) != std::vector<int64_t>{qs[0], qs[1], static_cast<int64_t>(kv_heads) * c.head})
-        fail("query, key and value widths mismatch");
+        fail("attention", "query, key and value widths mismatch");
       c.q = q;
       c.k = data<float>(key);
       c.v = data<float>(value);
       c.q_token = qs[2];
       c.kv_token = static_cast<int64_t>(kv_heads) * c.head;
     }
-    if (dims(seqlens) != std::vector<int64_t>{qs[0]}) fail("seqlens_k must hold one length a row");
+    if (dims(seqlens) != std::vector<int64_t>{qs[0]}) fail("attention", "seqlens_k must hold one length a row");
     c.lengths = data<int32_t>(seqlens);
     int64_t count = 1;
     for (int64_t d : dims(total)) count *= d;
-    if (count != 1) fail("total_sequence_length must be one number");
+    if (count != 1) fail("attention", "total_sequence_length must be one number");
     const int total_length = data<int32_t>(total)[0];
     int longest = 0;
     for (int b = 0; b < c.rows; ++b) {  // lengths come from the caller: nothing is read or written past a buffer
-      if (c.lengths[b] < 0 || c.lengths[b] + 1 > total_length) fail("a row's length is out of range");
-      if (c.past(b) > ps[2]) fail("a row's cached length exceeds the past buffer");
+      if (c.lengths[b] < 0 || c.lengths[b] + 1 > total_length) fail("attention", "a row's length is out of range");
+      if (c.past(b) > ps[2]) fail("attention", "a row's cached length exceeds the past buffer");
       longest = std::max(longest, c.lengths[b] + 1);
     }
     c.capacity = static_cast<int>(std::max<int64_t>(ps[2], total_length));
     c.scale = scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(c.head));
     if (rotary) {
-      if (!cos || !sin) fail("do_rotary needs cos_cache and sin_cache");
+      if (!cos || !sin) fail("attention", "do_rotary needs cos_cache and sin_cache");
       const std::vector<int64_t> cs = dims(cos);
-      if (cs.size() != 2 || dims(sin) != cs || 2 * cs[1] > c.head || cs[0] < longest) fail("rotary caches too small");
+      if (cs.size() != 2 || dims(sin) != cs || 2 * cs[1] > c.head || cs[0] < longest) fail("attention", "rotary caches too small");
       c.half = static_cast<int>(cs[1]);
       c.interleaved = interleaved;
       c.cos = data<float>(cos);
@@ -428,20 +371,9 @@ struct Op : Ort::CustomOpBase<Op, Kernel> {
 
 }  // namespace
 
-// onnxruntime calls this when a session registers the library; every session shares one domain.
-extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  static std::once_flag once;
+void add_attention(Ort::CustomOpDomain& domain) {
   static Op op;
-  static Ort::CustomOpDomain* domain = nullptr;
-  try {
-    std::call_once(once, [&] {
-      g_api = api_base->GetApi(ORT_API_VERSION);
-      Ort::InitApi(g_api);
-      domain = new Ort::CustomOpDomain("attar");
-      domain->Add(&op);
-    });
-    return g_api->AddCustomOpDomain(options, *domain);
-  } catch (const std::exception& e) {
-    return g_api ? g_api->CreateStatus(ORT_FAIL, e.what()) : nullptr;
-  }
+  domain.Add(&op);
 }
+
+}  // namespace attar

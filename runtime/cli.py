@@ -278,17 +278,17 @@ def sandbox_exec(file, code: str | None, timeout: float, memory_mb: int) -> None
 
 @main.group()
 def kernel() -> None:
-    """attar's native attention kernel: faster batched steps on the CPU."""
+    """attar's native kernels (attention, int8 rows): faster steps on the CPU."""
 
 
 @kernel.command("build")
 @click.option("--include", type=click.Path(exists=True, file_okay=False), default=None,
               help="A folder with onnxruntime's C API headers (default: fetched from Debian's libonnxruntime-dev).")
 def kernel_build(include: str | None) -> None:
-    """Compile the attention kernel for this CPU (once); every engine then runs on it."""
+    """Compile attar's kernels for this CPU (once); every engine then runs on them."""
     from pathlib import Path
 
-    from attar.runtime.attention import KernelError, build
+    from attar.runtime.kernels import KernelError, build
 
     try:
         click.echo(str(build(Path(include) if include else None, log=lambda m: click.echo(m, err=True))))

@@ -54,7 +54,7 @@ from typing import Callable
 
 import numpy as np
 
-from attar.runtime import attention
+from attar.runtime import kernels
 from attar.runtime.modeldir import ExportDir, keep_last_positions
 
 GROW = 1024  # cache capacity grows in steps of this many tokens (doubling beyond)
@@ -156,9 +156,9 @@ class Engine:
         `kv_budget`: the most bytes the KV pool may take (default: half the machine's memory); with
         `max_rows` rows it bounds each row's context (`self.context`), below the model's where it
         must: a longer conversation is refused as ContextFull, which an agent meets by leaving out
-        its oldest observations. `kernel`: run attention on attar's kernel (`attention.py`: each KV
-        head read once per step, not once per query head); None: when it is built (`attar kernel
-        build`), True: it must be."""
+        its oldest observations. `kernel`: run on attar's kernels (`kernels.py`: attention that reads
+        each KV head once per step, not once per query head, and the int8 graph's row quantization
+        in one node); None: when they are built (`attar kernel build`), True: they must be."""
         if prefill_chunk < 4:
             raise ValueError("prefill_chunk must be at least 4 tokens")
         import onnxruntime as ort
@@ -170,7 +170,7 @@ class Engine:
         self.graph = model.graph(int8)
         # Speculating, the LM head of attar's graphs sees the last LOOKAHEAD + 1 positions (the file
         # keeps one, genai's contract); a graph whose logits still keep one cannot check a guess.
-        self.session, self.kernel = attention.session(
+        self.session, self.kernel = kernels.session(
             self.graph, options, kernel, lambda graph: speculate and keep_last_positions(graph, LOOKAHEAD + 1))
         logits = next(o for o in self.session.get_outputs() if o.name == self.shape.names["logits"])
         self.speculate = speculate and logits.shape[1] != 1

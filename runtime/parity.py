@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from attar.runtime import attention, prompts
+from attar.runtime import kernels, prompts
 from attar.runtime.engine import Request
 from attar.runtime.gguf_import import whole_sequence_feeds
 from attar.runtime.llm import EngineBackend
@@ -57,7 +57,7 @@ class OnnxScorer:
                  kernel: bool | None = None):
         """`adapter`: which of the export's LoRA adapters to feed (None: its default one;
         "base": none). `graph`: another decoder graph of the folder (default: its decoder).
-        `kernel`: attention on attar's kernel (None: where built, as the engine runs it)."""
+        `kernel`: on attar's kernels (None: where built, as the engine runs)."""
         import onnxruntime as ort
 
         chosen = model.choose_adapter(adapter)
@@ -66,8 +66,8 @@ class OnnxScorer:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # attar's exports compute logits for the last position only; scoring needs every position.
-        self.session, self.kernel = attention.session(graph or model.decoder, options, kernel,
-                                                      lambda m: keep_last_positions(m, None))
+        self.session, self.kernel = kernels.session(graph or model.decoder, options, kernel,
+                                                    lambda m: keep_last_positions(m, None))
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def logits(self, sequences, progress=lambda i, n: None, positions=None):
@@ -104,7 +104,7 @@ def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None]
                   questions: int | None = None, kernel: bool | None = None) -> dict:
     """Score the first `questions` agent prompts + the export's greedy continuations, and
     HELD_OUT, with both. Only the positions compared are kept (a Qwen vocabulary makes every
-    kept position 0.6 MB). `kernel`: attention on attar's kernel (None: where it is built)."""
+    kept position 0.6 MB). `kernel`: on attar's kernels (None: where they are built)."""
     folder = ExportDir.open(model_dir)
     backend = EngineBackend(folder, int8=False, kernel=kernel)  # the exact graph's own continuations
     tools = (web_search_tool(index=None), final_answer)  # described, never called

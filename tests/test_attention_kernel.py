@@ -13,16 +13,16 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper
 
-from attar.runtime import attention
+from attar.runtime import kernels
 
 MAX_POS = 512
 
 
 @pytest.fixture(scope="module")
 def library():
-    if attention._compiler() is None:
+    if kernels._compiler() is None:
         pytest.skip("no C++ compiler")
-    return attention.build(log=lambda m: None)
+    return kernels.build(log=lambda m: None)
 
 
 def gqa_model(domain: str, heads: int, kv: int, head: int, packed: bool = True, rotary: int = 1, **extra) -> bytes:
@@ -139,7 +139,7 @@ def test_attention_it_does_not_compute_stays_on_onnxruntime(library, attribute):
     import onnx
 
     model = onnx.load_from_string(gqa_model("com.microsoft", 14, 2, 64, **attribute))
-    assert not attention.use_kernel(model)
+    assert not kernels.use_attention(model)
     assert model.graph.node[0].domain == "com.microsoft"
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library))

@@ -1,0 +1,78 @@
+// What attar's onnxruntime kernels share: the C API, read once when the library is registered,
+// and small wrappers that turn its statuses into exceptions (onnxruntime reports those as the
+// session's error).
+#pragma once
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace attar {
+
+inline const OrtApi* g_api = nullptr;  // set by RegisterCustomOps (kernels.cc)
+
+inline void check(OrtStatus* status) {
+  if (status != nullptr) {
+    std::string message = g_api->GetErrorMessage(status);
+    g_api->ReleaseStatus(status);
+    throw Ort::Exception(std::move(message), ORT_FAIL);
+  }
+}
+
+// A bad input: one line naming the kernel, as the session's error.
+inline void fail(const char* kernel, const std::string& message) {
+  throw Ort::Exception(std::string("attar ") + kernel + ": " + message, ORT_INVALID_ARGUMENT);
+}
+
+inline int64_t attribute(const OrtKernelInfo* info, const char* name, int64_t otherwise) {
+  int64_t value = 0;
+  OrtStatus* status = g_api->KernelInfoGetAttribute_int64(info, name, &value);
+  if (status != nullptr) {  // absent
+    g_api->ReleaseStatus(status);
+    return otherwise;
+  }
+  return value;
+}
+
+inline float attribute(const OrtKernelInfo* info, const char* name, float otherwise) {
+  float value = 0.0f;
+  OrtStatus* status = g_api->KernelInfoGetAttribute_float(info, name, &value);
+  if (status != nullptr) {
+    g_api->ReleaseStatus(status);
+    return otherwise;
+  }
+  return value;
+}
+
+inline std::vector<int64_t> dims(const OrtValue* value) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(g_api->GetTensorTypeAndShape(value, &info));
+  size_t count = 0;
+  check(g_api->GetDimensionsCount(info, &count));
+  std::vector<int64_t> shape(count);
+  check(g_api->GetDimensions(info, shape.data(), count));
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  return shape;
+}
+
+inline const OrtValue* input(OrtKernelContext* context, size_t i) {  // nullptr: an optional input left out
+  const OrtValue* value = nullptr;
+  check(g_api->KernelContext_GetInput(context, i, &value));
+  return value;
+}
+
+template <typename T>
+T* data(const OrtValue* value) {
+  void* p = nullptr;
+  check(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &p));
+  return static_cast<T*>(p);
+}
+
+// Each source file adds its ops to the library's one domain, "attar".
+void add_attention(Ort::CustomOpDomain& domain);
+void add_int8_rows(Ort::CustomOpDomain& domain);
+
+}  // namespace attar

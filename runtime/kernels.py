@@ -1,0 +1,309 @@
+"""attar's onnxruntime kernels: build them once, find them, and put them into a graph.
+
+Two sets of ops in one native library, the `attar` domain:
+
+* `attention.cc`: GroupQueryAttention's contract, computed so that each KV head's cache is read
+  once per step, not once per query head (the 1.5B has 6 query heads a KV head), which is what
+  made a step of many rows cost so much more than a step of one (README, "The attention kernel").
+  Putting it in a graph is renaming the domain of its attention nodes.
+* `int8_rows.cc`: the int8 graph's per-row quantization and dequantization around each
+  MatMulInteger, one node each instead of eight and three, the same bits.
+
+Both go in when a session is made (`session`), in memory; the files on disk keep onnxruntime's own
+ops, which every other runtime (onnxruntime-genai) reads.
+
+It is native code, so it is built on the machine that runs it (`attar kernel build`, once; with
+`-march=native`, for the CPU at hand) against onnxruntime's C API headers. No PyPI package ships
+those headers; Debian's `libonnxruntime-dev` does, and the build fetches that package from Debian,
+checks it against a pinned SHA-256 and takes only its headers (or uses `--include DIR`). The
+custom-op API is stable across releases: headers of 1.21 serve onnxruntime 1.21 and later. Without
+the built library everything runs as before, on onnxruntime's own ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from attar.runtime.fetch import cache_dir, work_folder
+from attar.runtime.modeldir import edited_session
+
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.cc", "attention.cc", "int8_rows.cc")]
+HEADER = Path(__file__).with_name("kernels.h")
+DOMAIN = "attar"
+HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
+               "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
+HEADERS = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_cxx_inline.h", "onnxruntime_float16.h")
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=gnu++17", "-shared", "-fPIC"]
+MAX_DEB = 16 << 20  # the package is 85 KB; a larger answer is not it
+
+
+class KernelError(RuntimeError):
+    """The kernels could not be built or used."""
+
+
+def library() -> Path | None:
+    """The built library for these sources and this compiler, or None when it has not been built."""
+    path = _target()
+    return path if path is not None and path.is_file() else None
+
+
+def build(include: Path | None = None, log=print) -> Path:
+    """Compile the kernels into the user cache (once; atomically) and return the library. `include`:
+    a folder holding onnxruntime's C API headers; by default they are fetched from Debian."""
+    target, compiler = _target(), _compiler()
+    if target is None:
+        raise KernelError("no C++ compiler: install g++ (or set CXX) to build attar's kernels")
+    if target.is_file():
+        return target
+    work = work_folder(target)
+    try:
+        if include is None:
+            include = work / "include"
+            _fetch_headers(include, log)
+        elif not (include / HEADERS[0]).is_file():
+            raise KernelError(f"{include} has no {HEADERS[0]}")
+        log(f"  compiling {', '.join(p.name for p in SOURCES)} ({compiler} {' '.join(FLAGS)})")
+        out = work / target.name
+        proc = subprocess.run([compiler, *FLAGS, "-I", str(include), *map(str, SOURCES), "-o", str(out)],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise KernelError(f"compiling attar's kernels failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(out, target)
+        for old in [*target.parent.glob("kernels-*.so"), *target.parent.glob("attention-*.so")]:
+            if old != target:  # builds of earlier sources or another compiler
+                old.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def register(options, kernel: bool | None = None) -> bool:
+    """Register the built library with onnxruntime session `options`; whether graphs loaded with
+    them should run on it. `kernel`: None, when it is built (and ATTAR_KERNEL is not 0); True, it
+    must be; False, never."""
+    if kernel is None and os.environ.get("ATTAR_KERNEL") == "0":  # the user's way back to onnxruntime's ops
+        kernel = False
+    path = library() if kernel is not False else None
+    if kernel and path is None:
+        raise KernelError("attar's kernels are not built: run `attar kernel build`")
+    if path is not None:
+        options.register_custom_ops_library(str(path))
+    return path is not None
+
+
+def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], bool]):
+    """An onnxruntime session of `graph` as `edit` changes it (`modeldir.edited_session`), on
+    attar's kernels where `register` says so (its attention, and an int8 graph's row quantization);
+    and whether its attention runs on the kernel."""
+    registered = register(options, kernel)
+    on_kernel = False
+
+    def both(model) -> bool:
+        nonlocal on_kernel
+        edited = edit(model)
+        on_kernel = registered and use_attention(model)
+        rows = registered and use_int8_rows(model) > 0
+        return edited or on_kernel or rows
+
+    made = edited_session(graph, both, options)
+    if kernel and not on_kernel:
+        raise KernelError(f"{graph} has attention the kernel does not compute")
+    return made, on_kernel
+
+
+def use_attention(model) -> bool:
+    """Edit an onnx.ModelProto so that its GroupQueryAttention nodes run on attar's kernel; False
+    when it has none, or one whose attributes the kernel does not compute."""
+    nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    supported = {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved", "local_window_size"}
+    if not nodes:
+        return False
+    for node in nodes:
+        if any(a.name not in supported or (a.name == "local_window_size" and a.i != -1) for a in node.attribute):
+            return False
+        if len(node.input) > 9:  # position ids, attention bias, quantized-cache scales
+            return False
+    for node in nodes:
+        node.domain = DOMAIN
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.add(domain=DOMAIN, version=1)
+    return True
+
+
+def use_int8_rows(model) -> int:
+    """Edit an onnx.ModelProto so that an int8 graph's per-row quantization (`gguf_import`'s
+    `row_quantized`: Abs, ReduceMax, Max, Div, Div, Round, Add, Cast, after a smoothing Mul where
+    there is one) runs as one RowQuantize node, and each dequantization of MatMulInteger's sums
+    (Cast, Mul by the row scale, Mul by the column scale) as one RowDequantize: the same
+    arithmetic in the same order, the same bits. Returns how many nodes it put in (0: the graph
+    has no such pattern, and is left as it was)."""
+    graph = _Graph(model)
+    fused: dict[int, object] = {}  # position of a pattern's last node -> the node replacing it
+    dropped: set[int] = set()
+    row_scales: set[str] = set()  # the row scales RowQuantize makes
+    for node in model.graph.node:
+        if node.op_type == "Cast" and graph.attribute(node, "to") == 2:  # to uint8
+            found = _quantization(graph, node)
+            if found:
+                nodes, inputs = found
+                row_scales.add(nodes[-5].output[0])
+                fused[graph.position[id(node)]] = _node("RowQuantize", inputs, [node.output[0], nodes[-5].output[0]], node.name)
+                dropped.update(graph.position[id(n)] for n in nodes)
+    for node in model.graph.node:
+        if node.op_type == "Mul" and len(graph.dims(node.input[1]) or ()) == 1:  # by a column scale
+            inner = graph.made(node.input[0], "Mul")
+            cast = inner and inner.input[1] in row_scales and graph.made(inner.input[0], "Cast")
+            product = cast and graph.attribute(cast, "to") == 1 and graph.producer.get(cast.input[0])  # to float
+            if product and product.op_type == "MatMulInteger":
+                fused[graph.position[id(node)]] = _node("RowDequantize", [cast.input[0], inner.input[1], node.input[1]],
+                                                        [node.output[0]], node.name)
+                dropped.update(graph.position[id(n)] for n in (cast, inner, node))
+    if not fused:
+        return 0
+    # Each fused node takes its pattern's last place: its inputs come before, its outputs' users after.
+    nodes = [fused.get(i, n) for i, n in enumerate(model.graph.node) if i in fused or i not in dropped]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.add(domain=DOMAIN, version=1)
+    return len(fused)
+
+
+def _quantization(graph: "_Graph", cast) -> tuple[list, list[str]] | None:
+    """The nodes of one row quantization ending in `cast` (the last five: the row scale's Div,
+    x's Div, Round, Add, Cast) and RowQuantize's inputs; None when they are not that pattern."""
+    add = graph.made(cast.input[0], "Add")
+    rounded = add and graph.scalar(add.input[1], 128.0) and graph.made(add.input[0], "Round")
+    div = rounded and graph.made(rounded.input[0], "Div")
+    scale = div and graph.made(div.input[1], "Div", once=False)  # the dequantization reads it too
+    peak = scale and graph.scalar(scale.input[1], 127.0) and graph.made(scale.input[0], "Max")
+    top = peak and graph.scalar(peak.input[1], 1e-8) and graph.made(peak.input[0], "ReduceMax")
+    absolute = top and graph.made(top.input[0], "Abs")
+    x = div and div.input[0]
+    if not absolute or absolute.input[0] != x or graph.attribute(top, "keepdims") != 1 or len(top.input) != 2 \
+            or graph.value(top.input[1]) != [-1]:
+        return None
+    nodes, inputs = [absolute, top, peak, scale, div, rounded, add, cast], [x]
+    smooth = graph.made(x, "Mul", once=False)
+    if smooth and graph.uses[x] == 2 and len(graph.dims(smooth.input[1]) or ()) == 1:  # x = input × a factor a channel
+        nodes.insert(0, smooth)
+        inputs = [smooth.input[0], smooth.input[1]]
+    return nodes, inputs
+
+
+class _Graph:
+    """What the pattern matching asks of a graph: who makes a value, how often it is read, and the
+    constants' shapes and (small ones') values."""
+
+    def __init__(self, model):
+        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.position = {id(n): i for i, n in enumerate(model.graph.node)}
+        self.uses: dict[str, int] = {}
+        for name in [i for n in model.graph.node for i in n.input] + [o.name for o in model.graph.output]:
+            self.uses[name] = self.uses.get(name, 0) + 1
+        self.constants = {t.name: t for t in model.graph.initializer}
+
+    def made(self, name: str, op: str, once: bool = True):
+        """The standard-domain `op` node making `name` (read by one node only, when `once`), or None."""
+        node = self.producer.get(name)
+        if node is None or node.op_type != op or node.domain not in ("", "ai.onnx"):
+            return None
+        return node if not once or self.uses.get(name) == 1 else None
+
+    def dims(self, name: str) -> list[int] | None:
+        tensor = self.constants.get(name)
+        return list(tensor.dims) if tensor is not None else None
+
+    def value(self, name: str) -> list | None:
+        """A small constant's values (large ones live in the weights file, unread)."""
+        from onnx import numpy_helper
+
+        tensor = self.constants.get(name)
+        if tensor is None or tensor.external_data:
+            return None
+        return numpy_helper.to_array(tensor).reshape(-1).tolist()
+
+    def scalar(self, name: str, value: float) -> bool:
+        import numpy as np
+
+        tensor = self.constants.get(name)
+        return tensor is not None and tensor.data_type == 1 and self.value(name) == [float(np.float32(value))]
+
+    @staticmethod
+    def attribute(node, name: str) -> int | None:
+        return next((a.i for a in node.attribute if a.name == name), None)
+
+
+def _node(op: str, inputs: list[str], outputs: list[str], name: str):
+    from onnx import helper
+
+    return helper.make_node(op, inputs, outputs, name=f"{name}/{op}", domain=DOMAIN)
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _target() -> Path | None:
+    """Where the library for these sources, these flags and this compiler lives (one per CPU's
+    cache folder: -march=native builds for the machine that builds it)."""
+    compiler = _compiler()
+    key = _key(compiler) if compiler else None
+    return cache_dir() / "kernels" / f"kernels-{key}.so" if key else None
+
+
+@functools.cache
+def _key(compiler: str) -> str | None:
+    """The build's name: a hash of the sources, the flags and the compiler's version, asked once a
+    process (every engine and scorer looks for the library)."""
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    sources = b"".join(p.read_bytes() for p in (HEADER, *SOURCES))
+    return hashlib.sha256(sources + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+
+
+def _fetch_headers(into: Path, log) -> None:
+    """onnxruntime's C API headers out of Debian's libonnxruntime-dev, checked against its SHA-256.
+    Only the named headers are taken, as plain files, whatever else the archive holds."""
+    url, digest = HEADERS_DEB
+    log(f"  fetching onnxruntime's C API headers ({url.rsplit('/', 1)[-1]})")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as answer:
+            deb = answer.read(MAX_DEB + 1)
+    except OSError as exc:
+        raise KernelError(f"cannot fetch {url}: {exc}; pass --include DIR with onnxruntime's headers") from None
+    if len(deb) > MAX_DEB or hashlib.sha256(deb).hexdigest() != digest:
+        raise KernelError(f"{url} is not the package attar pins (SHA-256 mismatch)")
+    data = _ar_member(deb, "data.tar")
+    into.mkdir(parents=True, exist_ok=True)
+    wanted = {f"./usr/include/onnxruntime/{name}": name for name in HEADERS}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            if member.name in wanted and member.isfile():
+                (into / wanted.pop(member.name)).write_bytes(tar.extractfile(member).read())
+    if wanted:
+        raise KernelError(f"the package lacks {', '.join(sorted(wanted))}")
+
+
+def _ar_member(archive: bytes, prefix: str) -> bytes:
+    """The first member of a Debian package (an `ar` archive) whose name starts with `prefix`."""
+    if not archive.startswith(b"!<arch>\n"):
+        raise KernelError("not a Debian package")
+    at = 8
+    while at + 60 <= len(archive):
+        name, size = archive[at:at + 16].decode().strip().rstrip("/"), int(archive[at + 48:at + 58].decode().strip())
+        if name.startswith(prefix):
+            return archive[at + 60:at + 60 + size]
+        at += 60 + size + (size & 1)
+    raise KernelError(f"the package has no {prefix}")
