@@ -576,13 +576,37 @@ def _common(a: list[int], b: list[int]) -> int:
     return lo
 
 
+def largest(logits: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the k largest logits, in no order. Partitioning a 150,000-token vocabulary
+    costs 1.3 ms a row here, a SAG step of 8 rows a third of its model time; the top 50 lie near
+    the maximum, so the logits within a margin of it (widened until at least k pass) are
+    partitioned instead, a few hundred in a pass over memory."""
+    if k >= logits.size:
+        return np.arange(logits.size)
+    peak = logits.max()
+
+    def enough(margin: float) -> bool:
+        return np.count_nonzero(logits >= peak - margin) >= k
+
+    margin = 0.5
+    while not enough(margin):
+        margin *= 2
+        if margin > 256:  # flat logits (or NaN): the whole vocabulary
+            return np.argpartition(-logits, k - 1)[:k]
+    low = margin / 2  # too few pass it (or it is the first tried): narrow the margin down to k's
+    for _ in range(4):
+        low, margin = (low, (low + margin) / 2) if enough((low + margin) / 2) else ((low + margin) / 2, margin)
+    near = np.flatnonzero(logits >= peak - margin)
+    return near[np.argpartition(-logits[near], k - 1)[:k]]
+
+
 def sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:
     """Greedy at temperature 0, else softmax(logits / T) restricted to the top-k, then to the
     smallest set whose probability reaches top-p."""
     if temperature <= 0:
         return int(np.argmax(logits))
     k = min(top_k, logits.size) if top_k and top_k > 0 else logits.size
-    top = np.argpartition(-logits, k - 1)[:k]  # dividing by T > 0 keeps the order: select first
+    top = largest(logits, k)  # dividing by T > 0 keeps the order: select first
     top = top[np.argsort(-logits[top], kind="stable")]
     x = logits[top].astype(np.float64) / temperature
     p = np.exp(x - x[0])

@@ -401,3 +401,16 @@ def test_local_teacher_and_eval_get_a_batch_row_for_each_request_in_flight(model
     assert load_teacher(str(model_dir), concurrency=16).engine.max_rows == 16
     assert load_teacher(str(model_dir), concurrency=2).engine.max_rows == 8
     assert load_model(str(model_dir), rows=4 * 8).engine.max_rows == 32
+
+
+def test_the_top_k_found_near_the_maximum_are_the_top_k_of_the_whole_vocabulary():
+    from attar.runtime.engine import largest
+
+    rng = np.random.default_rng(0)
+    for scale in (0.001, 0.5, 3.0, 40.0, 1e4):  # from nearly flat to far apart
+        for _ in range(10):
+            logits = (rng.standard_normal(5000) * scale).astype(np.float32)
+            logits[rng.integers(0, 5000, 300)] = -np.inf  # masked tokens
+            k = int(rng.integers(1, 400))
+            assert sorted(largest(logits, k)) == sorted(np.argsort(-logits, kind="stable")[:k])
+    assert sorted(largest(np.zeros(10, np.float32), 10)) == list(range(10))
