@@ -36,7 +36,7 @@ def test_runtime_only_install_pulls_and_chats(tmp_path):
             shutil.copyfile(gguf, cache / "gguf" / gguf.name)
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "ATTAR_CACHE": str(cache), "HOME": str(tmp_path)}
     attar = str(venv / "bin" / "attar")
-    # The attention kernel's source ships with the package and builds for this CPU (the chat below runs on it).
+    # attar's kernels' sources ship with the package and build for this CPU (the chat below runs on them).
     kernel = subprocess.run([attar, "kernel", "build"], capture_output=True, text=True, timeout=600, env=env)
     assert kernel.returncode == 0, kernel.stderr[-3000:]
     assert Path(kernel.stdout.strip()).parent == cache / "kernels" and Path(kernel.stdout.strip()).is_file()
