@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from attar.runtime import kernels as attention
+from attar.runtime import kernels
 from attar.runtime.modeldir import ExportDir
 from attar.runtime.models import CATALOG, pull
 
@@ -35,11 +35,11 @@ def session(nodes, inputs, outputs, threads: int) -> ort.InferenceSession:
     graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info(*i) for i in inputs],
                               [helper.make_tensor_value_info(*(o if isinstance(o, tuple) else (o, F)), None) for o in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
-                                                    helper.make_opsetid(attention.DOMAIN, 1)])
+                                                    helper.make_opsetid(kernels.DOMAIN, 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    if any(n.domain == attention.DOMAIN for n in nodes):
-        attention.register(options, kernel=True)
+    if any(n.domain == kernels.DOMAIN for n in nodes):
+        kernels.register(options, kernel=True)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -63,7 +63,7 @@ def gqa_ms(rows, heads, kv, head, cached, capacity, threads, rng, int8_cache: bo
         attrs = dict(kv_cache_bit_width=8, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
         kv_type = TensorProto.INT8
     node = helper.make_node("GroupQueryAttention", inputs, ["out", "present_k", "present_v"],
-                            domain=attention.DOMAIN if kernel else "com.microsoft",
+                            domain=kernels.DOMAIN if kernel else "com.microsoft",
                             num_heads=heads, kv_num_heads=kv, scale=head ** -0.5, **attrs)
     pool = [(rows, kv, capacity, head)] * 2
     s = session([node], [("q", F, [rows, 1, heads * head]), ("k", F, [rows, 1, kv * head]), ("v", F, [rows, 1, kv * head]),
