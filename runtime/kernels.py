@@ -154,9 +154,9 @@ def use_int8_rows(model) -> int:
         if node.op_type == "Cast" and graph.attribute(node, "to") == 2:  # to uint8
             found = _quantization(graph, node)
             if found:
-                nodes, inputs = found
-                row_scales.add(nodes[-5].output[0])
-                fused[graph.position[id(node)]] = _node("RowQuantize", inputs, [node.output[0], nodes[-5].output[0]], node.name)
+                nodes, inputs, row_scale = found
+                row_scales.add(row_scale)
+                fused[graph.position[id(node)]] = _node("RowQuantize", inputs, [node.output[0], row_scale], node.name)
                 dropped.update(graph.position[id(n)] for n in nodes)
     for node in model.graph.node:
         if node.op_type == "Mul" and len(graph.dims(node.input[1]) or ()) == 1:  # by a column scale
@@ -178,9 +178,9 @@ def use_int8_rows(model) -> int:
     return len(fused)
 
 
-def _quantization(graph: "_Graph", cast) -> tuple[list, list[str]] | None:
-    """The nodes of one row quantization ending in `cast` (the last five: the row scale's Div,
-    x's Div, Round, Add, Cast) and RowQuantize's inputs; None when they are not that pattern."""
+def _quantization(graph: "_Graph", cast) -> tuple[list, list[str], str] | None:
+    """The nodes of one row quantization ending in `cast`, RowQuantize's inputs and the name of
+    the row scale it makes; None when they are not that pattern."""
     add = graph.made(cast.input[0], "Add")
     rounded = add and graph.scalar(add.input[1], 128.0) and graph.made(add.input[0], "Round")
     div = rounded and graph.made(rounded.input[0], "Div")
@@ -197,7 +197,7 @@ def _quantization(graph: "_Graph", cast) -> tuple[list, list[str]] | None:
     if smooth and graph.uses[x] == 2 and len(graph.dims(smooth.input[1]) or ()) == 1:  # x = input × a factor a channel
         nodes.insert(0, smooth)
         inputs = [smooth.input[0], smooth.input[1]]
-    return nodes, inputs
+    return nodes, inputs, scale.output[0]
 
 
 class _Graph:
