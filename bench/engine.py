@@ -80,13 +80,16 @@ def main() -> None:
             times = []
             for _ in range(3):
                 backend = make()
-                backend.generate(conversation(2), sampling=one)  # an agent's earlier step, as in a real run
+                # An agent's earlier step, as in a real run: a SAG agent's earlier steps sampled N
+                # candidates too, so its rows exist and their memory has been touched (fresh pages
+                # cost ~130 MB/s on this VM: copying a prompt's cache into 7 new rows took 0.3 s).
+                backend.generate_batch(conversation(2), [replace(sampling, seed=i) for i in range(n)], stop=prompts.STOP)
                 began = time.perf_counter()
                 gens = backend.generate_batch(messages, [replace(sampling, seed=i) for i in range(n)], stop=prompts.STOP)
                 times.append(time.perf_counter() - began)
             walls[n] = statistics.median(times)
         emit(figure="SAG step wall, N=8 vs N=1", backend=name, model=args.model, n1_s=round(walls[1], 3),
-             n8_s=round(walls[8], 3), ratio=round(walls[8] / walls[1], 2), goal=2.0,
+             n8_s=round(walls[8], 3), ratio=round(walls[8] / walls[1], 2), goal=1.5,
              tokens_n8=sum(g.completion_tokens for g in gens))
 
 
