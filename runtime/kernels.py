@@ -134,8 +134,7 @@ def use_attention(model) -> bool:
             return False
     for node in nodes:
         node.domain = DOMAIN
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.add(domain=DOMAIN, version=1)
+    _import_domain(model)
     return True
 
 
@@ -173,8 +172,7 @@ def use_int8_rows(model) -> int:
     nodes = [fused.get(i, n) for i, n in enumerate(model.graph.node) if i in fused or i not in dropped]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.add(domain=DOMAIN, version=1)
+    _import_domain(model)
     return len(fused)
 
 
@@ -241,6 +239,12 @@ class _Graph:
     @staticmethod
     def attribute(node, name: str) -> int | None:
         return next((a.i for a in node.attribute if a.name == name), None)
+
+
+def _import_domain(model) -> None:
+    """Declare the `attar` domain in `model`, once."""
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.add(domain=DOMAIN, version=1)
 
 
 def _node(op: str, inputs: list[str], outputs: list[str], name: str):

@@ -43,3 +43,14 @@ def tiny_onnx(tmp_path_factory, tiny_hf):
     out = tmp_path_factory.mktemp("tiny_onnx_parent") / "tiny-int4"
     export_model(tiny_hf, out, check=False, log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def library():
+    """attar's native kernels (`attar kernel build`), built once for the run; skipped only on a
+    machine with no C++ compiler."""
+    from attar.runtime import kernels
+
+    if kernels._compiler() is None:
+        pytest.skip("no C++ compiler")
+    return kernels.build(log=lambda m: None)

@@ -18,13 +18,6 @@ from attar.runtime import kernels
 MAX_POS = 512
 
 
-@pytest.fixture(scope="module")
-def library():
-    if kernels._compiler() is None:
-        pytest.skip("no C++ compiler")
-    return kernels.build(log=lambda m: None)
-
-
 def gqa_model(domain: str, heads: int, kv: int, head: int, packed: bool = True, rotary: int = 1, **extra) -> bytes:
     qkv = ["query", "", ""] if packed else ["query", "key", "value"]
     node = helper.make_node("GroupQueryAttention", qkv + ["past_key", "past_value", "seqlens_k", "total", "cos", "sin"],

@@ -16,13 +16,6 @@ from attar.runtime.gguf_import import DecoderBuilder, GraphWriter
 K, N = 64, 48
 
 
-@pytest.fixture(scope="module")
-def library():
-    if kernels._compiler() is None:
-        pytest.skip("no C++ compiler")
-    return kernels.build(log=lambda m: None)
-
-
 def projections(tmp_path) -> onnx.ModelProto:
     """x (rows × K) times two weights through the importer's own int8 path: one smoothed (as
     calibration makes it), one not; each output dequantized."""
