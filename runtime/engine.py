@@ -35,11 +35,15 @@ what else is in the batch.
   occurrence of its last few tokens; agents copy names, numbers and code from what they read)
   and keeps the model's tokens while they agree with the guess, several tokens for one step.
   onnxruntime computes a position the same, bit for bit, in every step of two or more tokens
-  whatever its width, and differently in a step of one (other kernels: `tests/test_engine.py`
-  checks both). So such a request never takes a one-token step, and its tokens do not depend on
-  what was guessed, nor on how its prompt was split between the cache and the prefill. Rows in a
-  batch step one token each: onnxruntime 1.32 can take guesses for every row in one step
-  (`query_seqlens`), but on 2 cores a guess costs more than it keeps from 4 rows up (README).
+  whatever its width; in a step of one, its attention runs other kernels, attar's does not
+  (`tests/test_engine.py` checks both). On attar's kernels, then, a request's tokens do not depend
+  on what was guessed, nor on whether it stepped alone or beside others: every engine speculates
+  there (a shared one's lone request is the last question of an eval, the teacher's slowest).
+  On onnxruntime's attention only an engine that serves one stream does (`speculate=True`), and
+  its request never takes a one-token step, so that its tokens depend neither on the guess nor
+  on how its prompt was split between the cache and the prefill; they can differ from the tokens
+  one-token steps beside others would give, at a near tie. Rows in a batch step one token each:
+  on 2 cores a guess costs more than it keeps from 4 rows up (README).
 """
 
 from __future__ import annotations
@@ -145,13 +149,15 @@ class Engine:
 
     def __init__(self, model: ExportDir, threads: int | None = None,
                  extra_inputs: dict[str, np.ndarray] | None = None, max_rows: int = 8, int8: bool = True,
-                 speculate: bool = False, prefill_chunk: int = PREFILL_CHUNK, kv_budget: int | None = None,
+                 speculate: bool | None = None, prefill_chunk: int = PREFILL_CHUNK, kv_budget: int | None = None,
                  kernel: bool | None = None):
         """`int8`: run the folder's int8 graph where it has one (`attar pull --int8`): the same
         decoder with its projections on the CPU's integer matrix units. One graph for every step,
-        so a request's tokens never depend on what else is in the batch. `speculate`: let a lone
-        greedy request check guessed tokens (see the module doc), for an engine that serves one
-        stream; off, every request steps one token at a time, alone or in a batch.
+        so a request's tokens never depend on what else is in the batch. `speculate`: whether a lone
+        greedy request checks guessed tokens (see the module doc). None: where that cannot change
+        its tokens, i.e. where a one-token step computes what a wider one does (checked at load:
+        `self.one_token_exact`; so on attar's kernels); True: there and on onnxruntime's ops too,
+        for an engine that serves one stream (an agent's own); False: never.
         `prefill_chunk`: while others decode, the most prompt tokens fed between two of their steps.
         `kv_budget`: the most bytes the KV pool may take (default: half the machine's memory); with
         `max_rows` rows it bounds each row's context (`self.context`), below the model's where it
@@ -176,9 +182,8 @@ class Engine:
         # Speculating, the LM head of attar's graphs sees the last LOOKAHEAD + 1 positions (the file
         # keeps one, genai's contract); a graph whose logits still keep one cannot check a guess.
         self.session, self.kernel = kernels.session(
-            self.graph, options, kernel, lambda graph: speculate and keep_last_positions(graph, LOOKAHEAD + 1))
+            self.graph, options, kernel, lambda graph: speculate is not False and keep_last_positions(graph, LOOKAHEAD + 1))
         logits = next(o for o in self.session.get_outputs() if o.name == self.shape.names["logits"])
-        self.speculate = speculate and logits.shape[1] != 1
         self.guessed = self.agreed = 0  # guessed tokens checked, and those the model agreed with
         inputs = {i.name for i in self.session.get_inputs()}
         if "position_ids" in inputs:
@@ -192,6 +197,8 @@ class Engine:
         if self.context < 2 * LOOKAHEAD:
             raise ValueError(f"a KV budget of {budget} bytes leaves {self.context} tokens a row for {max_rows} rows")
         self.pool = KVPool(self.shape, max_rows, self.context)
+        self.one_token_exact = speculate is not False and self._one_token_exact()
+        self.speculate = (speculate or (speculate is None and self.one_token_exact)) and logits.shape[1] != 1
         self.active: list[Request] = []  # the request in row i
         self.filling: Request | None = None  # the prompt being fed, in row len(active)
         self.chunk = prefill_chunk
@@ -316,15 +323,26 @@ class Engine:
                 have = common[donor]
                 pool.copy_prefix(donor, k, have)
         except Exception as exc:
-            pool.held[k] = []
+            pool.held[k], pool.last[k] = [], None
             request.finish(exc)
             return
-        # Two ids are fed at least (the last one's logits are the first sample's), so that the first
-        # token does not depend on how much was cached: one-token steps compute otherwise, and on the
-        # int8 graph enough so that a prompt asked twice could start its answer otherwise.
+        pool.touch(k, request.caller)
+        if have == len(ids) and pool.last[k] is not None and pool.last[k][0] == len(ids):
+            # The whole prompt and the logits after it are cached (N samples of one SAG prompt, a
+            # prompt asked again): the first token is sampled at once, nothing is fed.
+            request.reused = len(ids)
+            pool.held[k] = list(ids)
+            self.active.append(request)
+            if self._emit(request, self._pick(request, pool.last[k][1])):
+                self._release(k)
+            return
+        # Else two ids are fed at least (the last one's logits are the first sample's), so that the
+        # first token does not depend on how much was cached: one-token steps compute otherwise on
+        # onnxruntime's attention, on the int8 graph enough to start an answer otherwise.
         request.reused = max(0, min(have, len(ids) - 2))
         pool.held[k] = list(ids[:request.reused])
-        pool.touch(k, request.caller)
+        if pool.last[k] is not None and pool.last[k][0] > request.reused:
+            pool.last[k] = None
         self.filling = request
 
     def _fill(self, budget: int | None) -> int | None:
@@ -342,7 +360,7 @@ class Engine:
         try:
             logits = self._forward(k, k + 1, np.array([ids[have:have + n]], dtype=np.int64), [have])
         except Exception as exc:
-            self.pool.held[k] = []
+            self.pool.held[k], self.pool.last[k] = [], None
             self.filling = None
             request.finish(exc)
             return budget
@@ -352,6 +370,7 @@ class Engine:
         self.pool.held[k] = list(ids[:have + n])
         budget = None if budget is None else budget - n
         if have + n == len(ids):
+            self.pool.last[k] = (len(ids), logits[0, -1].copy())
             self.filling = None
             self.active.append(request)
             if self._emit(request, self._pick(request, logits[0, -1])):
@@ -378,7 +397,9 @@ class Engine:
         after it, fed together; the model's tokens are kept while they agree with the guess."""
         request, held = self.active[0], self.pool.held[0]
         room = min(self.pool.capacity, self.context) - len(held) - 1  # cache slots after the next token
-        guess = (lookup(held + [request.next], LOOKAHEAD) or [request.next])[:room]
+        # Where a one-token step computes otherwise, one is never taken: with no guess, the next
+        # token is fed twice (its second copy's logits are not used).
+        guess = (lookup(held + [request.next], LOOKAHEAD) or ([] if self.one_token_exact else [request.next]))[:room]
         fed = [request.next, *guess]
         began = time.perf_counter()
         logits = self._forward(0, 1, np.array([fed], dtype=np.int64), [len(held)])[0, -len(fed):]
@@ -430,6 +451,18 @@ class Engine:
         if self.filling is not None:  # the prompt being fed keeps the row just after the batch
             self.pool.swap(last + 1, last)
 
+    def _one_token_exact(self) -> bool:
+        """Whether a one-token step gives a position the logits, bit for bit, that a wider step
+        gives it. onnxruntime's GroupQueryAttention runs other kernels for one new token (max
+        |Δlogit| 0.26-0.92 on the default); attar's attention does not, nor do the projections
+        on the CPUs measured, but a projection's one-row kernel is the CPU library's choice: so
+        this is checked on the loaded model (three steps on an 8-token prompt) rather than assumed."""
+        ids = np.arange(1, 9, dtype=np.int64)[None]
+        wide = self._forward(0, 1, ids, [0])[0, -1]
+        self._forward(0, 1, ids[:, :-1], [0])
+        one = self._forward(0, 1, ids[:, -1:], [7])[0, -1]
+        return bool(np.array_equal(wide, one))
+
     def _forward(self, start: int, stop: int, ids: np.ndarray, past: list[int]) -> np.ndarray:
         """Feed `ids` (rows × S) to rows start..stop-1, whose caches hold `past` tokens each;
         the logits (rows × positions × vocabulary) after the last min(S, LOOKAHEAD + 1) ids of each
@@ -462,6 +495,10 @@ class KVPool:
         self.held: list[list[int]] = []  # per row: the ids whose KV it holds
         self.used: list[int] = []  # per row: when it last served a request (least recent is evicted)
         self.callers: list[int | None] = []  # per row: the thread whose request it last served
+        # Per row, where a prompt's prefill left them: (n, the logits after its first n held ids).
+        # Every step of two or more tokens computes a position the same, so they are what feeding
+        # those ids again would give.
+        self.last: list[tuple[int, np.ndarray] | None] = []
         self.clock = itertools.count()
         self.bindings: dict = {}
         self._allocate(1, min(GROW, context))
@@ -474,11 +511,14 @@ class KVPool:
 
     def forget(self) -> None:
         self.held = [[] for _ in self.held]
+        self.last = [None for _ in self.last]
 
     def copy_prefix(self, source: int, row: int, n: int) -> None:
-        """Row `row` gets the KV of the first n ids of row `source`."""
+        """Row `row` gets the KV of the first n ids of row `source` (and its logits after them)."""
         for buf in self.keys + self.values:
             buf[row, :, :n] = buf[source, :, :n]
+        last = self.last[source]
+        self.last[row] = last if last is not None and last[0] <= n else None
 
     def binding(self, session, extra: dict, start: int, stop: int):
         """An IO binding of `session` with rows start..stop-1 of each buffer as both past and
@@ -525,6 +565,7 @@ class KVPool:
         self.held += [[] for _ in range(rows - self.rows)]
         self.used += [-1] * (rows - self.rows)
         self.callers += [None] * (rows - self.rows)
+        self.last += [None] * (rows - self.rows)
         self.rows, self.capacity = rows, capacity
 
     def swap(self, a: int, b: int) -> None:
@@ -544,6 +585,7 @@ class KVPool:
         self.held[a], self.held[b] = self.held[b], self.held[a]
         self.used[a], self.used[b] = self.used[b], self.used[a]
         self.callers[a], self.callers[b] = self.callers[b], self.callers[a]
+        self.last[a], self.last[b] = self.last[b], self.last[a]
 
 
 def lookup(context: list[int], most: int) -> list[int]:

@@ -150,13 +150,14 @@ class EngineBackend(Backend):
     """An exported model run by attar's engine (`runtime/engine.py`) on the CPU, the one CPU
     backend: the KV cache outlives a call, so an agent's next step prefills only what was
     appended, the N samples of a SAG step share one prefill of their prompt, and calls from
-    several threads (agents run side by side) decode in one batch. `speculate` is for a backend
-    that serves one stream (an Agent's own): a lone greedy request then steps several tokens at
-    a time (`engine.py`), whose tokens can differ at a near tie from the one-token steps it would
-    take beside others."""
+    several threads (agents run side by side) decode in one batch. A lone greedy request steps
+    several tokens at a time where that leaves its tokens as they are (on attar's kernels);
+    `speculate=True`, for a backend that serves one stream (an Agent's own), lets it on
+    onnxruntime's ops too, whose tokens can differ at a near tie from the one-token steps it would
+    take beside others (`engine.py`)."""
 
     def __init__(self, model: str | os.PathLike | ExportDir, adapter: str | None = None, threads: int | None = None,
-                 max_rows: int = 8, int8: bool = True, speculate: bool = False, kernel: bool | None = None):
+                 max_rows: int = 8, int8: bool = True, speculate: bool | None = None, kernel: bool | None = None):
         folder = model if isinstance(model, ExportDir) else ExportDir.open(model)
         self.adapter = folder.choose_adapter(adapter)
         self.name = f"{folder.name}+{self.adapter}" if self.adapter else folder.name

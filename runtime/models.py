@@ -196,11 +196,11 @@ def gguf_path(name: str = "default", log: Callable[[str], None] = to_stderr) -> 
 
 
 def load_backend(model: str | os.PathLike | None, provider: str = "cpu", adapter: str | None = None,
-                 speculate: bool = False, rows: int = 8) -> Backend:
+                 speculate: bool | None = None, rows: int = 8) -> Backend:
     """A model argument as a user gives it: a catalog name, a folder, an http(s) URL
     (`URL#model`), or None for the default; `adapter` picks one of an export's LoRA adapters;
-    `speculate` for a backend that will serve one stream, `rows` the most requests it decodes in
-    one batch (more wait their turn) for one that serves many (`EngineBackend`)."""
+    `speculate=True` for a backend that will serve one stream, `rows` the most requests it
+    decodes in one batch (more wait their turn) for one that serves many (`EngineBackend`)."""
     if model is not None and str(model).startswith(("http://", "https://")):
         url, _, name = str(model).partition("#")
         return OpenAIBackend(url, name or "default")

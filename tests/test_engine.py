@@ -82,7 +82,12 @@ def test_batch_rows_share_one_prefill_and_match_single_generation(int8_dir):
     single = agent.generate(messages, sampling=GREEDY).text
     rows = agent.generate_batch(messages, [GREEDY] * 3)
     assert [g.text for g in rows] == [single] * 3
-    assert all(g.cached_tokens >= g.prompt_tokens - 2 for g in rows)  # the prompt was prefilled once (the last 2 ids are fed)
+    fresh = EngineBackend(int8_dir)
+    rows = fresh.generate_batch(messages, [GREEDY] * 3)
+    assert [g.text for g in rows] == [single] * 3
+    # The prompt was prefilled once: the other rows copied its cache and sampled from its logits.
+    assert fresh.engine.time.prefilled == rows[0].prompt_tokens
+    assert [g.cached_tokens for g in rows[1:]] == [g.prompt_tokens for g in rows[1:]]
     sampled = [replace(GREEDY, max_new_tokens=24, temperature=0.7, top_p=0.9, seed=s) for s in range(4)]
     again = EngineBackend(int8_dir)
     assert [g.text for g in agent.generate_batch(messages, sampled)] == \
@@ -96,12 +101,18 @@ def test_batch_rows_share_one_prefill_and_match_single_generation(int8_dir):
 
 
 def test_a_prompt_asked_again_starts_its_answer_the_same_on_the_int8_graph(int8_dir):
-    """The second time, the whole prompt is cached; its last ids are fed again in a step of two,
-    because a one-token step computes otherwise (on the int8 graph, enough to change this answer)."""
-    backend = EngineBackend(int8_dir)
-    story = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
-    first, again = (backend.generate(story, sampling=replace(GREEDY, max_new_tokens=12)) for _ in range(2))
-    assert again.text == first.text and again.cached_tokens == again.prompt_tokens - 2
+    """The second time, the whole prompt and the logits after it are cached: nothing is fed. A
+    prompt whose logits are gone (its row decoded past it and was rewound) feeds its last ids again
+    in a step of two, because on onnxruntime's attention a one-token step computes otherwise (on
+    the int8 graph, enough to change this answer)."""
+    for kernel in (False, None):
+        backend = EngineBackend(int8_dir, kernel=kernel)
+        story = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
+        first, again = (backend.generate(story, sampling=replace(GREEDY, max_new_tokens=12)) for _ in range(2))
+        assert again.text == first.text and again.cached_tokens == again.prompt_tokens
+        backend.engine.pool.last[0] = None
+        third = backend.generate(story, sampling=replace(GREEDY, max_new_tokens=12))
+        assert third.text == first.text and third.cached_tokens == third.prompt_tokens - 2
 
 
 def test_the_int8_graph_on_attars_row_ops_gives_the_bits_of_onnxruntimes_ops(int8_dir, monkeypatch):
@@ -300,35 +311,61 @@ def test_speculative_greedy_is_what_one_pass_over_the_whole_text_predicts(model_
     assert backend.engine.agreed > 0  # guesses were checked, and some were right: fewer steps than tokens
 
 
-def test_a_guess_never_changes_the_tokens(model_dir, monkeypatch):
+@pytest.mark.parametrize("kernel", [False, True], ids=["onnxruntime", "attar"])
+def test_a_guess_never_changes_the_tokens(model_dir, monkeypatch, kernel, request):
     import attar.runtime.engine as engine_module
     from attar.runtime.engine import Engine, Request
 
+    if kernel:
+        request.getfixturevalue("library")
     folder = ExportDir.open(model_dir)
     ids = EngineBackend(folder).encode(conversation("Write a Python function that returns the n-th prime, and test it."))
 
     def decode() -> tuple[list[int], Engine]:
-        engine = Engine(folder, speculate=True)
+        engine = Engine(folder, speculate=True, kernel=kernel)
         return engine.run(Request(ids, 48)).out, engine
 
     guessed, real = decode()
+    assert real.one_token_exact == kernel
     rng = np.random.default_rng(0)
     for guesser in (lambda context, most: [int(t) for t in rng.integers(0, 49152, most)],  # always wrong
-                    lambda context, most: [],  # no guess: the next token alone, repeated
+                    lambda context, most: [],  # no guess: the next token alone (twice, off attar's kernels)
                     lambda context, most: context[-most:]):
         monkeypatch.setattr(engine_module, "lookup", guesser)
         out, engine = decode()
         assert out == guessed
-        assert engine.guessed > 0
+        assert engine.guessed > 0 or kernel
     assert real.agreed > 0 and real.steps < len(guessed)
+    plain = Engine(folder, speculate=False, kernel=kernel).run(Request(ids, 48)).out
+    assert (plain == guessed) or not kernel  # on attar's kernels, the tokens of one-token steps too
 
 
-def test_an_agent_speculates_on_its_own_backend_only(model_dir):
+def test_an_agent_speculates_on_its_own_backend_and_a_shared_one_where_it_changes_no_token(model_dir):
     from attar.runtime.agent import Agent
 
     assert Agent(model_dir).backend.engine.speculate  # one stream: `attar chat`, the Python API
-    shared = EngineBackend(model_dir)  # serve, eval, the teacher: a request answers the same at any concurrency
-    assert not Agent(shared).backend.engine.speculate
+    shared = EngineBackend(model_dir, kernel=False)  # serve, eval, the teacher on onnxruntime's ops
+    assert not Agent(shared).backend.engine.speculate  # a request answers the same at any concurrency
+    assert not EngineBackend(model_dir, speculate=False).engine.speculate
+
+
+def test_on_attars_kernels_a_one_token_step_computes_what_a_wider_one_does(model_dir, int8_dir, library):
+    """So a shared backend speculates there: a lone request (the last question of an eval) answers
+    as it would beside others, one token a step; on both graphs."""
+    from attar.runtime.engine import Request
+
+    for folder, int8 in ((model_dir, False), (int8_dir, True)):
+        shared = EngineBackend(folder, int8=int8)
+        assert shared.engine.kernel and shared.engine.one_token_exact and shared.engine.speculate
+        assert not EngineBackend(folder, int8=int8, kernel=False).engine.one_token_exact  # onnxruntime's attention
+        ids = shared.encode(conversation("List the first 20 Fibonacci numbers using a loop."))
+        alone = shared.engine.run(Request(ids, 40)).out
+        plain = EngineBackend(folder, int8=int8, speculate=False).engine
+        other = plain.submit(Request(ids[:-3], 60))  # a neighbour in the batch
+        beside = plain.run(Request(ids, 40)).out
+        plain.wait(other)
+        assert alone == beside
+        assert shared.engine.steps < len(alone)
 
 
 def test_multi_token_steps_compute_a_position_the_same_whatever_their_width(model_dir, int8_dir):
