@@ -1,8 +1,8 @@
 """attar's engine beside onnxruntime-genai on the same export, one JSON line per figure:
 time to first token at each step of a 5-step agent conversation (the engine reuses its cache,
 genai prefills the conversation again), a SAG step of N=8 samples against N=1,
-`distill eval` with 8 questions in flight against one at a time (same predictions required),
-and a long prompt arriving while 4 requests decode, fed in chunks against fed whole ("mixed").
+`distill eval` with 8 questions in flight against one at a time (same predictions required; as
+it runs, and with batching alone: no speculation), and a long prompt arriving while 4 requests decode, fed in chunks against fed whole ("mixed").
 
     python bench/engine.py [--model NAME_OR_DIR] [--questions N]
 
@@ -75,10 +75,9 @@ def main() -> None:
     sampling = replace(SAG_SAMPLING, seed=0, max_new_tokens=64)
     messages = conversation(3)
     for name, make in backends:
-        walls = {}
-        for n in (1, 8):
-            times = []
-            for _ in range(3):
+        times = {1: [], 8: []}
+        for _ in range(3 if name == "onnxruntime-genai" else 5):
+            for n in times:  # N=1 and N=8 in turn: this VM's speed drifts within a run
                 backend = make()
                 # An agent's earlier step, as in a real run: a SAG agent's earlier steps sampled N
                 # candidates too, so its rows exist and their memory has been touched (fresh pages
@@ -86,8 +85,9 @@ def main() -> None:
                 backend.generate_batch(conversation(2), [replace(sampling, seed=i) for i in range(n)], stop=prompts.STOP)
                 began = time.perf_counter()
                 gens = backend.generate_batch(messages, [replace(sampling, seed=i) for i in range(n)], stop=prompts.STOP)
-                times.append(time.perf_counter() - began)
-            walls[n] = statistics.median(times)
+                times[n].append(time.perf_counter() - began)
+                backend.close()
+        walls = {n: statistics.median(t) for n, t in times.items()}
         emit(figure="SAG step wall, N=8 vs N=1", backend=name, model=args.model, n1_s=round(walls[1], 3),
              n8_s=round(walls[8], 3), ratio=round(walls[8] / walls[1], 2), goal=1.5,
              tokens_n8=sum(g.completion_tokens for g in gens))
@@ -133,35 +133,46 @@ def mixed(path, model: str, rows: int = 4, prompt: int = 1500) -> None:
 
 
 def concurrent_eval(model: str, n: int) -> None:
-    """The first n GSM-Hard questions through `distill eval`, 1 and then 8 in flight."""
+    """The first n GSM-Hard questions through `distill eval`, 1 and then 8 in flight: as it runs
+    (a lone greedy request speculates where that changes no token: on attar's kernels, the
+    questions of a 1-in-flight run and an 8-in-flight run's last ones), and with batching alone."""
+    import functools
     import tempfile
     from pathlib import Path
 
     from attar.distill import evaluate as evaluation
     from attar.distill.data import read_jsonl
+    from attar.runtime.models import load_backend
 
     questions = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "test" / "gsm_hard_500_20250507.json"
     backends = []  # the backend each run loads, for its engine's time accounts
     load = evaluation.load_model
     evaluation.load_model = lambda spec, rows=8: backends.append(load(spec, rows)) or backends[-1]
-    walls, predictions = {}, {}
-    for concurrency in (1, 8):
-        with tempfile.TemporaryDirectory() as out:
-            began = time.perf_counter()
-            summary = evaluation.evaluate(model, questions, out, limit=n, concurrency=concurrency, progress=False)
-            walls[concurrency] = time.perf_counter() - began
-            predictions[concurrency] = [(r["id"], r["prediction"]) for r in read_jsonl(Path(out) / "predictions.jsonl")]
-            accuracy = summary["accuracy"]
-        spent = backends.pop().engine.time  # the backend goes with it: two loaded models would share the memory
-        emit(figure="distill eval questions/hour", model=model, concurrency=concurrency, questions=n,
-             questions_per_hour=round(3600 * n / walls[concurrency], 1), accuracy=accuracy,
-             prefilled_per_question=round(spent.prefilled / n), prefill_s=round(spent.prefill_s, 1),
-             decode_s=round(spent.decode_s, 1), decoded_tokens=spent.decoded_rows,
-             decode_tokens_per_s=round(spent.decoded_rows / max(spent.decode_s, 1e-9), 1))
-    alone, batched = dict(predictions[1]), dict(predictions[8])
-    differ = sorted(str(q) for q in alone.keys() | batched.keys() if alone.get(q) != batched.get(q))
-    emit(figure="distill eval, 8 in flight vs 1", model=model, speedup=round(walls[1] / walls[8], 2), goal=3.0,
-         same_predictions=not differ, differing=differ[:8])
+    every = {}  # (speculation, concurrency): predictions
+    for speculation, speculate in (("lone rows", None), ("off", False)):
+        evaluation.load_backend = functools.partial(load_backend, speculate=speculate)
+        walls, predictions = {}, {}
+        for concurrency in (1, 8):
+            with tempfile.TemporaryDirectory() as out:
+                began = time.perf_counter()
+                summary = evaluation.evaluate(model, questions, out, limit=n, concurrency=concurrency, progress=False)
+                walls[concurrency] = time.perf_counter() - began
+                predictions[concurrency] = [(r["id"], r["prediction"]) for r in read_jsonl(Path(out) / "predictions.jsonl")]
+            engine = backends.pop().engine  # the backend goes with it: two loaded models would share the memory
+            spent = engine.time
+            emit(figure="distill eval questions/hour", model=model, concurrency=concurrency, speculation=speculation,
+                 speculating=engine.speculate, questions=n, questions_per_hour=round(3600 * n / walls[concurrency], 1),
+                 accuracy=summary["accuracy"], prefilled_per_question=round(spent.prefilled / n),
+                 prefill_s=round(spent.prefill_s, 1), decode_s=round(spent.decode_s, 1), decode_steps=engine.steps,
+                 row_steps=spent.decoded_rows)
+        every.update({(speculation, c): p for c, p in predictions.items()})
+        alone, batched = dict(predictions[1]), dict(predictions[8])
+        differ = sorted(str(q) for q in alone.keys() | batched.keys() if alone.get(q) != batched.get(q))
+        emit(figure="distill eval, 8 in flight vs 1", model=model, speculation=speculation,
+             speedup=round(walls[1] / walls[8], 2), goal=3.0, same_predictions=not differ, differing=differ[:8])
+    evaluation.load_backend = load_backend
+    emit(figure="distill eval, speculating vs not", model=model,
+         same_predictions=all(every[("lone rows", c)] == every[("off", c)] for c in (1, 8)))
 
 
 if __name__ == "__main__":

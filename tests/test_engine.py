@@ -2,11 +2,12 @@
 each optimisation (KV reuse across calls, rewind, shared prefill of a batch, batching across
 callers, cache growth, speculation) against the same engine without it.
 
-With speculation (on for an agent's own backend) a lone greedy request steps several tokens at
-a time, which onnxruntime computes with other kernels than one-token steps: that path is checked
-against one forward pass over the whole text, not against genai. Batch rows are compared with one-at-a-time decoding on
-the int8 graph, whose integer projections make a row's numbers independent of its batch; the
-exact graph's 4-bit kernels compute a batch of one otherwise than a batch of two or more."""
+With speculation a lone greedy request steps several tokens at a time. On onnxruntime's
+attention a one-token step runs other kernels than a wider one, so that path is checked against
+one forward pass over the whole text, not against genai; on attar's kernels a position computes
+the same in a step of any width, so there it is also checked against one-token steps. Batch rows
+are compared with one-at-a-time decoding on the int8 graph, whose integer projections make a
+row's numbers independent of its batch on any CPU."""
 
 import threading
 
