@@ -314,12 +314,15 @@ def test_speculative_greedy_is_what_one_pass_over_the_whole_text_predicts(model_
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["onnxruntime", "attar"])
 def test_a_guess_never_changes_the_tokens(model_dir, monkeypatch, kernel, request):
+    """On onnxruntime's ops, on the exact graph; on attar's kernels, on the int8 graph, where a
+    one-token step computes what a wider one does on any CPU (integer projections, and attar's
+    attention), so the speculating tokens are also those of one-token steps."""
     import attar.runtime.engine as engine_module
     from attar.runtime.engine import Engine, Request
 
     if kernel:
         request.getfixturevalue("library")
-    folder = ExportDir.open(model_dir)
+    folder = ExportDir.open(request.getfixturevalue("int8_dir") if kernel else model_dir)
     ids = EngineBackend(folder).encode(conversation("Write a Python function that returns the n-th prime, and test it."))
 
     def decode() -> tuple[list[int], Engine]:
@@ -327,7 +330,7 @@ def test_a_guess_never_changes_the_tokens(model_dir, monkeypatch, kernel, reques
         return engine.run(Request(ids, 48)).out, engine
 
     guessed, real = decode()
-    assert real.one_token_exact == kernel
+    assert real.one_token_exact or not kernel
     rng = np.random.default_rng(0)
     for guesser in (lambda context, most: [int(t) for t in rng.integers(0, 49152, most)],  # always wrong
                     lambda context, most: [],  # no guess: the next token alone (twice, off attar's kernels)
@@ -346,19 +349,24 @@ def test_an_agent_speculates_on_its_own_backend_and_a_shared_one_where_it_change
 
     assert Agent(model_dir).backend.engine.speculate  # one stream: `attar chat`, the Python API
     shared = EngineBackend(model_dir, kernel=False)  # serve, eval, the teacher on onnxruntime's ops
-    assert not Agent(shared).backend.engine.speculate  # a request answers the same at any concurrency
+    # Only where a request answers the same at any concurrency (not on onnxruntime's attention here).
+    assert Agent(shared).backend.engine.speculate == shared.engine.one_token_exact
     assert not EngineBackend(model_dir, speculate=False).engine.speculate
 
 
 def test_on_attars_kernels_a_one_token_step_computes_what_a_wider_one_does(model_dir, int8_dir, library):
     """So a shared backend speculates there: a lone request (the last question of an eval) answers
-    as it would beside others, one token a step; on both graphs."""
+    as it would beside others, one token a step. On the int8 graph on any CPU; on the exact graph
+    where the CPU library's 4-bit kernel computes one row as it does several (it does on the AVX-512
+    EPYC this was written on)."""
     from attar.runtime.engine import Request
 
     for folder, int8 in ((model_dir, False), (int8_dir, True)):
         shared = EngineBackend(folder, int8=int8)
-        assert shared.engine.kernel and shared.engine.one_token_exact and shared.engine.speculate
-        assert not EngineBackend(folder, int8=int8, kernel=False).engine.one_token_exact  # onnxruntime's attention
+        assert shared.engine.kernel and shared.engine.speculate == shared.engine.one_token_exact
+        if not shared.engine.one_token_exact:
+            assert not int8  # integer projections and attar's attention: no CPU computes one row otherwise
+            continue
         ids = shared.encode(conversation("List the first 20 Fibonacci numbers using a loop."))
         alone = shared.engine.run(Request(ids, 40)).out
         plain = EngineBackend(folder, int8=int8, speculate=False).engine
