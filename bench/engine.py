@@ -2,7 +2,8 @@
 time to first token at each step of a 5-step agent conversation (the engine reuses its cache,
 genai prefills the conversation again), a SAG step of N=8 samples against N=1,
 `distill eval` with 8 questions in flight against one at a time (same predictions required; as
-it runs, and with batching alone: no speculation), and a long prompt arriving while 4 requests decode, fed in chunks against fed whole ("mixed").
+it runs, and with batching alone: no speculation), and a long prompt arriving while 4 requests
+decode, fed in chunks against fed whole ("mixed").
 
     python bench/engine.py [--model NAME_OR_DIR] [--questions N]
 

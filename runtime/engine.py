@@ -323,7 +323,7 @@ class Engine:
                 have = common[donor]
                 pool.copy_prefix(donor, k, have)
         except Exception as exc:
-            pool.held[k], pool.last[k] = [], None
+            pool.hold(k, [])
             request.finish(exc)
             return
         pool.touch(k, request.caller)
@@ -331,7 +331,7 @@ class Engine:
             # The whole prompt and the logits after it are cached (N samples of one SAG prompt, a
             # prompt asked again): the first token is sampled at once, nothing is fed.
             request.reused = len(ids)
-            pool.held[k] = list(ids)
+            pool.hold(k, ids)
             self.active.append(request)
             if self._emit(request, self._pick(request, pool.last[k][1])):
                 self._release(k)
@@ -340,9 +340,7 @@ class Engine:
         # first token does not depend on how much was cached: one-token steps compute otherwise on
         # onnxruntime's attention, on the int8 graph enough to start an answer otherwise.
         request.reused = max(0, min(have, len(ids) - 2))
-        pool.held[k] = list(ids[:request.reused])
-        if pool.last[k] is not None and pool.last[k][0] > request.reused:
-            pool.last[k] = None
+        pool.hold(k, ids[:request.reused])
         self.filling = request
 
     def _fill(self, budget: int | None) -> int | None:
@@ -360,14 +358,14 @@ class Engine:
         try:
             logits = self._forward(k, k + 1, np.array([ids[have:have + n]], dtype=np.int64), [have])
         except Exception as exc:
-            self.pool.held[k], self.pool.last[k] = [], None
+            self.pool.hold(k, [])
             self.filling = None
             request.finish(exc)
             return budget
         finally:
             self.time.prefill_s += time.perf_counter() - began
         self.time.prefilled += n
-        self.pool.held[k] = list(ids[:have + n])
+        self.pool.hold(k, ids[:have + n])
         budget = None if budget is None else budget - n
         if have + n == len(ids):
             self.pool.last[k] = (len(ids), logits[0, -1].copy())
@@ -512,6 +510,13 @@ class KVPool:
     def forget(self) -> None:
         self.held = [[] for _ in self.held]
         self.last = [None for _ in self.last]
+
+    def hold(self, row: int, ids: list[int]) -> None:
+        """Row `row` now holds the KV of `ids`, which keep the prefix it held (a prompt cut back to
+        what it shares, or fed further); its prompt logits go with ids it no longer holds."""
+        self.held[row] = list(ids)
+        if self.last[row] is not None and self.last[row][0] > len(ids):
+            self.last[row] = None
 
     def copy_prefix(self, source: int, row: int, n: int) -> None:
         """Row `row` gets the KV of the first n ids of row `source` (and its logits after them)."""
