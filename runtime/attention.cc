@@ -86,19 +86,7 @@ void place(void* data, size_t item) {
   }
 }
 
-// Sixteen floats as one value: GCC/Clang vector extensions compile to one AVX-512 register, two
-// AVX2 ones or four SSE ones, so the kernel is portable C++ that still vectorizes everywhere.
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
 constexpr i16 LANES = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
-inline v16 load(const float* p) {
-  v16 x;
-  std::memcpy(&x, p, sizeof x);
-  return x;
-}
-
-inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
 
 // exp(x) for x <= 0 (scores minus their maximum), lane by lane: 2^n by the exponent bits, e^r on
 // |r| <= ln2/2 by its Taylor series to degree 7 (relative error under 1e-7, as good as the float

@@ -25,6 +25,22 @@ int64_t leading(const std::vector<int64_t>& shape) {
   return rows;
 }
 
+// max |x[i]| over a row, NaNs passed over (as std::max(peak, NaN) does). Sixteen lanes side by
+// side: a maximum is exact in any order, so this is the one-at-a-time loop's result, which the
+// compiler leaves scalar (a chain of dependent maxima, most of RowQuantize's time).
+float largest_magnitude(const float* x, int64_t n) {
+  v16 top = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 a = (v16)((i16)load(x + i) & 0x7fffffff);  // |x|: the sign bit cleared
+    top = a > top ? a : top;
+  }
+  float peak = 0.0f;
+  for (int lane = 0; lane < 16; ++lane) peak = std::max(peak, top[lane]);
+  for (; i < n; ++i) peak = std::max(peak, std::fabs(x[i]));
+  return peak;
+}
+
 // RowQuantize(x[, smooth]) -> (codes uint8, scale float (..., 1)): per row of x (x times smooth,
 // one factor a channel, when given: SmoothQuant's division, folded into the weights),
 // scale = max(max|x|, 1e-8) / 127 and codes = round_half_to_even(x / scale) + 128.
@@ -56,8 +72,7 @@ struct RowQuantize {
         for (int64_t i = 0; i < width; ++i) row[i] = xr[i] * s[i];
         xr = row.data();
       }
-      float peak = 0.0f;
-      for (int64_t i = 0; i < width; ++i) peak = std::max(peak, std::fabs(xr[i]));
+      const float peak = largest_magnitude(xr, width);
       const float step = std::max(peak, 1e-8f) / 127.0f;
       scale[r] = step;
       uint8_t* o = out + r * width;
