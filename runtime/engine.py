@@ -48,6 +48,7 @@ what else is in the batch.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -73,6 +74,12 @@ LOOKAHEAD = 5
 # newcomer's first token no later: `bench/engine.py --only mixed`).
 PREFILL_CHUNK = 256
 KV_DTYPE = np.float32  # the graphs' past/present type: GroupQueryAttention's fp16 CPU kernel is slower (README)
+# Sampling reads each position's CANDIDATES largest logits, which the graph picks with a TopK node
+# the engine adds in memory (on onnxruntime's threads, ~0.1 ms a row): numpy took ~0.35 ms a row to
+# find them among the default's 151,936, a fifteenth of a SAG step of 8 rows. A request asking for
+# more (top_k 0, or above CANDIDATES) is sampled from the whole vocabulary's logits.
+CANDIDATES = 64
+TOP_NAMES = ("attar/top_logits", "attar/top_ids")  # the graph outputs that TopK adds
 
 
 def memory_budget() -> int:
@@ -112,6 +119,25 @@ class Timing:
     decode_s: float = 0.0
     prefilled: int = 0
     decoded_rows: int = 0
+
+
+class Scores:
+    """A forward call's logits as sampling reads them, per row and kept position: the CANDIDATES
+    largest, largest first (ties: the lower id first, as np.argmax), with their ids; and the whole
+    vocabulary's, copied out of onnxruntime only when read (greedy and top-k sampling do not)."""
+
+    def __init__(self, top: np.ndarray, ids: np.ndarray, read_logits: Callable[[], np.ndarray]):
+        self.top, self.ids, self._read = top, ids, read_logits
+
+    @functools.cached_property
+    def logits(self) -> np.ndarray:  # rows × positions × vocabulary
+        return self._read()
+
+    def keep(self, row: int) -> Scores:
+        """Row `row`'s scores at its last position, copied (a row keeps its prompt's: `KVPool.last`)."""
+        pick = (slice(row, row + 1), slice(-1, None))
+        logits = self.logits[pick].copy()
+        return Scores(self.top[pick].copy(), self.ids[pick].copy(), lambda: logits)
 
 
 @dataclass(eq=False)
@@ -181,8 +207,13 @@ class Engine:
         self.graph = model.graph(int8)
         # Speculating, the LM head of attar's graphs sees the last LOOKAHEAD + 1 positions (the file
         # keeps one, genai's contract); a graph whose logits still keep one cannot check a guess.
-        self.session, self.kernel = kernels.session(
-            self.graph, options, kernel, lambda graph: speculate is not False and keep_last_positions(graph, LOOKAHEAD + 1))
+        def edit(graph) -> bool:
+            if speculate is not False:
+                keep_last_positions(graph, LOOKAHEAD + 1)
+            add_top(graph, self.shape.names["logits"])
+            return True
+
+        self.session, self.kernel = kernels.session(self.graph, options, kernel, edit)
         logits = next(o for o in self.session.get_outputs() if o.name == self.shape.names["logits"])
         self.guessed = self.agreed = 0  # guessed tokens checked, and those the model agreed with
         inputs = {i.name for i in self.session.get_inputs()}
@@ -333,7 +364,7 @@ class Engine:
             request.reused = len(ids)
             pool.hold(k, ids)
             self.active.append(request)
-            if self._emit(request, self._pick(request, pool.last[k][1])):
+            if self._emit(request, self._pick(request, pool.last[k][1], 0)):
                 self._release(k)
             return
         # Else two ids are fed at least (the last one's logits are the first sample's), so that the
@@ -356,7 +387,7 @@ class Engine:
                 return 0
         began = time.perf_counter()
         try:
-            logits = self._forward(k, k + 1, np.array([ids[have:have + n]], dtype=np.int64), [have])
+            scores = self._forward(k, k + 1, np.array([ids[have:have + n]], dtype=np.int64), [have])
         except Exception as exc:
             self.pool.hold(k, [])
             self.filling = None
@@ -368,10 +399,10 @@ class Engine:
         self.pool.hold(k, ids[:have + n])
         budget = None if budget is None else budget - n
         if have + n == len(ids):
-            self.pool.last[k] = (len(ids), logits[0, -1].copy())
+            self.pool.last[k] = (len(ids), scores.keep(0))
             self.filling = None
             self.active.append(request)
-            if self._emit(request, self._pick(request, logits[0, -1])):
+            if self._emit(request, self._pick(request, scores, 0)):
                 self._release(k)
         return budget
 
@@ -380,13 +411,13 @@ class Engine:
         k = len(self.active)
         tokens = np.array([[r.next] for r in self.active], dtype=np.int64)
         began = time.perf_counter()
-        logits = self._forward(0, k, tokens, [len(self.pool.held[i]) for i in range(k)])
+        scores = self._forward(0, k, tokens, [len(self.pool.held[i]) for i in range(k)])
         self.time.decode_s += time.perf_counter() - began
         self.time.decoded_rows += k
         self.steps += 1
         for i, request in enumerate(self.active):
             self.pool.held[i].append(request.next)
-        finished = [i for i, request in enumerate(self.active) if self._emit(request, self._pick(request, logits[i, -1]))]
+        finished = [i for i, request in enumerate(self.active) if self._emit(request, self._pick(request, scores, i))]
         for i in reversed(finished):
             self._release(i)
 
@@ -400,13 +431,13 @@ class Engine:
         guess = (lookup(held + [request.next], LOOKAHEAD) or ([] if self.one_token_exact else [request.next]))[:room]
         fed = [request.next, *guess]
         began = time.perf_counter()
-        logits = self._forward(0, 1, np.array([fed], dtype=np.int64), [len(held)])[0, -len(fed):]
+        best = self._forward(0, 1, np.array([fed], dtype=np.int64), [len(held)]).ids[0, -len(fed):, 0]  # argmax each
         self.time.decode_s += time.perf_counter() - began
         self.time.decoded_rows += 1
         self.steps += 1
         for j, token in enumerate(fed):
             held.append(token)
-            chosen = int(np.argmax(logits[j]))
+            chosen = int(best[j])
             if j < len(guess):
                 self.guessed += 1
                 self.agreed += chosen == guess[j]
@@ -417,8 +448,10 @@ class Engine:
                 return
 
     @staticmethod
-    def _pick(request: Request, logits: np.ndarray) -> int:
-        return sample(logits, request.temperature, request.top_p, request.top_k, request.rng)
+    def _pick(request: Request, scores: Scores, row: int) -> int:
+        """The request's next token from row `row` of a step's scores, at its last position."""
+        return sample(scores.top[row, -1], scores.ids[row, -1], lambda: scores.logits[row, -1], request.temperature,
+                      request.top_p, request.top_k, request.rng)
 
     def _emit(self, request: Request, token: int) -> bool:
         """Give the request its next token; True when the request has ended."""
@@ -456,15 +489,15 @@ class Engine:
         on the CPUs measured, but a projection's one-row kernel is the CPU library's choice: so
         this is checked on the loaded model (three steps on an 8-token prompt) rather than assumed."""
         ids = np.arange(1, 9, dtype=np.int64)[None]
-        wide = self._forward(0, 1, ids, [0])[0, -1]
+        wide = self._forward(0, 1, ids, [0]).logits[0, -1]
         self._forward(0, 1, ids[:, :-1], [0])
-        one = self._forward(0, 1, ids[:, -1:], [7])[0, -1]
+        one = self._forward(0, 1, ids[:, -1:], [7]).logits[0, -1]
         return bool(np.array_equal(wide, one))
 
-    def _forward(self, start: int, stop: int, ids: np.ndarray, past: list[int]) -> np.ndarray:
+    def _forward(self, start: int, stop: int, ids: np.ndarray, past: list[int]) -> Scores:
         """Feed `ids` (rows × S) to rows start..stop-1, whose caches hold `past` tokens each;
-        the logits (rows × positions × vocabulary) after the last min(S, LOOKAHEAD + 1) ids of each
-        row (after the last only, or after all S, as the graph gives them)."""
+        the scores (rows × positions × ...) after the last min(S, LOOKAHEAD + 1) ids of each row
+        (after the last only, or after all S, as the graph gives them)."""
         names = self.shape.names
         rows, new = ids.shape
         total = max(past) + new
@@ -474,9 +507,11 @@ class Engine:
         io = self.pool.binding(self.session, self.extra, start, stop)
         io.bind_cpu_input(names["input_ids"], ids)
         io.bind_cpu_input(names["attention_mask"], mask)
-        io.bind_output(names["logits"])
+        for name in (names["logits"], *TOP_NAMES):
+            io.bind_output(name)
         self.session.run_with_iobinding(io)
-        return io.get_outputs()[-1].numpy()
+        logits, top, top_ids = io.get_outputs()[-3:]
+        return Scores(top.numpy(), top_ids.numpy(), logits.numpy)
 
 
 class KVPool:
@@ -593,6 +628,21 @@ class KVPool:
         self.last[a], self.last[b] = self.last[b], self.last[a]
 
 
+def add_top(model, logits: str) -> None:
+    """Give an onnx.ModelProto two more outputs (TOP_NAMES): each position's CANDIDATES largest
+    `logits` (all of them in a smaller vocabulary), largest first, and their ids. onnx's TopK
+    puts equal values in the order of their ids, as np.argmax picks the first."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = next(o for o in model.graph.output if o.name == logits)
+    vocabulary = out.type.tensor_type.shape.dim[-1].dim_value  # 0 where the file does not say
+    k = min(CANDIDATES, vocabulary or CANDIDATES)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([k], np.int64), "attar/top_k"))
+    model.graph.node.append(helper.make_node("TopK", [logits, "attar/top_k"], list(TOP_NAMES), "attar/top", axis=-1))
+    model.graph.output.extend([helper.make_tensor_value_info(TOP_NAMES[0], TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info(TOP_NAMES[1], TensorProto.INT64, None)])
+
+
 def lookup(context: list[int], most: int) -> list[int]:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last
     n tokens, as many as n (at most `most`), for the longest n ≤ `most` that occurred before."""
@@ -624,9 +674,9 @@ def _common(a: list[int], b: list[int]) -> int:
 
 
 def largest(logits: np.ndarray, k: int) -> np.ndarray:
-    """The indices of the k largest logits, in no order. Partitioning a 150,000-token vocabulary
-    costs 1.3 ms a row here, a SAG step of 8 rows a third of its model time; the top 50 lie near
-    the maximum, so the logits within a margin of it (widened until at least k pass) are
+    """The indices of the k largest logits, in no order (sampling's way for a top-k above
+    CANDIDATES). Partitioning a 150,000-token vocabulary costs 1.3 ms a row here; the top k lie
+    near the maximum, so the logits within a margin of it (widened until at least k pass) are
     partitioned instead, a few hundred in a pass over memory."""
     if k >= logits.size:
         return np.arange(logits.size)
@@ -647,18 +697,24 @@ def largest(logits: np.ndarray, k: int) -> np.ndarray:
     return near[np.argpartition(-logits[near], k - 1)[:k]]
 
 
-def sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:
+def sample(top: np.ndarray, ids: np.ndarray, logits: Callable[[], np.ndarray], temperature: float, top_p: float,
+           top_k: int, rng: np.random.Generator) -> int:
     """Greedy at temperature 0, else softmax(logits / T) restricted to the top-k, then to the
-    smallest set whose probability reaches top-p."""
+    smallest set whose probability reaches top-p. `top` and `ids`: the largest logits, largest
+    first (ties: the lower id first) and their ids; `logits()`: all of them, read only for a
+    top-k larger than that (or 0: the whole vocabulary)."""
     if temperature <= 0:
-        return int(np.argmax(logits))
-    k = min(top_k, logits.size) if top_k and top_k > 0 else logits.size
-    top = largest(logits, k)  # dividing by T > 0 keeps the order: select first
-    top = top[np.argsort(-logits[top], kind="stable")]
-    x = logits[top].astype(np.float64) / temperature
+        return int(ids[0])
+    k = top_k if top_k > 0 else 1 << 62
+    if k > top.size:
+        everything = logits()
+        ids = np.sort(largest(everything, min(k, everything.size)))  # dividing by T > 0 keeps the order: select first
+        ids = ids[np.argsort(-everything[ids], kind="stable")]
+        top = everything[ids]
+    x = top[:k].astype(np.float64) / temperature
     p = np.exp(x - x[0])
     p /= p.sum()
     if top_p < 1.0:
         cut = int(np.searchsorted(np.cumsum(p), top_p)) + 1
-        top, p = top[:cut], p[:cut] / p[:cut].sum()
-    return int(top[rng.choice(len(top), p=p)])
+        p = p[:cut] / p[:cut].sum()
+    return int(ids[rng.choice(len(p), p=p)])

@@ -131,8 +131,8 @@ def test_the_int8_graph_on_attars_row_ops_gives_the_bits_of_onnxruntimes_ops(int
     logits = []
     for engine in engines:
         engine.pool.reserve(3, 64)
-        logits.append([engine._forward(0, 3, ids, [0, 0, 0]), engine._forward(0, 3, ids[:, :1], [30, 30, 30]),
-                       engine._forward(0, 1, ids[:1, :2], [31])])
+        logits.append([engine._forward(0, 3, ids, [0, 0, 0]).logits, engine._forward(0, 3, ids[:, :1], [30, 30, 30]).logits,
+                       engine._forward(0, 1, ids[:1, :2], [31]).logits])
     for fused, plain in zip(*logits):
         assert np.array_equal(fused, plain)
 
@@ -391,7 +391,7 @@ def test_multi_token_steps_compute_a_position_the_same_whatever_their_width(mode
             engine._forward(0, 1, np.array([ids[:100]], dtype=np.int64), [0])  # a prompt
             seen = {}
             for at, width in enumerate(widths, start=100):  # feed `width` ids, keep the first one's logits
-                out = engine._forward(0, 1, np.array([ids[at:at + width]], dtype=np.int64), [at])[0]
+                out = engine._forward(0, 1, np.array([ids[at:at + width]], dtype=np.int64), [at]).logits[0]
                 seen[at] = out[len(out) - width]
             return seen
 
@@ -411,7 +411,7 @@ def test_a_row_of_the_int8_graph_does_not_depend_on_the_others(int8_dir):
     engine.pool.reserve(4, 64)
     first = np.array([[1, 2, 3, 4, 5, 6]], dtype=np.int64)
     others = {0: np.array([[7, 8, 9, 10, 11, 12]] * 3), 1: np.array([[20000, 3, 40000, 5, 600, 7]] * 3)}
-    rows = [engine._forward(0, 4, np.concatenate([first, others[k]]).astype(np.int64), [0] * 4)[0] for k in others]
+    rows = [engine._forward(0, 4, np.concatenate([first, others[k]]).astype(np.int64), [0] * 4).logits[0] for k in others]
     np.testing.assert_allclose(rows[0], rows[1], atol=1e-5)  # per-row quantization: nothing leaks across rows
 
 
@@ -460,3 +460,29 @@ def test_the_top_k_found_near_the_maximum_are_the_top_k_of_the_whole_vocabulary(
             k = int(rng.integers(1, 400))
             assert sorted(largest(logits, k)) == sorted(np.argsort(-logits, kind="stable")[:k])
     assert sorted(largest(np.zeros(10, np.float32), 10)) == list(range(10))
+
+
+def test_sampling_from_the_graphs_candidates_is_sampling_from_the_whole_vocabulary(model_dir):
+    # The graph's TopK hands sampling 64 logits a position; a top-k of at most that many must draw
+    # what the whole vocabulary's logits would give with the same seed, and greedy take the argmax.
+    from attar.runtime.engine import CANDIDATES, Engine, sample
+
+    engine = Engine(ExportDir.open(model_dir), speculate=True)  # several positions a step
+    engine.pool.reserve(1, 64)
+    scores = engine._forward(0, 1, np.random.default_rng(2).integers(300, 40000, (1, 40)), [0])
+    assert scores.top.shape[1:] == scores.ids.shape[1:] == (6, CANDIDATES)
+    nothing = np.zeros(0, np.float32)
+    for position in range(6):
+        logits = scores.logits[0, position]
+        top, ids = scores.top[0, position], scores.ids[0, position]
+        assert ids[0] == np.argmax(logits) and np.array_equal(top, logits[ids])
+        assert list(ids) == list(np.argsort(-logits, kind="stable")[:CANDIDATES])
+        assert sample(top, ids, lambda: logits, 0.0, 1.0, 50, np.random.default_rng(0)) == ids[0]  # greedy
+        for temperature, top_p, top_k in ((0.4, 0.8, 50), (1.0, 1.0, 64), (2.0, 0.95, 7)):
+            for seed in range(5):
+                drawn = sample(top, ids, lambda: logits, temperature, top_p, top_k, np.random.default_rng(seed))
+                whole = sample(nothing, nothing, lambda: logits, temperature, top_p, top_k, np.random.default_rng(seed))
+                assert drawn == whole
+    read = []  # a larger top-k reads the whole vocabulary
+    sample(top, ids, lambda: read.append(1) or logits, 1.0, 1.0, 0, np.random.default_rng(0))
+    assert read == [1]
