@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ["torch", "transformers", "peft", "trl", "optimum"]
 
 PROBE = """
@@ -43,3 +45,26 @@ def test_runtime_install_resolves_without_training_libraries(tmp_path):
     names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
     assert "onnxruntime-genai" in names and "wasmtime" in names and "usearch" in names
     assert not names & {"torch", "transformers", "peft", "trl", "optimum", "optimum-onnx"}
+
+
+def test_commands_that_load_a_model_rerun_with_huge_pages_asked_of_malloc():
+    # `attar chat`, `serve` and `distill` start again with glibc's malloc asking for transparent
+    # huge pages (the weights a decode step streams); ATTAR_HUGE_PAGES=0 keeps 4 KiB pages.
+    import os
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if platform.libc_ver()[0] != "glibc" or not thp.is_file() or "[never]" in thp.read_text():
+        pytest.skip("needs Linux with glibc and transparent huge pages")
+    code = ("import os; from attar.runtime import cli; cli._rerun_with_huge_pages(); b = bytearray(64 << 20); "
+            "print(os.environ.get('GLIBC_TUNABLES', '-'), next(int(line.split()[1]) for line in "
+            "open('/proc/self/smaps_rollup') if line.startswith('AnonHugePages')))")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "ATTAR_HUGE_PAGES")}
+    tunables, huge = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                    check=True).stdout.split()
+    assert tunables == "glibc.malloc.hugetlb=1" and int(huge) >= 32 << 10  # kB of the 64 MiB in huge pages
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "ATTAR_HUGE_PAGES": "0"}).stdout.split()
+    assert off == ["-", "0"]
