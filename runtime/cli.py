@@ -78,7 +78,7 @@ def _rerun_with_huge_pages() -> None:
     huge pages on request; ATTAR_HUGE_PAGES=0 turns it off."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "malloc.hugetlb" in tunables \
-            or os.environ.get("ATTAR_HUGE_PAGES") == "0":
+            or os.environ.get("ATTAR_HUGE_PAGES") == "0" or not sys.executable:
         return
     try:
         if "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
