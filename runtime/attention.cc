@@ -107,17 +107,7 @@ inline v16 exp_nonpositive(v16 x) {
   return p * (v16)bits;  // the bits as floats: 2^n
 }
 
-// The largest and the sum of the 16 lanes, always in the same order (a halving tree).
-inline float max_lanes(v16 x) {
-  v16 y = __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  x = x > y ? x : y;
-  y = __builtin_shuffle(x, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  x = x > y ? x : y;
-  y = __builtin_shuffle(x, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  x = x > y ? x : y;
-  return std::max(x[0], x[1]);
-}
-
+// The sum of the 16 lanes, always in the same order (a halving tree), as max_lanes (kernels.h).
 inline float add_lanes(v16 x) {
   x += __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
   x += __builtin_shuffle(x, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});

@@ -35,8 +35,7 @@ float largest_magnitude(const float* x, int64_t n) {
     const v16 a = (v16)((i16)load(x + i) & 0x7fffffff);  // |x|: the sign bit cleared
     top = a > top ? a : top;
   }
-  float peak = 0.0f;
-  for (int lane = 0; lane < 16; ++lane) peak = std::max(peak, top[lane]);
+  float peak = max_lanes(top);
   for (; i < n; ++i) peak = std::max(peak, std::fabs(x[i]));
   return peak;
 }

@@ -6,6 +6,7 @@
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -84,6 +85,17 @@ inline v16 load(const float* p) {
 }
 
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
+
+// The largest of the 16 lanes, always in the same order (a halving tree).
+inline float max_lanes(v16 x) {
+  v16 y = __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  x = x > y ? x : y;
+  y = __builtin_shuffle(x, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  x = x > y ? x : y;
+  y = __builtin_shuffle(x, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  x = x > y ? x : y;
+  return std::max(x[0], x[1]);
+}
 
 // Each source file adds its ops to the library's one domain, "attar".
 void add_attention(Ort::CustomOpDomain& domain);

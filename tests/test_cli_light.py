@@ -52,7 +52,6 @@ def test_commands_that_load_a_model_rerun_with_huge_pages_asked_of_malloc():
     # huge pages (the weights a decode step streams); ATTAR_HUGE_PAGES=0 keeps 4 KiB pages.
     import os
     import platform
-    import subprocess
     from pathlib import Path
 
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
