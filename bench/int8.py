@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attar.runtime import prompts
+from attar.runtime import kernels, prompts
 from attar.runtime.engine import Engine, Request
 from attar.runtime.llm import EngineBackend
 from attar.runtime.modeldir import ExportDir
@@ -31,9 +31,11 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def timed_ms(engine: Engine, ids: np.ndarray, past: int, repeat: int, fill: bool = True) -> list[float]:
+def timed_ms(engine: Engine, ids: np.ndarray, past: int, repeat: int, fill: bool = True,
+             shares: np.ndarray = kernels.NO_SHARES) -> list[float]:
     """ms of each of `repeat` runs of one step feeding `ids` (rows × new) to caches of `past` tokens
-    (`fill`: of real numbers first; False: as the last call left them)."""
+    (`fill`: of real numbers first, each row its own; False: as the last call left them). `shares`:
+    which rows hold another's prefix, as attar's attention is told (the engine's `KVPool.shares`)."""
     rows, new = ids.shape
     engine.pool.reserve(rows, past + new + 8)
     # Real numbers in the cache: a fresh pool is the zero page, which every read finds in the cache,
@@ -48,6 +50,8 @@ def timed_ms(engine: Engine, ids: np.ndarray, past: int, repeat: int, fill: bool
         io = engine.pool.binding(engine.session, engine.extra, 0, rows)
         io.bind_cpu_input(names["input_ids"], ids)
         io.bind_cpu_input(names["attention_mask"], mask)
+        if engine.kernel:
+            io.bind_cpu_input(kernels.SHARED, shares)
         io.bind_output(names["logits"])
         began = time.perf_counter()
         engine.session.run_with_iobinding(io)
@@ -58,6 +62,25 @@ def timed_ms(engine: Engine, ids: np.ndarray, past: int, repeat: int, fill: bool
 def step_ms(engine: Engine, rows: int, past: int) -> float:
     """Median ms of one decode step of `rows` rows whose caches hold `past` tokens (first run dropped)."""
     return statistics.median(timed_ms(engine, np.full((rows, 1), 100, dtype=np.int64), past, 7)[1:])
+
+
+def shared_prefix_ms(engine: Engine, rows: int, past: int, rounds: int = 12) -> tuple[float, float]:
+    """Median ms of a decode step of `rows` rows whose caches are copies of one prompt's (SAG's N
+    candidates), attention reading that prompt once for them all (`KVPool.shares`) and each row
+    its own copy, interleaved; the same logits either way (checked)."""
+    timed_ms(engine, np.full((1, 1), 100, dtype=np.int64), past, 1)  # row 0: a prompt's cache
+    for buf in engine.pool.keys + engine.pool.values:
+        buf[1:rows, :, :past] = buf[0, :, :past]
+    shares = np.array([(0, 0)] + [(0, past)] * (rows - 1), np.int32)
+    ids = np.full((rows, 1), 100, dtype=np.int64)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(rounds):
+        for told in ((True, False) if i % 2 else (False, True)):
+            times[told] += timed_ms(engine, ids, past, 1, fill=False, shares=shares if told else kernels.NO_SHARES)
+    logits = [engine._forward(0, rows, ids, [past] * rows, told).logits.copy() for told in (shares, None)]
+    if not np.array_equal(*logits):
+        raise SystemExit("reading a shared prefix once changed the logits")
+    return statistics.median(times[True][2:]), statistics.median(times[False][2:])
 
 
 def prefill_ms(engine: Engine, tokens: int) -> float:
@@ -82,6 +105,11 @@ def main() -> None:
         engine = Engine(folder, threads=args.threads, max_rows=max(sizes), int8=int8)
         ms[graph] = {rows: step_ms(engine, rows, args.past) for rows in sizes}
         prefill[graph] = {tokens: prefill_ms(engine, tokens) for tokens in (128, 512)}
+        if int8 and engine.kernel and 8 in sizes:
+            once, copies = shared_prefix_ms(engine, 8, args.past)
+            emit(figure="decode step of 8 rows holding copies of one prompt", model=args.model, past=args.past,
+                 read_once_ms=round(once, 1), each_its_copy_ms=round(copies, 1), ratio=round(once / copies, 3),
+                 over_one_row=round(once / ms[graph][1], 2))
         del engine
     for rows in sizes:
         emit(figure="decode step ms", model=args.model, rows=rows, past=args.past, exact_ms=round(ms["exact"][rows], 1),

@@ -19,6 +19,15 @@
 // absolute positions, through the same vector code (a last, partial block is zero-padded), in
 // the same order, whatever other rows and tokens share the call. A row's output is the same, bit
 // for bit, alone or in a batch, and a token's in a step of any width, one token included.
+//
+// Shared prefixes (an optional 10th input, `shared`, int32 (rows, 2): a row's leader and length).
+// SAG's N candidates hold copies of one prompt's cache, and agents in flight copies of one
+// system prompt: decoding, each row read its copy, 8 rows reading 8 times what one holds. The
+// engine names, for a row whose first `length` positions hold the same bits as row `leader`'s
+// (copied from it, or from what it was copied from), that leader; the blocks of 16 keys wholly
+// inside that length are then read once from the leader's row for the query vectors of up to
+// SPAN rows together, before each row reads the rest of its own. Every query vector still visits
+// the same blocks in the same order through the same code: the output is the same bits.
 
 #include <algorithm>
 #include <cmath>
@@ -33,6 +42,7 @@ namespace attar {
 namespace {
 
 constexpr int TILE = 16;   // query tokens per work item (prefill); a decode step has one
+constexpr int SPAN = 4;    // rows whose query vectors go through a shared prefix's blocks together
 
 // The rotary embedding of one head vector: pairs of dims turn by the angle of this position, the
 // pairs (d, d + half) ("rotate half", Qwen's GGUFs) or (2d, 2d + 1) (interleaved, llama's GGUFs);
@@ -57,6 +67,9 @@ struct Call {  // what one Compute shares with its work items
   float *keys, *values;       // present (rows, kv_heads, capacity, head)
   const int32_t* lengths;     // seqlens_k: each row's length - 1
   float* queries;             // scratch: rotated queries (rows, kv_heads, tokens, group, head)
+  float *acc, *top, *sum;     // scratch: each query vector's running output, largest score, weights' sum
+  const int* start;           // per row: the blocks its shared stage visits (0: none)
+  const int* spans;           // the shared stage's work: per span, its leader, then SPAN rows (-1: none)
   float* out;                 // (rows, tokens, heads * head)
 
   int past(int b) const { return std::max(0, lengths[b] + 1 - tokens); }
@@ -148,9 +161,71 @@ inline v16 dots(const float* x, const float* k, int head) {
   return sum_lanes(acc);
 }
 
-// Stage 2, per (row, KV head, tile of query tokens): attention for the tile's query vectors,
-// 16 keys at a time with an online softmax. Every query vector takes the same path whatever the
-// tile holds, so its result does not depend on the step's width.
+// Query vector r (its index in `queries`) visits one block of 16 keys and values, of which it sees
+// the first `sees`: its scores, then an online softmax step on its running state. Both stages
+// below go through this one function, so a block's arithmetic is the same wherever it is read.
+template <int HEAD>
+inline void visit(const Call& c, int64_t r, const float* keys, const float* values, int sees) {
+  const int head = HEAD ? HEAD : c.head;
+  const v16 x = dots<HEAD>(c.queries + r * head, keys, head) * c.scale;
+  const i16 live = LANES < sees;
+  float& top = c.top[r];
+  float& sum = c.sum[r];
+  const float high = std::max(top, max_lanes(live ? x : v16{} - INFINITY));
+  // Mostly the running maximum stands: its factor is then exp(0), exactly 1 here, so it is not
+  // computed (~16 vector ops a block). The multiplications by it stay, written as before: the
+  // compiler fuses them into the adds around them, and the bits depend on how.
+  const bool stands = high == top && high > -INFINITY;
+  const float shrink = stands ? 1.0f : exp_nonpositive(v16{} + (top - high))[0];  // ~0 for the first block (top = -inf)
+  const v16 p = live ? exp_nonpositive(x - high) : v16{};
+  float s[16];
+  store(s, p);
+  sum = stands ? sum + add_lanes(p) : sum * shrink + add_lanes(p);
+  top = high;
+  // All 16 rows: past `sees` the weights are 0 and the rows real numbers (or the padding's
+  // zeros), so a query adds exact zeros there, whatever the step's width. The head's chunks
+  // accumulate side by side (independent chains, in registers when HEAD is known).
+  constexpr int CHUNKS = HEAD ? HEAD / 16 : 64;
+  const int chunks = head / 16;
+  float* a = c.acc + r * head;
+  v16 part[CHUNKS];
+  for (int k = 0; k < chunks; ++k) part[k] = load(a + 16 * k) * shrink;
+  for (int j = 0; j < 16; ++j) {
+    const float* v = values + static_cast<int64_t>(j) * head;
+    for (int k = 0; k < chunks; ++k) part[k] += s[j] * load(v + 16 * k);
+  }
+  for (int k = 0; k < chunks; ++k) store(a + 16 * k, part[k]);
+}
+
+// The index of row b's first query vector of KV head g at token i in `queries` (and the state).
+inline int64_t vector_at(const Call& c, int b, int g, int i) {
+  return ((static_cast<int64_t>(b) * c.kv_heads + g) * c.tokens + i) * c.group;
+}
+
+// Stage 2, per (span of rows sharing a leader's prefix, KV head): the prefix's blocks, each read
+// once from the leader's row, for the query vectors of every row of the span that shares it.
+template <int HEAD>
+void share(const Call& c, size_t item) {
+  const int head = HEAD ? HEAD : c.head, g = static_cast<int>(item % c.kv_heads);
+  const int* span = c.spans + item / c.kv_heads * (SPAN + 1);
+  int blocks = 0;
+  for (int m = 1; m <= SPAN && span[m] >= 0; ++m) blocks = std::max(blocks, c.start[span[m]]);
+  const int64_t base = (static_cast<int64_t>(span[0]) * c.kv_heads + g) * c.capacity * head;
+  for (int j = 0; j < blocks; ++j) {
+    const float* keys = c.keys + base + static_cast<int64_t>(16 * j) * head;
+    const float* values = c.values + base + static_cast<int64_t>(16 * j) * head;
+    for (int m = 1; m <= SPAN && span[m] >= 0; ++m) {
+      const int b = span[m];
+      if (j >= c.start[b]) continue;
+      const int64_t first = vector_at(c, b, g, 0), count = static_cast<int64_t>(c.valid(b)) * c.group;
+      for (int64_t r = first; r < first + count; ++r) visit<HEAD>(c, r, keys, values, 16);
+    }
+  }
+}
+
+// Stage 3, per (row, KV head, tile of query tokens): the rest of the row's keys, from its own
+// cache, 16 at a time; then each query vector's output. Every query vector takes the same path
+// whatever the tile holds, so its result does not depend on the step's width.
 template <int HEAD>
 void attend(const Call& c, size_t item) {
   const int head = HEAD ? HEAD : c.head, tiles = (c.tokens + TILE - 1) / TILE;
@@ -159,13 +234,12 @@ void attend(const Call& c, size_t item) {
   const int past = c.past(b), first = t * TILE, last = std::min(c.valid(b), first + TILE);
   if (first >= last) return;
   const int n = (last - first) * c.group;  // query vectors: (token, query head)
-  const float* q = c.queries + ((static_cast<int64_t>(b) * c.kv_heads + g) * c.tokens + first) * c.group * head;
+  const int64_t q = vector_at(c, b, g, first);
   const int64_t base = (static_cast<int64_t>(b) * c.kv_heads + g) * c.capacity * head;
 
-  std::vector<float> acc(static_cast<size_t>(n) * head, 0.0f), top(n, -INFINITY), sum(n, 0.0f);
   std::vector<float> padded(32 * static_cast<size_t>(head));  // a last, partial block: keys, then values
   const int seen = past + last;  // keys the tile's last token sees
-  for (int j0 = 0; j0 < seen; j0 += 16) {
+  for (int j0 = 16 * c.start[b]; j0 < seen; j0 += 16) {
     const int width = std::min(16, seen - j0);
     const float* keys = c.keys + base + static_cast<int64_t>(j0) * head;
     const float* values = c.values + base + static_cast<int64_t>(j0) * head;
@@ -178,41 +252,22 @@ void attend(const Call& c, size_t item) {
     }
     for (int r = 0; r < n; ++r) {
       const int sees = std::min(width, past + first + r / c.group + 1 - j0);  // causal
-      if (sees <= 0) continue;
-      const v16 x = dots<HEAD>(q + static_cast<int64_t>(r) * head, keys, head) * c.scale;
-      const i16 live = LANES < sees;
-      const float high = std::max(top[r], max_lanes(live ? x : v16{} - INFINITY));
-      // Mostly the running maximum stands: its factor is then exp(0), exactly 1 here, so it is not
-      // computed (~16 vector ops a block). The multiplications by it stay, written as before: the
-      // compiler fuses them into the adds around them, and the bits depend on how.
-      const bool stands = high == top[r] && high > -INFINITY;
-      const float shrink = stands ? 1.0f : exp_nonpositive(v16{} + (top[r] - high))[0];  // ~0 for the first block (top = -inf)
-      const v16 p = live ? exp_nonpositive(x - high) : v16{};
-      float s[16];
-      store(s, p);
-      sum[r] = stands ? sum[r] + add_lanes(p) : sum[r] * shrink + add_lanes(p);
-      top[r] = high;
-      // All 16 rows: past `sees` the weights are 0 and the rows real numbers (or the padding's
-      // zeros), so a query adds exact zeros there, whatever the step's width. The head's chunks
-      // accumulate side by side (independent chains, in registers when HEAD is known).
-      constexpr int CHUNKS = HEAD ? HEAD / 16 : 64;
-      const int chunks = head / 16;
-      float* a = &acc[static_cast<size_t>(r) * head];
-      v16 part[CHUNKS];
-      for (int k = 0; k < chunks; ++k) part[k] = load(a + 16 * k) * shrink;
-      for (int j = 0; j < 16; ++j) {
-        const float* v = values + static_cast<int64_t>(j) * head;
-        for (int k = 0; k < chunks; ++k) part[k] += s[j] * load(v + 16 * k);
-      }
-      for (int k = 0; k < chunks; ++k) store(a + 16 * k, part[k]);
+      if (sees > 0) visit<HEAD>(c, q + r, keys, values, sees);
     }
   }
   for (int r = 0; r < n; ++r) {
     const int token = first + r / c.group, h = g * c.group + r % c.group;
     float* o = c.out + (static_cast<int64_t>(b) * c.tokens + token) * c.heads * head + static_cast<int64_t>(h) * head;
-    const float inv = 1.0f / sum[r];
-    for (int d = 0; d < head; ++d) o[d] = acc[static_cast<size_t>(r) * head + d] * inv;
+    const float inv = 1.0f / c.sum[q + r];
+    for (int d = 0; d < head; ++d) o[d] = c.acc[(q + r) * head + d] * inv;
   }
+}
+
+void share_any(void* data, size_t item) {
+  const Call& c = *static_cast<const Call*>(data);
+  if (c.head == 128) share<128>(c, item);
+  else if (c.head == 64) share<64>(c, item);
+  else share<0>(c, item);
 }
 
 void attend_any(void* data, size_t item) {
@@ -249,6 +304,7 @@ struct Kernel {
     const OrtValue* total = input(context, 6);
     const OrtValue* cos = input(context, 7);
     const OrtValue* sin = input(context, 8);
+    const OrtValue* shared = input(context, 9);
     if (!past_key || !past_value) fail("attention", "past_key and past_value are required");
     if ((key == nullptr) != (value == nullptr)) fail("attention", "key and value go together");
 
@@ -328,11 +384,56 @@ struct Kernel {
     // Right padding of a batched first prompt gets zeros, as onnxruntime's kernel leaves it.
     std::memset(c.out, 0, sizeof(float) * c.rows * c.tokens * heads * c.head);
 
-    std::vector<float> queries(static_cast<size_t>(c.rows) * c.tokens * heads * c.head);
+    const size_t vectors = static_cast<size_t>(c.rows) * c.tokens * heads;
+    std::vector<float> queries(vectors * c.head), acc(vectors * c.head, 0.0f), top(vectors, -INFINITY), sum(vectors, 0.0f);
     c.queries = queries.data();
+    c.acc = acc.data();
+    c.top = top.data();
+    c.sum = sum.data();
+    std::vector<int> start(c.rows, 0), spans;
+    if (shared != nullptr) plan(c, shared, start, spans);
+    c.start = start.data();
+    c.spans = spans.data();
     const size_t tiles = (c.tokens + TILE - 1) / TILE;
     check(g_api->KernelContext_ParallelFor(context, place, static_cast<size_t>(c.rows) * kv_heads, 0, &c));
+    if (!spans.empty())
+      check(g_api->KernelContext_ParallelFor(context, share_any, spans.size() / (SPAN + 1) * kv_heads, 0, &c));
     check(g_api->KernelContext_ParallelFor(context, attend_any, static_cast<size_t>(c.rows) * kv_heads * tiles, 0, &c));
+  }
+
+  // The shared stage's work from the `shared` input (rows, 2): per row its leader and how many of
+  // its first positions hold the leader's bits. Each leader's followers, and the leader itself, go
+  // in spans of SPAN rows; each row's `start` is the blocks of 16 its span visits for it (the
+  // leader's: as many as its furthest follower's). What the caller says is checked, so that
+  // nothing is read outside a row's cache; that the bits are the same is the caller's word.
+  static void plan(const Call& c, const OrtValue* shared, std::vector<int>& start, std::vector<int>& spans) {
+    const std::vector<int64_t> shape = dims(shared);
+    int64_t count = 1;
+    for (int64_t d : shape) count *= d;
+    if (count == 0) return;  // no row shares (the default)
+    if (shape != std::vector<int64_t>{c.rows, 2}) fail("attention", "shared must hold a leader and a length a row");
+    const int32_t* s = data<int32_t>(shared);
+    std::vector<std::vector<int>> followers(c.rows);
+    for (int b = 0; b < c.rows; ++b) {
+      const int leader = s[2 * b], length = s[2 * b + 1];
+      if (length == 0) continue;
+      if (leader < 0 || leader >= c.rows || leader == b || length < 0 || s[2 * leader + 1] != 0 ||
+          length > std::min(c.past(b), c.past(leader)))
+        fail("attention", "a row's shared prefix is out of range");
+      start[b] = length / 16;
+      followers[leader].push_back(b);
+    }
+    for (int leader = 0; leader < c.rows; ++leader) {
+      std::vector<int>& rows = followers[leader];
+      rows.erase(std::remove_if(rows.begin(), rows.end(), [&](int b) { return start[b] == 0; }), rows.end());
+      if (rows.empty()) continue;
+      for (int b : rows) start[leader] = std::max(start[leader], start[b]);
+      rows.insert(rows.begin(), leader);
+      for (size_t i = 0; i < rows.size(); i += SPAN) {
+        spans.push_back(leader);
+        for (size_t m = i; m < i + SPAN; ++m) spans.push_back(m < rows.size() ? rows[m] : -1);
+      }
+    }
   }
 };
 
@@ -340,12 +441,12 @@ struct Op : Ort::CustomOpBase<Op, Kernel> {
   void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new Kernel(info); }
   const char* GetName() const { return "GroupQueryAttention"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 9; }
+  size_t GetInputTypeCount() const { return 10; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 5 || i == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return i == 5 || i == 6 || i == 9 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 1 || i == 2 || i == 7 || i == 8 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return i == 1 || i == 2 || i >= 7 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }

@@ -80,6 +80,9 @@ KV_DTYPE = np.float32  # the graphs' past/present type: GroupQueryAttention's fp
 # more (top_k 0, or above CANDIDATES) is sampled from the whole vocabulary's logits.
 CANDIDATES = 64
 TOP_NAMES = ("attar/top_logits", "attar/top_ids")  # the graph outputs that TopK adds
+# A row shares a prefix with another where at least one block of keys (attention.cc reads 16 at a
+# time) of its cache holds the same bits: those blocks are read once for both.
+SHARE_MIN = 16
 
 
 def memory_budget() -> int:
@@ -238,6 +241,7 @@ class Engine:
         self.lock = threading.Lock()
         self.worker: threading.Thread | None = None
         self.steps = 0  # batched decode steps run (for benchmarks)
+        self._shared: tuple = (None, None)  # (the pool's epoch and the rows, their shares): `_shares`
         self.time = Timing()
 
     # -- the public side ---------------------------------------------------------------------
@@ -411,12 +415,12 @@ class Engine:
         k = len(self.active)
         tokens = np.array([[r.next] for r in self.active], dtype=np.int64)
         began = time.perf_counter()
-        scores = self._forward(0, k, tokens, [len(self.pool.held[i]) for i in range(k)])
+        scores = self._forward(0, k, tokens, [len(self.pool.held[i]) for i in range(k)], self._shares(k))
         self.time.decode_s += time.perf_counter() - began
         self.time.decoded_rows += k
         self.steps += 1
         for i, request in enumerate(self.active):
-            self.pool.held[i].append(request.next)
+            self.pool.extend(i, [request.next])
         finished = [i for i, request in enumerate(self.active) if self._emit(request, self._pick(request, scores, i))]
         for i in reversed(finished):
             self._release(i)
@@ -436,7 +440,7 @@ class Engine:
         self.time.decoded_rows += 1
         self.steps += 1
         for j, token in enumerate(fed):
-            held.append(token)
+            self.pool.extend(0, [token])
             chosen = int(best[j])
             if j < len(guess):
                 self.guessed += 1
@@ -494,8 +498,19 @@ class Engine:
         one = self._forward(0, 1, ids[:, -1:], [7]).logits[0, -1]
         return bool(np.array_equal(wide, one))
 
-    def _forward(self, start: int, stop: int, ids: np.ndarray, past: list[int]) -> Scores:
-        """Feed `ids` (rows × S) to rows start..stop-1, whose caches hold `past` tokens each;
+    def _shares(self, k: int) -> np.ndarray | None:
+        """For a step of rows 0..k-1 on attar's attention: which rows hold another's prefix
+        (`KVPool.shares`), worked out again only when the rows' caches changed otherwise than by
+        a step's new tokens (those never lengthen a shared prefix)."""
+        if not self.kernel:
+            return None
+        if self._shared[0] != (self.pool.epoch, k):
+            self._shared = ((self.pool.epoch, k), self.pool.shares(k))
+        return self._shared[1]
+
+    def _forward(self, start: int, stop: int, ids: np.ndarray, past: list[int], shared: np.ndarray | None = None) -> Scores:
+        """Feed `ids` (rows × S) to rows start..stop-1, whose caches hold `past` tokens each, and
+        whose first positions hold a leader's bits as `shared` says (attar's attention only);
         the scores (rows × positions × ...) after the last min(S, LOOKAHEAD + 1) ids of each row
         (after the last only, or after all S, as the graph gives them)."""
         names = self.shape.names
@@ -507,6 +522,8 @@ class Engine:
         io = self.pool.binding(self.session, self.extra, start, stop)
         io.bind_cpu_input(names["input_ids"], ids)
         io.bind_cpu_input(names["attention_mask"], mask)
+        if self.kernel:
+            io.bind_cpu_input(kernels.SHARED, kernels.NO_SHARES if shared is None else shared)
         for name in (names["logits"], *TOP_NAMES):
             io.bind_output(name)
         self.session.run_with_iobinding(io)
@@ -526,6 +543,12 @@ class KVPool:
         self.values: list[np.ndarray] = []
         self.rows = self.capacity = 0
         self.held: list[list[int]] = []  # per row: the ids whose KV it holds
+        # Per row and held position: which forward call wrote its KV (a copy keeps the stamp). Two
+        # rows' positions with one stamp hold the same bits; ids alone would not say so, since a
+        # prompt's cache can differ in the last bits with how it was batched (int4 graphs).
+        self.stamps: list[list[int]] = []
+        self.writes = itertools.count(1)
+        self.epoch = 0  # counts the changes to what rows hold other than new tokens (`extend`)
         self.used: list[int] = []  # per row: when it last served a request (least recent is evicted)
         self.callers: list[int | None] = []  # per row: the thread whose request it last served
         # Per row, where a prompt's prefill left them: (n, the logits after its first n held ids).
@@ -544,19 +567,47 @@ class KVPool:
 
     def forget(self) -> None:
         self.held = [[] for _ in self.held]
+        self.stamps = [[] for _ in self.stamps]
         self.last = [None for _ in self.last]
+        self.epoch += 1
 
     def hold(self, row: int, ids: list[int]) -> None:
         """Row `row` now holds the KV of `ids`, which keep the prefix it held (a prompt cut back to
-        what it shares, or fed further); its prompt logits go with ids it no longer holds."""
+        what it shares, or fed further: those positions were just written); its prompt logits go
+        with ids it no longer holds."""
         self.held[row] = list(ids)
+        kept = self.stamps[row][:len(ids)]
+        self.stamps[row] = kept + [next(self.writes)] * (len(ids) - len(kept))
         if self.last[row] is not None and self.last[row][0] > len(ids):
             self.last[row] = None
+        self.epoch += 1
+
+    def extend(self, row: int, ids: list[int]) -> None:
+        """Row `row`'s cache now holds `ids` more, just written (a decode step's)."""
+        self.held[row] += ids
+        self.stamps[row] += [next(self.writes)] * len(ids)
+
+    def shares(self, rows: int) -> np.ndarray:
+        """Per row of 0..rows-1, (leader, n): its first n positions hold the bits of the leader's,
+        n ≥ SHARE_MIN, the leader an earlier row that shares with none; else (row, 0). The
+        attention kernel then reads those positions once for the leader and its followers."""
+        out = np.zeros((rows, 2), np.int32)
+        out[:, 0] = np.arange(rows)
+        leaders: list[int] = []
+        for row in range(rows):
+            length, leader = max(((_common(self.stamps[a], self.stamps[row]), a) for a in leaders), default=(0, row))
+            if length >= SHARE_MIN:
+                out[row] = leader, length
+            else:
+                leaders.append(row)
+        return out
 
     def copy_prefix(self, source: int, row: int, n: int) -> None:
         """Row `row` gets the KV of the first n ids of row `source` (and its logits after them)."""
         for buf in self.keys + self.values:
             buf[row, :, :n] = buf[source, :, :n]
+        self.stamps[row] = self.stamps[source][:n]
+        self.epoch += 1
         last = self.last[source]
         self.last[row] = last if last is not None and last[0] <= n else None
 
@@ -603,6 +654,8 @@ class KVPool:
                 else:
                     pool.append(buf)
         self.held += [[] for _ in range(rows - self.rows)]
+        self.stamps += [[] for _ in range(rows - self.rows)]
+        self.epoch += 1
         self.used += [-1] * (rows - self.rows)
         self.callers += [None] * (rows - self.rows)
         self.last += [None] * (rows - self.rows)
@@ -623,6 +676,8 @@ class KVPool:
             elif nb:
                 buf[a, :, :nb] = buf[b, :, :nb]
         self.held[a], self.held[b] = self.held[b], self.held[a]
+        self.stamps[a], self.stamps[b] = self.stamps[b], self.stamps[a]
+        self.epoch += 1
         self.used[a], self.used[b] = self.used[b], self.used[a]
         self.callers[a], self.callers[b] = self.callers[b], self.callers[a]
         self.last[a], self.last[b] = self.last[b], self.last[a]

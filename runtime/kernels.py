@@ -33,12 +33,16 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from attar.runtime.fetch import cache_dir, work_folder
 from attar.runtime.modeldir import edited_session
 
 SOURCES = [Path(__file__).with_name(name) for name in ("kernels.cc", "attention.cc", "int8_rows.cc")]
 HEADER = Path(__file__).with_name("kernels.h")
 DOMAIN = "attar"
+SHARED = "attar/shared"  # the attention nodes' input naming each row's leader and shared length
+NO_SHARES = np.zeros((0, 2), np.int32)  # no row shares: what a run that does not say feeds it
 HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
                "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
 HEADERS = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_cxx_inline.h", "onnxruntime_float16.h")
@@ -103,7 +107,7 @@ def register(options, kernel: bool | None = None) -> bool:
 def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], bool]):
     """An onnxruntime session of `graph` as `edit` changes it (`modeldir.edited_session`), on
     attar's kernels where `register` says so (its attention, and an int8 graph's row quantization);
-    and whether its attention runs on the kernel."""
+    and whether its attention runs on the kernel, in which case every run feeds SHARED."""
     registered = register(options, kernel)
     on_kernel = False
 
@@ -134,6 +138,12 @@ def use_attention(model) -> bool:
             return False
     for node in nodes:
         node.domain = DOMAIN
+        node.input.extend([""] * (9 - len(node.input)) + [SHARED])
+    # Which rows hold another's prefix (attention.cc), fed with every run: NO_SHARES for none. (An
+    # initializer would make it optional, but an IO binding cannot override one.)
+    from onnx import TensorProto, helper
+
+    model.graph.input.append(helper.make_tensor_value_info(SHARED, TensorProto.INT32, ["share_rows", 2]))
     _import_domain(model)
     return True
 

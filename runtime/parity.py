@@ -77,6 +77,8 @@ class OnnxScorer:
             feeds = {**whole_sequence_feeds(ids, self.layers, self.kv_heads, self.head), **self.extra}
             if "position_ids" in self.inputs:
                 feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+            if self.kernel:
+                feeds[kernels.SHARED] = kernels.NO_SHARES
             logits = self.session.run(["logits"], feeds)[0][0]
             out.append(logits if positions is None else logits[positions[n]])
         progress(len(sequences), len(sequences))

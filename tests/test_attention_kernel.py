@@ -18,9 +18,12 @@ from attar.runtime import kernels
 MAX_POS = 512
 
 
-def gqa_model(domain: str, heads: int, kv: int, head: int, packed: bool = True, rotary: int = 1, **extra) -> bytes:
+def gqa_model(domain: str, heads: int, kv: int, head: int, packed: bool = True, rotary: int = 1, shares: bool = False,
+              **extra) -> bytes:
+    """One attention node; `shares`: with attar's 10th input, which rows hold another's prefix."""
     qkv = ["query", "", ""] if packed else ["query", "key", "value"]
-    node = helper.make_node("GroupQueryAttention", qkv + ["past_key", "past_value", "seqlens_k", "total", "cos", "sin"],
+    node = helper.make_node("GroupQueryAttention", qkv + ["past_key", "past_value", "seqlens_k", "total", "cos", "sin"]
+                            + ["shares"] * shares,
                             ["out", "present_key", "present_value"], domain=domain, num_heads=heads, kv_num_heads=kv,
                             do_rotary=rotary, scale=head ** -0.5, **extra)
     width = (heads + 2 * kv) * head if packed else heads * head
@@ -31,6 +34,7 @@ def gqa_model(domain: str, heads: int, kv: int, head: int, packed: bool = True, 
     inputs += [helper.make_tensor_value_info("seqlens_k", T.INT32, ["b"]), helper.make_tensor_value_info("total", T.INT32, []),
                helper.make_tensor_value_info("cos", T.FLOAT, [MAX_POS, head // 2]),
                helper.make_tensor_value_info("sin", T.FLOAT, [MAX_POS, head // 2])]
+    inputs += [helper.make_tensor_value_info("shares", T.INT32, ["b", 2])] * shares
     outputs = [helper.make_tensor_value_info("out", T.FLOAT, None),
                helper.make_tensor_value_info("present_key", T.FLOAT, None),
                helper.make_tensor_value_info("present_value", T.FLOAT, None)]
@@ -39,9 +43,10 @@ def gqa_model(domain: str, heads: int, kv: int, head: int, packed: bool = True, 
 
 
 def run(library, domain, heads, kv, head, past, new, capacity=None, shared=True, packed=True, rotary=1, seed=0, feeds=None,
-        **extra):
+        shares=None, **extra):
     """One call on rows whose caches hold `past[b]` tokens, `new` tokens each; (out, keys, values).
-    Shared: past and present are one buffer, as the engine binds them."""
+    Shared: past and present are one buffer, as the engine binds them. `shares`: attar's input
+    naming each row's leader and shared length, when given."""
     rows, capacity = len(past), capacity or max(past) + new + 5
     rng = np.random.default_rng(seed)
     if feeds is None:
@@ -54,11 +59,14 @@ def run(library, domain, heads, kv, head, past, new, capacity=None, shared=True,
     feeds = {k: v.copy() for k, v in feeds.items()}
     feeds["seqlens_k"] = np.array([p + new - 1 for p in past], np.int32)
     feeds["total"] = np.array(max(past) + new, np.int32)
+    if shares is not None:
+        feeds["shares"] = np.array(shares, np.int32).reshape(-1, 2)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     if domain == "attar":
         options.register_custom_ops_library(str(library))
-    session = ort.InferenceSession(gqa_model(domain, heads, kv, head, packed, rotary, **extra), options, providers=["CPUExecutionProvider"])
+    model = gqa_model(domain, heads, kv, head, packed, rotary, shares is not None, **extra)
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     io = session.io_binding()
     for name, value in feeds.items():
         if name.startswith("past_"):
@@ -125,6 +133,60 @@ def test_a_row_and_a_token_come_out_the_same_bit_for_bit_whatever_else_is_in_the
                  feeds=base | {"query": tokens[:1, :width]} | {k: v[:1] for k, v in cache.items()})[0][0, 0]
              for width in (1, 2, 8)]
     assert np.array_equal(first[0], first[1]) and np.array_equal(first[0], first[2])
+
+
+def copies(rng, kv, head, past, shares, capacity):
+    """Caches of random numbers where each follower's first positions are its leader's."""
+    cache = {n: rng.standard_normal((len(past), kv, capacity, head), dtype=np.float32) for n in ("past_key", "past_value")}
+    for row, (leader, length) in enumerate(shares):
+        for buf in cache.values():
+            buf[row, :, :length] = buf[leader, :, :length]
+    return cache
+
+
+# Each row: (leader, shared length). Row 0 leads six rows (two spans of the kernel's four), one
+# sharing less than a block (so not at all), row 2 leads one, row 8 shares with none.
+PAST = [300, 300, 120, 317, 40, 300, 250, 180, 60]
+SHARES = [(0, 0), (0, 300), (2, 0), (0, 290), (2, 40), (0, 17), (0, 250), (0, 100), (8, 0)]
+
+
+@pytest.mark.parametrize("heads, kv, head", [(14, 2, 64), (12, 2, 128), (4, 2, 32)])
+@pytest.mark.parametrize("new", [1, 3], ids=["decode", "speculating"])
+def test_rows_that_share_a_prefix_read_it_once_and_come_out_the_same_bits(library, heads, kv, head, new):
+    """SAG's candidates and agents in flight hold copies of one prompt's cache: told which, the
+    kernel reads those blocks once for all the rows that share them, and every output and cache
+    is the same bits as when each row reads its own copy."""
+    rng = np.random.default_rng(5)
+    angle = np.arange(MAX_POS)[:, None] / 10000 ** (np.arange(head // 2) / (head // 2))
+    feeds = {"cos": np.cos(angle).astype(np.float32), "sin": np.sin(angle).astype(np.float32),
+             "query": rng.standard_normal((len(PAST), new, (heads + 2 * kv) * head), dtype=np.float32)}
+    feeds |= copies(rng, kv, head, PAST, SHARES, max(PAST) + new + 3)
+    alone = run(library, "attar", heads, kv, head, PAST, new, feeds=feeds)
+    told = run(library, "attar", heads, kv, head, PAST, new, feeds=feeds, shares=SHARES)
+    untold = run(library, "attar", heads, kv, head, PAST, new, feeds=feeds, shares=np.zeros((0, 2)))
+    for got in (told, untold):
+        for a, b in zip(got, alone):
+            assert np.array_equal(a, b)
+    if new == 1:  # onnxruntime's kernel takes one row at a time past a token
+        theirs = run(library, "com.microsoft", heads, kv, head, PAST, new, feeds=feeds)
+        np.testing.assert_allclose(told[0], theirs[0], atol=2e-5)
+
+
+@pytest.mark.parametrize("shares", [
+    [(0, 0), (2, 10)],  # a leader that is no row
+    [(0, 0), (0, 31)],  # more than the row holds
+    [(1, 25), (0, 0)],  # more than the leader holds
+    [(0, 0), (0, -16)],
+    [(1, 16), (0, 16)],  # a leader that follows another
+    [(0, 0)],  # not one pair a row
+], ids=["no such leader", "past the row", "past the leader", "negative", "chained", "too few"])
+def test_a_bad_shared_prefix_is_an_error_not_a_read_outside_a_row(library, shares):
+    rng = np.random.default_rng(0)
+    angle = np.zeros((MAX_POS, 32), np.float32)
+    feeds = {"cos": angle, "sin": angle, "query": np.zeros((2, 1, 18 * 64), np.float32)}
+    feeds |= copies(rng, 2, 64, [30, 20], [(0, 0), (0, 0)], 40)
+    with pytest.raises(Exception, match="attar attention: (a row's shared prefix is out of range|shared must hold)"):
+        run(library, "attar", 14, 2, 64, [30, 20], 1, feeds=feeds, shares=shares)
 
 
 @pytest.mark.parametrize("attribute", [{"local_window_size": 64}, {"softcap": 30.0}, {"smooth_softmax": 1}])

@@ -101,6 +101,46 @@ def test_batch_rows_share_one_prefill_and_match_single_generation(int8_dir):
     assert [g.text for g in agent.generate_batch(messages, sampled)] == alone  # a row samples as it would alone
 
 
+def test_rows_share_a_prefix_only_where_one_write_left_the_same_bits():
+    """A row shares its first positions with another (and attention reads them once for both)
+    where they were copied from it, not where the same ids were fed again: a prompt's cache can
+    differ in the last bits with how it was batched. A row cut back and fed again shares only up
+    to the cut."""
+    from attar.runtime.engine import KVPool, Shape
+
+    pool = KVPool(Shape(layers=1, kv_heads=1, head=16, context=256, names={}), max_rows=5, context=256)
+    pool.reserve(5, 100)
+    prompt = list(range(100, 140))
+    pool.hold(0, prompt)  # fed
+    for row, n in ((1, 40), (2, 30), (3, 10)):  # SAG's candidates, another prompt's system prefix, too short
+        pool.copy_prefix(0, row, n)
+        pool.hold(row, prompt[:n])
+    pool.hold(4, prompt)  # the same ids, fed on their own
+    for row in range(5):
+        pool.extend(row, [7])  # a decode step: new positions, written apart
+    assert pool.shares(5).tolist() == [[0, 0], [0, 40], [0, 30], [3, 0], [4, 0]]
+    assert pool.shares(2).tolist() == [[0, 0], [0, 40]]
+    pool.hold(0, prompt[:20])  # the leader rewound and fed again
+    pool.hold(0, prompt)
+    assert pool.shares(5).tolist() == [[0, 0], [0, 20], [0, 20], [3, 0], [4, 0]]
+    pool.swap(0, 4)
+    assert pool.shares(5).tolist() == [[0, 0], [1, 0], [1, 30], [3, 0], [1, 20]]
+
+
+def test_sampled_candidates_read_their_shared_prompt_once_and_sample_the_same(int8_dir, library, monkeypatch):
+    from attar.runtime.engine import Engine
+
+    messages = conversation("Write a function that returns the squares of a list, and test it.")
+    sampled = [replace(GREEDY, max_new_tokens=24, temperature=0.8, seed=s) for s in range(6)]
+    backend = EngineBackend(int8_dir, kernel=True)
+    told = backend.generate_batch(messages, sampled)
+    shares = backend.engine._shared[1]
+    assert shares.shape == (6, 2) and (shares[1:, 0] == 0).all() and (shares[1:, 1] >= told[0].prompt_tokens - 1).all()
+    monkeypatch.setattr(Engine, "_shares", lambda self, k: None)
+    untold = EngineBackend(int8_dir, kernel=True).generate_batch(messages, sampled)
+    assert [g.text for g in told] == [g.text for g in untold] and len({g.text for g in told}) > 1
+
+
 def test_a_prompt_asked_again_starts_its_answer_the_same_on_the_int8_graph(int8_dir):
     """The second time, the whole prompt and the logits after it are cached: nothing is fed. A
     prompt whose logits are gone (its row decoded past it and was rewound) feeds its last ids again
