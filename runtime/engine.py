@@ -544,8 +544,8 @@ class KVPool:
         self.rows = self.capacity = 0
         self.held: list[list[int]] = []  # per row: the ids whose KV it holds
         # Per row and held position: which forward call wrote its KV (a copy keeps the stamp). Two
-        # rows' positions with one stamp hold the same bits; ids alone would not say so, since a
-        # prompt's cache can differ in the last bits with how it was batched (int4 graphs).
+        # rows' positions with one stamp hold the same bits; the same ids would not say so, since
+        # a projection's CPU kernel may sum otherwise for another number of rows (`one_token_exact`).
         self.stamps: list[list[int]] = []
         self.writes = itertools.count(1)
         self.epoch = 0  # counts the changes to what rows hold other than new tokens (`extend`)

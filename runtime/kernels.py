@@ -241,8 +241,6 @@ class _Graph:
         return numpy_helper.to_array(tensor).reshape(-1).tolist()
 
     def scalar(self, name: str, value: float) -> bool:
-        import numpy as np
-
         tensor = self.constants.get(name)
         return tensor is not None and tensor.data_type == 1 and self.value(name) == [float(np.float32(value))]
 
