@@ -115,8 +115,9 @@ class EngineClosed(RuntimeError):
 @dataclass
 class Timing:
     """Where the scheduler's time went (for benchmarks): seconds in prefills and in decode steps
-    (speculating ones too), prompt tokens prefilled, and the rows summed over decode steps; the
-    rest of a run's wall time the engine sat idle, every request waiting on its caller."""
+    (speculating ones too), prompt tokens prefilled, and the rows computed, summed over decode
+    steps (a row that takes a twin's step is not: `Engine._twins`); the rest of a run's wall
+    time the engine sat idle, every request waiting on its caller."""
 
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -411,19 +412,53 @@ class Engine:
         return budget
 
     def _decode(self) -> None:
-        """One token for every active row, in one batch."""
-        k = len(self.active)
-        tokens = np.array([[r.next] for r in self.active], dtype=np.int64)
+        """One token for every active row, in one batch. Rows that hold the same cache and feed
+        the same token (SAG's candidates while they agree) are computed once (`_twins`)."""
+        computed, twins = self._twins()
+        tokens = np.array([[r.next] for r in self.active[:computed]], dtype=np.int64)
         began = time.perf_counter()
-        scores = self._forward(0, k, tokens, [len(self.pool.held[i]) for i in range(k)], self._shares(k))
+        scores = self._forward(0, computed, tokens, [len(self.pool.held[i]) for i in range(computed)],
+                               self._shares(computed))
         self.time.decode_s += time.perf_counter() - began
-        self.time.decoded_rows += k
+        self.time.decoded_rows += computed
         self.steps += 1
-        for i, request in enumerate(self.active):
+        for i, request in enumerate(self.active[:computed]):
             self.pool.extend(i, [request.next])
-        finished = [i for i, request in enumerate(self.active) if self._emit(request, self._pick(request, scores, i))]
+        if twins:
+            self.pool.follow(list(twins), list(twins.values()))
+        finished = [i for i, request in enumerate(self.active)
+                    if self._emit(request, self._pick(request, scores, twins.get(i, i)))]
         for i in reversed(finished):
             self._release(i)
+
+    def _twins(self) -> tuple[int, dict[int, int]]:
+        """Rows whose caches end in one stamp at one length hold the same bits (`KVPool.stamps`),
+        so their requests may trade rows at no cost; two of them feeding the same token would
+        compute the same step. The requests are put in order so that one row of each (cache, next
+        token) comes first; returned: how many rows the step computes, and for each row after
+        them the row whose step it takes (its logits, and the position that step writes). Each
+        request still samples with its own generator: the tokens are what computing every row
+        would give."""
+        pool, active = self.pool, self.active
+        holding: dict[tuple[int, int], list[int]] = {}
+        for i in range(len(active)):
+            holding.setdefault((len(pool.held[i]), pool.stamps[i][-1]), []).append(i)
+        for rows in holding.values():
+            if len(rows) > 1:  # among rows that hold one cache: one request of each next token first
+                requests = [active[i] for i in rows]
+                first: dict[int, Request] = {}
+                for request in requests:
+                    first.setdefault(request.next, request)
+                order = [*first.values(), *(r for r in requests if r not in first.values())]
+                for i, request in zip(rows, order):
+                    active[i] = request
+        computes: dict[tuple[int, int, int], int] = {}
+        twins: dict[int, int] = {}
+        for i, request in enumerate(active):
+            key = (len(pool.held[i]), pool.stamps[i][-1], request.next)
+            twins[i] = computes.setdefault(key, i)
+        computed = max(computes.values()) + 1
+        return computed, {i: j for i, j in twins.items() if i >= computed}
 
     def _speculate(self) -> None:
         """One step of the lone greedy request in row 0: its next token and a guess of the ones
@@ -586,6 +621,17 @@ class KVPool:
         """Row `row`'s cache now holds `ids` more, just written (a decode step's)."""
         self.held[row] += ids
         self.stamps[row] += [next(self.writes)] * len(ids)
+
+    def follow(self, rows: list[int], sources: list[int]) -> None:
+        """Each of `rows` held what its source held and was fed the same token: it takes the
+        position its source's step just wrote (and its stamp) instead of computing it."""
+        at = [len(self.held[s]) - 1 for s in sources]
+        for buf in self.keys + self.values:
+            buf[rows, :, at] = buf[sources, :, at]
+        for row, source in zip(rows, sources):
+            self.held[row].append(self.held[source][-1])
+            self.stamps[row].append(self.stamps[source][-1])
+        self.epoch += 1  # rows that share a prefix now share it further (`shares`)
 
     def shares(self, rows: int) -> np.ndarray:
         """Per row of 0..rows-1, (leader, n): its first n positions hold the bits of the leader's,

@@ -141,6 +141,27 @@ def test_sampled_candidates_read_their_shared_prompt_once_and_sample_the_same(in
     assert [g.text for g in told] == [g.text for g in untold] and len({g.text for g in told}) > 1
 
 
+@pytest.mark.parametrize("temperature", [0.4, 1.0])
+def test_candidates_that_agree_are_computed_once_and_sample_what_each_row_would(int8_dir, monkeypatch, temperature):
+    """SAG's candidates at the paper's temperature often write the same tokens for a while: rows
+    that hold the same cache and feed the same token are one row of the step, the others take its
+    logits and the position it wrote. Each still samples with its own generator: the texts are
+    those of computing every row."""
+    from attar.runtime.engine import Engine
+
+    messages = conversation("Write a function that returns the squares of a list, and test it.")
+    sampled = [replace(GREEDY, max_new_tokens=32, temperature=temperature, top_p=0.8, seed=s) for s in range(6)]
+    backend = EngineBackend(int8_dir)
+    twinned = backend.generate_batch(messages, sampled)
+    engine = backend.engine
+    assert engine.time.decoded_rows < sum(g.completion_tokens for g in twinned) - 6  # fewer rows than tokens
+    monkeypatch.setattr(Engine, "_twins", lambda self: (len(self.active), {}))
+    apart = EngineBackend(int8_dir).generate_batch(messages, sampled)
+    assert [g.text for g in twinned] == [g.text for g in apart]
+    if temperature == 1.0:
+        assert len({g.text for g in twinned}) > 1  # they parted: twins went their own ways
+
+
 def test_a_prompt_asked_again_starts_its_answer_the_same_on_the_int8_graph(int8_dir):
     """The second time, the whole prompt and the logits after it are cached: nothing is fed. A
     prompt whose logits are gone (its row decoded past it and was rewound) feeds its last ids again
