@@ -21,6 +21,12 @@ engine keeps a pool of KV rows and schedules every caller's requests onto it:
   long prompt no longer stalls every other agent for the whole of its prefill. A chunk is never
   a single token, so the cache a prompt leaves does not depend on how it was cut (below).
 
+- **Shared work.** Every cached position carries a stamp of the forward call that wrote it (a
+  copy keeps it), so the engine knows which rows hold the same bits: on attar's attention, a
+  prefix several rows hold copies of (a SAG prompt, agents' system prompt) is read once for all
+  of them (`KVPool.shares`), and rows that hold the same cache and feed the same token (SAG's
+  candidates while they agree) are computed once (`_twins`).
+
 The KV cache is a `KVPool` (its buffers, what each row holds, and the rows' growth); the
 `Engine` is the scheduler over it. The active requests always occupy rows 0..k-1 (a finished one
 swaps with the last), so a step runs on one contiguous slice of the pool. Each layer's past and
