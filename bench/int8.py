@@ -1,5 +1,6 @@
 """The int8 graph (projections on the CPU's integer matrix units) beside the exact graph of the same
-export, in one run: a decode step of R rows, a prefill, and SAG N=8 vs N=1. One JSON line a figure.
+export, in one run: a decode step of R rows (and of 8 rows holding copies of one prompt, which
+attar's attention reads once), a prefill, and SAG N=8 vs N=1. One JSON line a figure.
 
     python bench/int8.py [--model qwen2.5-coder-0.5b | FOLDER] [--threads 2] [--rows 1,2,4,8,16] [--past 600]
 
