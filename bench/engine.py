@@ -1,6 +1,8 @@
 """attar's engine beside onnxruntime-genai on the same export, one JSON line per figure:
 time to first token at each step of a 5-step agent conversation (the engine reuses its cache,
-genai prefills the conversation again), a SAG step of N=8 samples against N=1,
+genai prefills the conversation again), a SAG step of N=8 samples against N=1 (at the paper's
+sampling, where the candidates mostly agree and the engine computes their shared tokens once, and
+at T 1.0, where they part),
 `distill eval` with 8 questions in flight against one at a time (same predictions required; as
 it runs, and with batching alone: no speculation), and a long prompt arriving while 4 requests
 decode, fed in chunks against fed whole ("mixed").
