@@ -200,7 +200,8 @@ class Engine:
         must: a longer conversation is refused as ContextFull, which an agent meets by leaving out
         its oldest observations. `kernel`: run on attar's kernels (`kernels.py`: attention that reads
         each KV head once per step, not once per query head, and the int8 graph's row quantization
-        in one node); None: when they are built (`attar kernel build`), True: they must be."""
+        and products in one node each); None: when they are built (`attar kernel build`), True:
+        they must be."""
         if prefill_chunk < 4:
             raise ValueError("prefill_chunk must be at least 4 tokens")
         import onnxruntime as ort

@@ -16,6 +16,7 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
       domain = new Ort::CustomOpDomain("attar");
       attar::add_attention(*domain);
       attar::add_int8_rows(*domain);
+      attar::add_int8_matmul(*domain);
     });
     return api->AddCustomOpDomain(options, *domain);
   } catch (const std::exception& e) {

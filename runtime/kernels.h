@@ -100,5 +100,6 @@ inline float max_lanes(v16 x) {
 // Each source file adds its ops to the library's one domain, "attar".
 void add_attention(Ort::CustomOpDomain& domain);
 void add_int8_rows(Ort::CustomOpDomain& domain);
+void add_int8_matmul(Ort::CustomOpDomain& domain);
 
 }  // namespace attar

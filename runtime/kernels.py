@@ -8,6 +8,8 @@ Two sets of ops in one native library, the `attar` domain:
   Putting it in a graph is renaming the domain of its attention nodes.
 * `int8_rows.cc`: the int8 graph's per-row quantization and dequantization around each
   MatMulInteger, one node each instead of eight and three, the same bits.
+* `int8_matmul.cc`: each MatMulInteger and the dequantization after it as one node, on weights
+  packed (when the session is made) for the CPU's VNNI dot products; the same bits.
 
 Both go in when a session is made (`session`), in memory; the files on disk keep onnxruntime's own
 ops, which every other runtime (onnxruntime-genai) reads.
@@ -38,7 +40,7 @@ import numpy as np
 from attar.runtime.fetch import cache_dir, work_folder
 from attar.runtime.modeldir import edited_session
 
-SOURCES = [Path(__file__).with_name(name) for name in ("kernels.cc", "attention.cc", "int8_rows.cc")]
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.cc", "attention.cc", "int8_rows.cc", "int8_matmul.cc")]
 HEADER = Path(__file__).with_name("kernels.h")
 DOMAIN = "attar"
 SHARED = "attar/shared"  # the attention nodes' input naming each row's leader and shared length
@@ -110,15 +112,18 @@ def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], 
     and whether its attention runs on the kernel, in which case every run feeds SHARED."""
     registered = register(options, kernel)
     on_kernel = False
+    packed: list = []  # the packed weights: onnxruntime reads them where they are, for the session's life
 
     def both(model) -> bool:
         nonlocal on_kernel
         edited = edit(model)
         on_kernel = registered and use_attention(model)
         rows = registered and use_int8_rows(model) > 0
-        return edited or on_kernel or rows
+        products = rows and use_int8_matmul(model, graph.parent, options, packed) > 0
+        return edited or on_kernel or rows or products
 
     made = edited_session(graph, both, options)
+    made.attar_packed = packed
     if kernel and not on_kernel:
         raise KernelError(f"{graph} has attention the kernel does not compute")
     return made, on_kernel
@@ -184,6 +189,104 @@ def use_int8_rows(model) -> int:
     model.graph.node.extend(nodes)
     _import_domain(model)
     return len(fused)
+
+
+def use_int8_matmul(model, folder: Path, options, keep: list) -> int:
+    """Edit an onnx.ModelProto whose dequantizations are RowDequantize nodes (`use_int8_rows`) so
+    that each MatMulInteger and the RowDequantize of its sums run as one Int8MatMul node, on the
+    weights packed for it (`attar_pack_int8`). The packed weights are handed to onnxruntime through
+    `options` in place of the graph's (no second copy in memory); `keep` holds them, and must live
+    as long as the session. Returns how many products it put in (0: none; and none on a CPU
+    without AVX-512 VNNI, where the library does not pack)."""
+    from onnx import numpy_helper
+
+    import onnxruntime as ort
+
+    pack = _packer()
+    if pack is None:
+        return 0
+    graph = _Graph(model)
+    fused: dict[int, object] = {}
+    dropped: set[int] = set()
+    replaced: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type != "RowDequantize" or node.domain != DOMAIN:
+            continue
+        product = graph.producer.get(node.input[0])
+        weights = product is not None and product.op_type == "MatMulInteger" and graph.uses[node.input[0]] == 1 \
+            and len(product.input) == 3 and graph.constants.get(product.input[1])
+        zero = weights and graph.value(product.input[2])
+        if not weights or weights.data_type != 3 or len(weights.dims) != 2 or not (zero and len(zero) == 1):  # int8
+            continue
+        k, n = weights.dims
+        if n % 16 or k % 4 or k > 1 << 16:
+            continue  # a shape that does not pack (or whose sums could overflow): MatMulInteger stays
+        packed, offsets = np.empty((n // 16, k // 4, 64), np.int8), np.empty(n, np.int32)
+        if pack(_initializer_bytes(weights, folder, k * n), k, n, int(zero[0]), packed, offsets) != 0:
+            raise KernelError(f"{weights.name}: attar_pack_int8 refused a {k} × {n} matrix")
+        name = f"{weights.name}/vnni"
+        declared = type(weights)()
+        declared.CopyFrom(weights)  # its bytes, inline or in the weights file, are never read:
+        declared.name = name        # onnxruntime takes the packed array given below instead
+        del declared.dims[:]
+        declared.dims.extend(packed.shape)
+        model.graph.initializer.append(declared)
+        model.graph.initializer.append(numpy_helper.from_array(offsets, f"{weights.name}/offsets"))
+        value = ort.OrtValue.ortvalue_from_numpy(packed)
+        options.add_initializer(name, value)
+        keep.append((packed, value))
+        replaced.add(weights.name)
+        fused[graph.position[id(node)]] = _node("Int8MatMul", [product.input[0], name, f"{weights.name}/offsets",
+                                                               node.input[1], node.input[2]], [node.output[0]], node.name)
+        dropped.add(graph.position[id(product)])
+    if not fused:
+        return 0
+    nodes = [fused.get(i, n) for i, n in enumerate(model.graph.node) if i in fused or i not in dropped]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    still = {i for n in nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name not in replaced or t.name in still]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return len(fused)
+
+
+def _packer() -> Callable | None:
+    """The library's `attar_pack_int8`, called with numpy arrays; None where the library was built
+    without AVX-512 VNNI (it then packs nothing: a 4 × 16 matrix is refused)."""
+    import ctypes
+
+    function = ctypes.CDLL(str(library())).attar_pack_int8
+    function.restype = ctypes.c_int
+    pointer = ctypes.c_void_p
+
+    def pack(values: np.ndarray, k: int, n: int, zero: int, packed: np.ndarray, offsets: np.ndarray) -> int:
+        return function(pointer(values.ctypes.data), ctypes.c_int64(k), ctypes.c_int64(n), ctypes.c_int32(zero),
+                        pointer(packed.ctypes.data), pointer(offsets.ctypes.data))
+
+    probe = np.zeros(64, np.int8)
+    return pack if pack(probe, 4, 16, 0, np.empty(64, np.int8), np.empty(16, np.int32)) == 0 else None
+
+
+def _initializer_bytes(tensor, folder: Path, count: int) -> np.ndarray:
+    """An int8 initializer's `count` values, inline or in an external file inside `folder` (a model
+    folder is untrusted: its file must lie inside it and hold the bytes the graph says)."""
+    from onnx import TensorProto, numpy_helper
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        values = numpy_helper.to_array(tensor).reshape(-1)
+    else:
+        info = {e.key: e.value for e in tensor.external_data}
+        root = folder.resolve()
+        path = (root / info.get("location", "")).resolve()
+        offset, length = (int(v) if v.isdigit() else -1 for v in (info.get("offset", "0"), info.get("length", str(count))))
+        if not path.is_relative_to(root) or not path.is_file() or length != count or offset < 0 \
+                or offset + length > path.stat().st_size:
+            raise KernelError(f"{tensor.name}: its external data is not {count} bytes inside {folder}")
+        values = np.memmap(path, dtype=np.int8, mode="r", offset=offset, shape=(count,))  # read once, not copied
+    if values.size != count:
+        raise KernelError(f"{tensor.name} holds {values.size} values, not {count}")
+    return np.ascontiguousarray(values, dtype=np.int8)
 
 
 def _quantization(graph: "_Graph", cast) -> tuple[list, list[str], str] | None:

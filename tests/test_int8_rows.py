@@ -1,7 +1,9 @@
-"""attar's int8 row ops (`runtime/int8_rows.cc`): the int8 graph's per-row quantization and
-dequantization around MatMulInteger as one node each, swapped in by `kernels.use_int8_rows`.
-They must give the bits onnxruntime's own ops give on the graph the importer writes, ties and
-an all-zero row included, and refuse inputs of the wrong shape with one line."""
+"""attar's int8 ops: the int8 graph's per-row quantization and dequantization around
+MatMulInteger as one node each (`runtime/int8_rows.cc`, swapped in by `kernels.use_int8_rows`),
+and each MatMulInteger with its dequantization as one Int8MatMul on packed weights
+(`runtime/int8_matmul.cc`, `kernels.use_int8_matmul`). They must give the bits onnxruntime's own
+ops give on the graph the importer writes, ties and an all-zero row included, read a model's
+weights only from inside its folder, and refuse inputs of the wrong shape with one line."""
 
 import numpy as np
 import onnx
@@ -34,10 +36,14 @@ def projections(tmp_path) -> onnx.ModelProto:
     return onnx.load(tmp_path / "int8.onnx")  # its weights read back from the data file
 
 
-def session(model: onnx.ModelProto, library) -> ort.InferenceSession:
-    options = ort.SessionOptions()
+def session(model: onnx.ModelProto, library, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    options = options or ort.SessionOptions()
     options.register_custom_ops_library(str(library))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def vnni() -> bool:
+    return kernels._packer() is not None
 
 
 def test_the_row_ops_give_the_bits_of_onnxruntimes_ops(library, tmp_path):
@@ -56,6 +62,47 @@ def test_the_row_ops_give_the_bits_of_onnxruntimes_ops(library, tmp_path):
         got = session(fused, library).run(None, {"x": rows})
         for a, b in zip(expected, got):
             assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_the_packed_products_give_the_bits_of_onnxruntimes_ops(library, tmp_path, external):
+    if not vnni():
+        pytest.skip("the kernels were built for a CPU without AVX-512 VNNI: nothing is packed")
+    plain = projections(tmp_path)
+    packed = projections(tmp_path) if not external else onnx.load(tmp_path / "int8.onnx", load_external_data=False)
+    kernels.use_int8_rows(packed)
+    options, keep = ort.SessionOptions(), []
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tmp_path))
+    assert kernels.use_int8_matmul(packed, tmp_path, options, keep) == 2
+    assert sorted(n.op_type for n in packed.graph.node) == ["Int8MatMul"] * 2 + ["RowQuantize"] * 2
+    assert not any(t.name.endswith(".int8") for t in packed.graph.initializer)  # only the packed copy is held
+    fast, reference = session(packed, library, options), session(plain, library)
+    rng = np.random.default_rng(1)
+    # 1 to 8 rows (a tile), 9 and 70 (tiles and items of 64 rows with tails); N = 48: a strip of
+    # two blocks and one of one.
+    for rows in (1, 3, 8, 9, 70):
+        x = rng.standard_normal((1, rows, K)).astype(np.float32) * 3
+        x[0, 0] = 0.0
+        x[0, -1, :3] = [1e30, -1e30, 7.0]
+        for a, b in zip(reference.run(None, {"x": x}), fast.run(None, {"x": x})):
+            assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
+
+
+def test_weights_outside_the_model_folder_or_of_the_wrong_size_are_refused(library, tmp_path):
+    if not vnni():
+        pytest.skip("the kernels were built for a CPU without AVX-512 VNNI: nothing is read")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(projections(tmp_path), folder / "int8.onnx", save_as_external_data=True, location="w.data")
+    (tmp_path / "w.data").write_bytes((folder / "w.data").read_bytes())  # the same bytes, outside the folder
+    for key, value in (("location", "../w.data"), ("length", "8"), ("offset", "-64"), ("offset", "sixty")):
+        bad = onnx.load(folder / "int8.onnx", load_external_data=False)
+        kernels.use_int8_rows(bad)
+        weights = next(t for t in bad.graph.initializer if t.name.endswith(".int8"))
+        entry = next((e for e in weights.external_data if e.key == key), None) or weights.external_data.add()
+        entry.key, entry.value = key, value
+        with pytest.raises(kernels.KernelError, match="is not .* bytes inside"):
+            kernels.use_int8_matmul(bad, folder, ort.SessionOptions(), [])
 
 
 def test_what_is_not_the_importers_pattern_stays_on_onnxruntimes_ops(tmp_path):
@@ -80,9 +127,21 @@ def test_what_is_not_the_importers_pattern_stays_on_onnxruntimes_ops(tmp_path):
      "attar RowDequantize: the row scale must hold one scale a row"),
     ("RowQuantize", {"a": np.zeros((2, 8), np.float32), "b": np.ones(9, np.float32)},
      "attar RowQuantize: smooth must hold one factor a channel"),
+    ("Int8MatMul", {"a": np.zeros((2, 8), np.uint8), "b": np.zeros((1, 3, 64), np.int8), "c": np.zeros(16, np.int32),
+                    "d": np.ones((2, 1), np.float32), "e": np.ones(16, np.float32)},
+     "attar Int8MatMul: the weights must be packed (N/16, K/4, 64) for codes of K inputs"),
+    ("Int8MatMul", {"a": np.zeros((2, 8), np.uint8), "b": np.zeros((1, 2, 64), np.int8), "c": np.zeros(16, np.int32),
+                    "d": np.ones((1, 1), np.float32), "e": np.ones(16, np.float32)},
+     "attar Int8MatMul: the row scale must hold one scale a row"),
+    ("Int8MatMul", {"a": np.zeros((2, 8), np.uint8), "b": np.zeros((1, 2, 64), np.int8), "c": np.zeros(15, np.int32),
+                    "d": np.ones((2, 1), np.float32), "e": np.ones(16, np.float32)},
+     "attar Int8MatMul: the offsets and column scale must hold one value a column"),
 ])
 def test_inputs_of_the_wrong_shape_are_refused_with_one_line(library, op, feeds, message):
-    types = {np.dtype(np.int32): T.INT32, np.dtype(np.float32): T.FLOAT}
+    if op == "Int8MatMul" and not vnni():
+        pytest.skip("the kernels were built for a CPU without AVX-512 VNNI")
+    types = {np.dtype(np.int32): T.INT32, np.dtype(np.float32): T.FLOAT, np.dtype(np.uint8): T.UINT8,
+             np.dtype(np.int8): T.INT8}
     outputs = {"codes": T.UINT8, "scale": T.FLOAT} if op == "RowQuantize" else {"y": T.FLOAT}
     node = helper.make_node(op, list(feeds), list(outputs), domain="attar")
     model = helper.make_model(helper.make_graph(
