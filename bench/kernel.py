@@ -5,13 +5,15 @@ they leave parity as it is). One JSON line a figure.
 
     python bench/kernel.py [--model qwen2.5-coder-0.5b | FOLDER] [--rows 1,8,16] [--past 600,1500] [--no-parity]
 
-Three engines per graph, their steps interleaved: onnxruntime's ops; attar's attention alone; and
-attar's attention with the int8 rows (the int8 graph only: what `attar kernel build` gives).
-Needs the kernels built; a catalog model is pulled with its int8 graph."""
+Engines per graph, their steps interleaved: onnxruntime's ops; attar's attention alone; and, on
+the int8 graph, attar's attention with the int8 rows, then with the int8 products on packed
+weights too (what `attar kernel build` gives, on a CPU with AVX-512 VNNI). Needs the kernels
+built; a catalog model is pulled with its int8 graph."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -32,6 +34,17 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
+@contextlib.contextmanager
+def without(edit: str):
+    """Engines made inside leave out one of `kernels`' graph edits (e.g. "use_int8_rows")."""
+    real = getattr(kernels, edit)
+    setattr(kernels, edit, lambda *args: 0)
+    try:
+        yield
+    finally:
+        setattr(kernels, edit, real)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -49,13 +62,16 @@ def main() -> None:
         # The engines at once, their steps interleaved: this VM's speed drifts from minute to
         # minute, and one engine timed after the other compared two machines. (Fair since the
         # engine's threads stopped spinning when idle: each took a core from the other before.)
-        engines = {"onnxruntime": Engine(folder, threads=args.threads, max_rows=max(rows), int8=int8, kernel=False)}
-        use_int8_rows = kernels.use_int8_rows
-        kernels.use_int8_rows = lambda model: 0  # attention alone: the int8 rows stay onnxruntime's ops
-        engines["attention"] = Engine(folder, threads=args.threads, max_rows=max(rows), int8=int8, kernel=True)
-        kernels.use_int8_rows = use_int8_rows
+        def engine(kernel: bool) -> Engine:
+            return Engine(folder, threads=args.threads, max_rows=max(rows), int8=int8, kernel=kernel)
+
+        engines = {"onnxruntime": engine(False)}
+        with without("use_int8_rows"):  # attention alone: the int8 rows stay onnxruntime's ops
+            engines["attention"] = engine(True)
         if int8:
-            engines["attention+int8 rows"] = Engine(folder, threads=args.threads, max_rows=max(rows), int8=int8, kernel=True)
+            with without("use_int8_matmul"):
+                engines["attention+int8 rows"] = engine(True)
+            engines["attention+int8 rows+products"] = engine(True)
         ms: dict[str, dict] = {name: {} for name in engines}
         for p in pasts:
             for r in rows:
