@@ -108,8 +108,9 @@ def register(options, kernel: bool | None = None) -> bool:
 
 def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], bool]):
     """An onnxruntime session of `graph` as `edit` changes it (`modeldir.edited_session`), on
-    attar's kernels where `register` says so (its attention, and an int8 graph's row quantization);
-    and whether its attention runs on the kernel, in which case every run feeds SHARED."""
+    attar's kernels where `register` says so (its attention, and an int8 graph's row quantization
+    and products); and whether its attention runs on the kernel, in which case every run feeds
+    SHARED. The session holds the packed weights (`attar_packed`) for as long as it lives."""
     registered = register(options, kernel)
     on_kernel = False
     packed: list = []  # the packed weights: onnxruntime reads them where they are, for the session's life
