@@ -14,7 +14,9 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Where the CPU has AMX, onnxruntime's quantized GEMM runs on it (far more multiply-adds a cycle
+// from a few rows up than VNNI's), so this build packs nothing there and MatMulInteger stays.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(__AMX_INT8__)
 #include <immintrin.h>
 #define ATTAR_VNNI 1
 #endif
@@ -158,7 +160,7 @@ void add_int8_matmul(Ort::CustomOpDomain& domain) {
 
 // Pack MatMulInteger's weights w (k × n, int8, row-major) for Int8MatMul: packed[j][g][c][i] =
 // w[4g + i][16j + c], and offsets[c] = zero × Σ_k w[k][c]. Returns 0, or 1 where this build has
-// no VNNI (the graph then keeps MatMulInteger) or the shape does not pack (k % 4, n % 16).
+// no VNNI or has AMX (the graph then keeps MatMulInteger), or the shape does not pack (k % 4, n % 16).
 extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n, int32_t zero, int8_t* __restrict packed,
                                int32_t* __restrict offsets) {
 #ifdef ATTAR_VNNI

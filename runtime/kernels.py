@@ -198,7 +198,7 @@ def use_int8_matmul(model, folder: Path, options, keep: list) -> int:
     weights packed for it (`attar_pack_int8`). The packed weights are handed to onnxruntime through
     `options` in place of the graph's (no second copy in memory); `keep` holds them, and must live
     as long as the session. Returns how many products it put in (0: none; and none on a CPU
-    without AVX-512 VNNI, where the library does not pack)."""
+    without AVX-512 VNNI, or with AMX, where the library does not pack)."""
     from onnx import numpy_helper
 
     import onnxruntime as ort
@@ -254,7 +254,7 @@ def use_int8_matmul(model, folder: Path, options, keep: list) -> int:
 
 def _packer() -> Callable | None:
     """The library's `attar_pack_int8`, called with numpy arrays; None where the library was built
-    without AVX-512 VNNI (it then packs nothing: a 4 × 16 matrix is refused)."""
+    for a CPU without AVX-512 VNNI, or with AMX (it then packs nothing: a 4 × 16 matrix is refused)."""
     import ctypes
 
     function = ctypes.CDLL(str(library())).attar_pack_int8
