@@ -281,8 +281,9 @@ def _initializer_bytes(tensor, folder: Path, count: int) -> np.ndarray:
         root = folder.resolve()
         path = (root / info.get("location", "")).resolve()
         offset, length = (int(v) if v.isdigit() else -1 for v in (info.get("offset", "0"), info.get("length", str(count))))
-        if not path.is_relative_to(root) or not path.is_file() or length != count or offset < 0 \
-                or offset + length > path.stat().st_size:
+        if not path.is_relative_to(root):  # onnxruntime's words for the same refusal
+            raise KernelError(f"{tensor.name}: external data path {info.get('location')!r} escapes model directory {folder}")
+        if not path.is_file() or length != count or offset < 0 or offset + length > path.stat().st_size:
             raise KernelError(f"{tensor.name}: its external data is not {count} bytes inside {folder}")
         values = np.memmap(path, dtype=np.int8, mode="r", offset=offset, shape=(count,))  # read once, not copied
     if values.size != count:
