@@ -184,11 +184,7 @@ def use_int8_rows(model) -> int:
                 dropped.update(graph.position[id(n)] for n in (cast, inner, node))
     if not fused:
         return 0
-    # Each fused node takes its pattern's last place: its inputs come before, its outputs' users after.
-    nodes = [fused.get(i, n) for i, n in enumerate(model.graph.node) if i in fused or i not in dropped]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    _import_domain(model)
+    _fuse(model, fused, dropped)
     return len(fused)
 
 
@@ -242,14 +238,22 @@ def use_int8_matmul(model, folder: Path, options, keep: list) -> int:
         dropped.add(graph.position[id(product)])
     if not fused:
         return 0
-    nodes = [fused.get(i, n) for i, n in enumerate(model.graph.node) if i in fused or i not in dropped]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    still = {i for n in nodes for i in n.input}
+    _fuse(model, fused, dropped)
+    still = {i for n in model.graph.node for i in n.input}
     kept = [t for t in model.graph.initializer if t.name not in replaced or t.name in still]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     return len(fused)
+
+
+def _fuse(model, fused: dict[int, object], dropped: set[int]) -> None:
+    """Put the fused nodes into `model` (position of a pattern's last node -> the node replacing
+    the pattern) and take out the nodes at the `dropped` positions. Each fused node takes its
+    pattern's last place: its inputs come before, its outputs' users after."""
+    nodes = [fused.get(i, n) for i, n in enumerate(model.graph.node) if i in fused or i not in dropped]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _import_domain(model)
 
 
 def _packer() -> Callable | None:
