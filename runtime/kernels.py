@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 
 from attar.runtime.fetch import cache_dir, work_folder
-from attar.runtime.modeldir import edited_session
+from attar.runtime.modeldir import ModelError, edited_session, inside
 
 SOURCES = [Path(__file__).with_name(name) for name in ("kernels.cc", "attention.cc", "int8_rows.cc", "int8_matmul.cc")]
 HEADER = Path(__file__).with_name("kernels.h")
@@ -282,11 +282,12 @@ def _initializer_bytes(tensor, folder: Path, count: int) -> np.ndarray:
         values = numpy_helper.to_array(tensor).reshape(-1)
     else:
         info = {e.key: e.value for e in tensor.external_data}
-        root = folder.resolve()
-        path = (root / info.get("location", "")).resolve()
+        try:
+            path = inside(folder, info.get("location"), f"{tensor.name}'s external data")
+        except ModelError:  # in onnxruntime's words, which an exact graph's load gives for the same fault
+            raise KernelError(f"{tensor.name}: external data path {info.get('location')!r} escapes model directory "
+                              f"{folder}") from None
         offset, length = (int(v) if v.isdigit() else -1 for v in (info.get("offset", "0"), info.get("length", str(count))))
-        if not path.is_relative_to(root):  # onnxruntime's words for the same refusal
-            raise KernelError(f"{tensor.name}: external data path {info.get('location')!r} escapes model directory {folder}")
         if not path.is_file() or length != count or offset < 0 or offset + length > path.stat().st_size:
             raise KernelError(f"{tensor.name}: its external data is not {count} bytes inside {folder}")
         values = np.memmap(path, dtype=np.int8, mode="r", offset=offset, shape=(count,))  # read once, not copied
