@@ -66,6 +66,12 @@ def normalize_latex(text: Any) -> str:
     return text.rstrip(".").lower()
 
 
+# Answers whose value sympy would compute before comparing, and which no machine holds: a power
+# whose exponent holds another power ("9^{9^{9}}", nine characters, filled 24 GB), a power or a
+# factorial of a number of five digits or more. Model output decides what gets parsed.
+HUGE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\(?\s*\d+\s*\)?\s*\^|\^\s*[{(]?\s*-?\d{5,}|\d{5,}\s*!")
+
+
 def math_match(prediction: Any, gold: Any) -> bool:
     """Symbolic equivalence with math-verify (attar[distill]); normalized LaTeX without it."""
     if normalize_latex(prediction) == normalize_latex(gold):
@@ -74,8 +80,8 @@ def math_match(prediction: Any, gold: Any) -> bool:
         from math_verify import parse, verify
     except ImportError:
         return numeric_match(prediction, gold) and re.fullmatch(r"-?[\d.,/]+", normalize_latex(gold)) is not None
-    if len(str(prediction)) > 300:  # sympy on a long expression can run for minutes; no answer is that long
-        return False
+    if len(str(prediction)) > 300 or HUGE.search(str(prediction)):  # sympy on a long expression can run for
+        return False  # minutes, on a huge number without end; no answer is either
     # Timeouts off: they use SIGALRM, which only works in the main thread (generation runs in many);
     # math-verify warns about that once per process, which would interleave with progress bars.
     logging.getLogger("math_verify").setLevel(logging.ERROR)

@@ -2,6 +2,7 @@
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,18 @@ def test_oracle_trajectories_are_correct_real_agent_runs(tmp_path):
 ])
 def test_scoring(pred, gold, kind, ok):
     assert scoring.score(pred, gold, kind) is ok
+
+
+@pytest.mark.parametrize("pred", ["9^{9^{9}}", "9^{(9^9)}", "9^9^9", "10^{123456789}", "2^(-99999)", "123456!"])
+def test_an_answer_too_large_to_compute_is_wrong_at_once(pred):
+    began = time.perf_counter()
+    assert scoring.score(pred, "5", "math") is False
+    assert time.perf_counter() - began < 10  # sympy would run until memory is gone (9^{9^{9}}: 24 GB)
+
+
+@pytest.mark.parametrize("pred, gold", [("2^{10}", "1024"), ("3^4", "81"), ("5!", "120"), ("10^{3}", "1000")])
+def test_powers_and_factorials_of_sane_size_still_compare(pred, gold):
+    assert scoring.score(pred, gold, "math") is True
 
 
 @pytest.mark.skipif(not DATASETS.is_dir(), reason="the shared datasets are not beside this checkout")
