@@ -80,8 +80,10 @@ def math_match(prediction: Any, gold: Any) -> bool:
         from math_verify import parse, verify
     except ImportError:
         return numeric_match(prediction, gold) and re.fullmatch(r"-?[\d.,/]+", normalize_latex(gold)) is not None
-    if len(str(prediction)) > 300 or HUGE.search(str(prediction)):  # sympy on a long expression can run for
-        return False  # minutes, on a huge number without end; no answer is either
+    # sympy on a long expression can run for minutes, on a huge number without end; no answer is either.
+    text = str(prediction)
+    if len(text) > 300 or HUGE.search(text):
+        return False
     # Timeouts off: they use SIGALRM, which only works in the main thread (generation runs in many);
     # math-verify warns about that once per process, which would interleave with progress bars.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
