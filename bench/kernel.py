@@ -7,7 +7,7 @@ they leave parity as it is). One JSON line a figure.
 
 Engines per graph, their steps interleaved: onnxruntime's ops; attar's attention alone; and, on
 the int8 graph, attar's attention with the int8 rows, then with the int8 products on packed
-weights too (what `attar kernel build` gives, on a CPU with AVX-512 VNNI). Needs the kernels
+weights too (what `attar kernel build` gives, on a CPU with AVX-512 VNNI or AVX2). Needs the kernels
 built; a catalog model is pulled with its int8 graph."""
 
 from __future__ import annotations

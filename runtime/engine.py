@@ -57,6 +57,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -215,6 +216,10 @@ class Engine:
         # process (two engines stepping in turn cost each other up to 70% of a one-row step). Off,
         # a step alone costs the same (measured: 1.00/0.97/0.99 at 1/8/16 rows), and so does eval.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if int8 and model.int8_decoder is not None and not kernels.int8_sums_exact(kernel):
+            int8 = False
+            print(f"{model.name}: running the exact graph: on this CPU onnxruntime's int8 products saturate; "
+                  "`attar kernel build` gives exact ones", file=sys.stderr)
         self.graph = model.graph(int8)
         # Speculating, the LM head of attar's graphs sees the last LOOKAHEAD + 1 positions (the file
         # keeps one, genai's contract); a graph whose logits still keep one cannot check a guess.

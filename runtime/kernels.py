@@ -9,7 +9,9 @@ Two sets of ops in one native library, the `attar` domain:
 * `int8_rows.cc`: the int8 graph's per-row quantization and dequantization around each
   MatMulInteger, one node each instead of eight and three, the same bits.
 * `int8_matmul.cc`: each MatMulInteger and the dequantization after it as one node, on weights
-  packed (when the session is made) for the CPU's VNNI dot products; the same bits.
+  packed (when the session is made) for the CPU's integer dot products (AVX-512 VNNI, or AVX2);
+  the bits of the exact integer sums, which onnxruntime's MatMulInteger does not give on AVX2
+  without VNNI (its 16-bit pair sums saturate).
 
 Both go in when a session is made (`session`), in memory; the files on disk keep onnxruntime's own
 ops, which every other runtime (onnxruntime-genai) reads.
@@ -96,14 +98,41 @@ def register(options, kernel: bool | None = None) -> bool:
     """Register the built library with onnxruntime session `options`; whether graphs loaded with
     them should run on it. `kernel`: None, when it is built (and ATTAR_KERNEL is not 0); True, it
     must be; False, never."""
-    if kernel is None and os.environ.get("ATTAR_KERNEL") == "0":  # the user's way back to onnxruntime's ops
-        kernel = False
-    path = library() if kernel is not False else None
+    path = _wanted(kernel)
     if kernel and path is None:
         raise KernelError("attar's kernels are not built: run `attar kernel build`")
     if path is not None:
         options.register_custom_ops_library(str(path))
     return path is not None
+
+
+def _wanted(kernel: bool | None) -> Path | None:
+    """The library a session should run on, as `register` reads `kernel`."""
+    if kernel is None and os.environ.get("ATTAR_KERNEL") == "0":  # the user's way back to onnxruntime's ops
+        return None
+    return library() if kernel is not False else None
+
+
+def int8_sums_exact(kernel: bool | None = None) -> bool:
+    """Whether an int8 graph's integer sums come out exact here: on attar's packed products (built,
+    and wanted as `register` reads `kernel`), or where onnxruntime's MatMulInteger is exact. On x86
+    with AVX2 and neither VNNI nor AMX (AMD Zen 2 and 3, Intel before Ice Lake) that multiplies with
+    `vpmaddubsw`, whose 16-bit pair sums saturate: every projection of the default had wrong sums,
+    up to a fifth of the largest (README). The CPU is read from Linux's /proc/cpuinfo; elsewhere
+    onnxruntime's sums are taken as exact."""
+    if _wanted(kernel) is not None and _packer() is not None:
+        return True
+    flags = _cpu_flags()
+    return "avx2" not in flags or bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags, from Linux's /proc/cpuinfo (none elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
 
 
 def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], bool]):
@@ -193,8 +222,9 @@ def use_int8_matmul(model, folder: Path, options, keep: list) -> int:
     that each MatMulInteger and the RowDequantize of its sums run as one Int8MatMul node, on the
     weights packed for it (`attar_pack_int8`). The packed weights are handed to onnxruntime through
     `options` in place of the graph's (no second copy in memory); `keep` holds them, and must live
-    as long as the session. Returns how many products it put in (0: none; and none on a CPU
-    without AVX-512 VNNI, or with AMX, where the library does not pack)."""
+    as long as the session. Returns how many products it put in (0: none; and none where the
+    library packs nothing: a CPU with AMX or AVX-VNNI, whose MatMulInteger is exact and faster,
+    or without AVX2)."""
     from onnx import numpy_helper
 
     import onnxruntime as ort
@@ -221,7 +251,7 @@ def use_int8_matmul(model, folder: Path, options, keep: list) -> int:
         packed, offsets = np.empty((n // 16, k // 4, 64), np.int8), np.empty(n, np.int32)
         if pack(_initializer_bytes(weights, folder, k * n), k, n, int(zero[0]), packed, offsets) != 0:
             raise KernelError(f"{weights.name}: attar_pack_int8 refused a {k} × {n} matrix")
-        name = f"{weights.name}/vnni"
+        name = f"{weights.name}/packed"
         declared = type(weights)()
         declared.CopyFrom(weights)  # its bytes, inline or in the weights file, are never read:
         declared.name = name        # onnxruntime takes the packed array given below instead
@@ -258,7 +288,7 @@ def _fuse(model, fused: dict[int, object], dropped: set[int]) -> None:
 
 def _packer() -> Callable | None:
     """The library's `attar_pack_int8`, called with numpy arrays; None where the library was built
-    for a CPU without AVX-512 VNNI, or with AMX (it then packs nothing: a 4 × 16 matrix is refused)."""
+    for a CPU it packs nothing for (AMX, AVX-VNNI, no AVX2: a 4 × 16 matrix is refused)."""
     import ctypes
 
     function = ctypes.CDLL(str(library())).attar_pack_int8

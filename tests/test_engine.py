@@ -177,16 +177,19 @@ def test_a_prompt_asked_again_starts_its_answer_the_same_on_the_int8_graph(int8_
         assert third.text == first.text and third.cached_tokens == third.prompt_tokens - 2
 
 
-def test_the_int8_graph_on_attars_row_ops_gives_the_bits_of_onnxruntimes_ops(int8_dir, monkeypatch):
-    """The int8 graph's row quantization runs as attar's RowQuantize/RowDequantize where the kernels
-    are built: every logit the same as on onnxruntime's eight and three nodes, prefill and step."""
+def test_the_int8_graph_on_attars_ops_gives_the_bits_of_onnxruntimes_ops(int8_dir, monkeypatch):
+    """The int8 graph's row quantization and products run as attar's RowQuantize and Int8MatMul
+    where the kernels are built: every logit the same as on onnxruntime's eight and three nodes
+    around each product, with the product's exact integer sums, prefill and step."""
+    from test_int8_rows import exact_sums
+
     from attar.runtime import kernels
     from attar.runtime.engine import Engine
 
     if kernels.library() is None:
         pytest.skip("attar's kernels are not built")
     engines = [Engine(ExportDir.open(int8_dir), max_rows=3)]
-    monkeypatch.setattr(kernels, "use_int8_rows", lambda model: 0)
+    monkeypatch.setattr(kernels, "use_int8_rows", lambda model: exact_sums(model) and 0)
     engines.append(Engine(ExportDir.open(int8_dir), max_rows=3))
     ids = np.random.default_rng(0).integers(300, 40000, (3, 30))
     logits = []
@@ -196,6 +199,23 @@ def test_the_int8_graph_on_attars_row_ops_gives_the_bits_of_onnxruntimes_ops(int
                        engine._forward(0, 1, ids[:1, :2], [31]).logits])
     for fused, plain in zip(*logits):
         assert np.array_equal(fused, plain)
+
+
+@pytest.mark.parametrize("flags, int8", [({"avx2"}, False), ({"avx2", "avx512_vnni"}, True), ({"avx2", "avx_vnni"}, True),
+                                          ({"sse4_1"}, True)])
+def test_where_onnxruntimes_int8_sums_saturate_and_attars_are_off_the_exact_graph_runs(int8_dir, monkeypatch, capsys,
+                                                                                   flags, int8):
+    """On AVX2 without VNNI, onnxruntime's MatMulInteger saturates 16-bit pair sums: without
+    attar's products (here turned off) the engine runs the folder's exact graph, and says so."""
+    from attar.runtime import kernels
+    from attar.runtime.engine import Engine
+
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: flags)
+    folder = ExportDir.open(int8_dir)
+    engine = Engine(folder, max_rows=1, kernel=False)
+    assert engine.graph == (folder.int8_decoder if int8 else folder.decoder)
+    said = capsys.readouterr().err
+    assert ("onnxruntime's int8 products saturate" in said) is not int8
 
 
 def test_a_cache_that_grows_past_its_capacity_stays_exact(model_dir):

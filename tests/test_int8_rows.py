@@ -2,7 +2,8 @@
 MatMulInteger as one node each (`runtime/int8_rows.cc`, swapped in by `kernels.use_int8_rows`),
 and each MatMulInteger with its dequantization as one Int8MatMul on packed weights
 (`runtime/int8_matmul.cc`, `kernels.use_int8_matmul`). They must give the bits onnxruntime's own
-ops give on the graph the importer writes, ties and an all-zero row included, read a model's
+ops give on the graph the importer writes (with the products' exact integer sums, which
+onnxruntime's MatMulInteger does not give on every CPU), ties and an all-zero row included, read a model's
 weights only from inside its folder, and refuse inputs of the wrong shape with one line."""
 
 import numpy as np
@@ -42,7 +43,7 @@ def session(model: onnx.ModelProto, library, options: ort.SessionOptions | None 
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def vnni() -> bool:
+def packs() -> bool:
     return kernels._packer() is not None
 
 
@@ -64,11 +65,31 @@ def test_the_row_ops_give_the_bits_of_onnxruntimes_ops(library, tmp_path):
             assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
 
 
+def exact_sums(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each MatMulInteger computed as an int32 MatMul of the codes less their zero point:
+    the sums MatMulInteger defines. (onnxruntime's own MatMulInteger saturates 16-bit pair sums on
+    a CPU with AVX2 and no VNNI, so it is no reference there.)"""
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "MatMulInteger":
+            nodes.append(node)
+            continue
+        a, w, zero = node.input
+        nodes += [helper.make_node("Cast", [a], [a + "/i32"], to=T.INT32),
+                  helper.make_node("Cast", [zero], [node.name + "/zero"], to=T.INT32),
+                  helper.make_node("Sub", [a + "/i32", node.name + "/zero"], [node.name + "/centred"]),
+                  helper.make_node("Cast", [w], [node.name + "/w"], to=T.INT32),
+                  helper.make_node("MatMul", [node.name + "/centred", node.name + "/w"], list(node.output))]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
 @pytest.mark.parametrize("external", [False, True])
-def test_the_packed_products_give_the_bits_of_onnxruntimes_ops(library, tmp_path, external):
-    if not vnni():
-        pytest.skip("the kernels were built for a CPU without AVX-512 VNNI: nothing is packed")
-    plain = projections(tmp_path)
+def test_the_packed_products_give_the_bits_of_the_exact_sums(library, tmp_path, external):
+    if not packs():
+        pytest.skip("the kernels were built for a CPU they pack nothing for (AMX, AVX-VNNI, no AVX2)")
+    plain = exact_sums(projections(tmp_path))
     packed = projections(tmp_path) if not external else onnx.load(tmp_path / "int8.onnx", load_external_data=False)
     kernels.use_int8_rows(packed)
     options, keep = ort.SessionOptions(), []
@@ -78,9 +99,9 @@ def test_the_packed_products_give_the_bits_of_onnxruntimes_ops(library, tmp_path
     assert not any(t.name.endswith(".int8") for t in packed.graph.initializer)  # only the packed copy is held
     fast, reference = session(packed, library, options), session(plain, library)
     rng = np.random.default_rng(1)
-    # 1 to 8 rows (a tile), 9 and 70 (tiles and items of 64 rows with tails); N = 48: a strip of
-    # two blocks and one of one.
-    for rows in (1, 3, 8, 9, 70):
+    # 1 to 8 rows (a tile; on AVX2 two passes of 4), 9 and 70 (tiles and items of 64 rows with
+    # tails); N = 48: a strip of two blocks and one of one.
+    for rows in (1, 3, 5, 8, 9, 70):
         x = rng.standard_normal((1, rows, K)).astype(np.float32) * 3
         x[0, 0] = 0.0
         x[0, -1, :3] = [1e30, -1e30, 7.0]
@@ -88,9 +109,41 @@ def test_the_packed_products_give_the_bits_of_onnxruntimes_ops(library, tmp_path
             assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
 
 
+def test_the_packed_products_do_not_saturate(library, tmp_path):
+    """Codes and weights over their whole range, and every code 255 against every weight 127: two
+    products a pair (255 × 127 × 2) overflow the 16-bit sums of `vpmaddubsw`, which onnxruntime's
+    MatMulInteger uses on AVX2. Int8MatMul's sums are the exact ones, on every CPU it packs for."""
+    if not packs():
+        pytest.skip("the kernels were built for a CPU they pack nothing for (AMX, AVX-VNNI, no AVX2)")
+    rng = np.random.default_rng(2)
+    weights = rng.integers(-127, 128, (K, N), dtype=np.int8)
+    weights[:, 0] = 127
+    column_scale = rng.random(N, dtype=np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMulInteger", ["codes", "w", "zero"], ["sums"]),
+         helper.make_node("RowDequantize", ["sums", "row_scale", "column_scale"], ["y"], domain="attar")],
+        "products", [helper.make_tensor_value_info("codes", T.UINT8, ["rows", K]),
+                     helper.make_tensor_value_info("row_scale", T.FLOAT, ["rows", 1])],
+        [helper.make_tensor_value_info("y", T.FLOAT, None)],
+        [onnx.numpy_helper.from_array(weights, "w"), onnx.numpy_helper.from_array(np.array(128, np.uint8), "zero"),
+         onnx.numpy_helper.from_array(column_scale, "column_scale")]),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("attar", 1)])
+    options, keep = ort.SessionOptions(), []
+    assert kernels.use_int8_matmul(model, tmp_path, options, keep) == 1
+    fast = session(model, library, options)
+    for rows in (1, 4, 8, 13):
+        codes = rng.integers(0, 256, (rows, K), dtype=np.uint8)
+        codes[0] = 255
+        row_scale = rng.random((rows, 1), dtype=np.float32)
+        sums = (codes.astype(np.int64) - 128) @ weights.astype(np.int64)
+        expected = (sums.astype(np.float32) * row_scale) * column_scale  # RowDequantize's order
+        assert np.array_equal(fast.run(None, {"codes": codes, "row_scale": row_scale})[0], expected)
+        assert expected[0, 0] == np.float32(127 * 127 * K) * row_scale[0, 0] * column_scale[0]
+
+
 def test_weights_outside_the_model_folder_or_of_the_wrong_size_are_refused(library, tmp_path):
-    if not vnni():
-        pytest.skip("the kernels were built for a CPU without AVX-512 VNNI: nothing is read")
+    if not packs():
+        pytest.skip("the kernels were built for a CPU they pack nothing for: nothing is read")
     folder = tmp_path / "model"
     folder.mkdir()
     onnx.save(projections(tmp_path), folder / "int8.onnx", save_as_external_data=True, location="w.data")
@@ -139,8 +192,8 @@ def test_what_is_not_the_importers_pattern_stays_on_onnxruntimes_ops(tmp_path):
      "attar Int8MatMul: the offsets and column scale must hold one value a column"),
 ])
 def test_inputs_of_the_wrong_shape_are_refused_with_one_line(library, op, feeds, message):
-    if op == "Int8MatMul" and not vnni():
-        pytest.skip("the kernels were built for a CPU without AVX-512 VNNI")
+    if op == "Int8MatMul" and not packs():
+        pytest.skip("the kernels were built for a CPU they pack nothing for")
     types = {np.dtype(np.int32): T.INT32, np.dtype(np.float32): T.FLOAT, np.dtype(np.uint8): T.UINT8,
              np.dtype(np.int8): T.INT8}
     outputs = {"codes": T.UINT8, "scale": T.FLOAT} if op == "RowQuantize" else {"y": T.FLOAT}
