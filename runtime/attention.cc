@@ -99,7 +99,18 @@ void place(void* data, size_t item) {
   }
 }
 
-constexpr i16 LANES = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+// Lanes [0, n) of x, and `otherwise` in the others.
+inline v16 first_lanes(v16 x, int n, float otherwise) {
+#ifdef ATTAR_HALVES  // kernels.h: a select of 16 lanes would be lowered to one branch a lane
+  typedef int32_t i8 __attribute__((vector_size(32)));
+  constexpr i8 lanes = {0, 1, 2, 3, 4, 5, 6, 7};
+  const v8 fill = v8{} + otherwise;
+  return join(lanes < n ? low(x) : fill, lanes + 8 < n ? high(x) : fill);
+#else
+  constexpr i16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return lanes < n ? x : v16{} + otherwise;
+#endif
+}
 
 // exp(x) for x <= 0 (scores minus their maximum), lane by lane: 2^n by the exponent bits, e^r on
 // |r| <= ln2/2 by its Taylor series to degree 7 (relative error under 1e-7, as good as the float
@@ -122,15 +133,52 @@ inline v16 exp_nonpositive(v16 x) {
 
 // The sum of the 16 lanes, always in the same order (a halving tree), as max_lanes (kernels.h).
 inline float add_lanes(v16 x) {
+#ifdef ATTAR_HALVES
+  v8 a = low(x) + high(x);
+  a += swap_quads(a);
+  a += swap_pairs(a);
+  return a[0] + a[1];
+#else
   x += __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
   x += __builtin_shuffle(x, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
   x += __builtin_shuffle(x, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
   return x[0] + x[1];
+#endif
 }
 
 // Lane k of the result is the sum of the 16 lanes of a[k]: a transpose-and-add tree, 15 vector
 // additions for 16 dot products instead of a horizontal sum each.
 inline v16 sum_lanes(v16 a[16]) {
+#ifdef ATTAR_HALVES
+  // The same folds on 8-lane halves (kernels.h): each fold below is the matching one further down.
+  v8 bl[8], bh[8], cl[4], ch[4], dl[2], dh[2];
+  for (int i = 0; i < 8; ++i) {
+    bl[i] = low(a[2 * i]) + high(a[2 * i]);
+    bh[i] = low(a[2 * i + 1]) + high(a[2 * i + 1]);
+  }
+  const auto quads = [](v8 x, v8 y, int which) {  // 0: the first 4 lanes of x and of y; 1: the last
+    return (v8)(which ? _mm256_permute2f128_ps((__m256)x, (__m256)y, 0x31) : _mm256_permute2f128_ps((__m256)x, (__m256)y, 0x20));
+  };
+  for (int i = 0; i < 4; ++i) {
+    cl[i] = quads(bl[2 * i], bl[2 * i + 1], 0) + quads(bl[2 * i], bl[2 * i + 1], 1);
+    ch[i] = quads(bh[2 * i], bh[2 * i + 1], 0) + quads(bh[2 * i], bh[2 * i + 1], 1);
+  }
+  const auto pairs = [](v8 x, v8 y, int which) {  // each quad: lanes 0, 1 of x and of y; or 2, 3
+    return (v8)(which ? _mm256_shuffle_ps((__m256)x, (__m256)y, 0xEE) : _mm256_shuffle_ps((__m256)x, (__m256)y, 0x44));
+  };
+  for (int i = 0; i < 2; ++i) {
+    dl[i] = pairs(cl[2 * i], cl[2 * i + 1], 0) + pairs(cl[2 * i], cl[2 * i + 1], 1);
+    dh[i] = pairs(ch[2 * i], ch[2 * i + 1], 0) + pairs(ch[2 * i], ch[2 * i + 1], 1);
+  }
+  const auto singles = [&](v8 x, v8 y) {  // each quad: x0 + x1, y0 + y1, x2 + x3, y2 + y3
+    const v8 first = (v8)_mm256_unpacklo_ps((__m256)x, (__m256)y), second = (v8)_mm256_unpackhi_ps((__m256)x, (__m256)y);
+    return pairs(first, second, 0) + pairs(first, second, 1);
+  };
+  const v8 el = singles(dl[0], dl[1]), eh = singles(dh[0], dh[1]);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256 p = _mm256_permutevar8x32_ps((__m256)el, order), q = _mm256_permutevar8x32_ps((__m256)eh, order);
+  return join((v8)_mm256_unpacklo_ps(p, q), (v8)_mm256_unpackhi_ps(p, q));
+#else
   v16 b[8], c[4], d[2];
   for (int i = 0; i < 8; ++i)  // lanes 0-7: a[2i] folded in half, lanes 8-15: a[2i+1]
     b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], i16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
@@ -145,6 +193,7 @@ inline v16 sum_lanes(v16 a[16]) {
                 __builtin_shuffle(d[0], d[1], i16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
   // Lane l of e holds a[k] for the k that the folds above sent there; put each a[k] in lane k.
   return __builtin_shuffle(e, i16{0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15});
+#endif
 }
 
 // The 16 dot products of query x with the 16 keys (rows of `head` floats) starting at k. HEAD is
@@ -168,16 +217,15 @@ template <int HEAD>
 inline void visit(const Call& c, int64_t r, const float* keys, const float* values, int sees) {
   const int head = HEAD ? HEAD : c.head;
   const v16 x = dots<HEAD>(c.queries + r * head, keys, head) * c.scale;
-  const i16 live = LANES < sees;
   float& top = c.top[r];
   float& sum = c.sum[r];
-  const float high = std::max(top, max_lanes(live ? x : v16{} - INFINITY));
+  const float high = std::max(top, max_lanes(first_lanes(x, sees, -INFINITY)));
   // Mostly the running maximum stands: its factor is then exp(0), exactly 1 here, so it is not
   // computed (~16 vector ops a block). The multiplications by it stay, written as before: the
   // compiler fuses them into the adds around them, and the bits depend on how.
   const bool stands = high == top && high > -INFINITY;
   const float shrink = stands ? 1.0f : exp_nonpositive(v16{} + (top - high))[0];  // ~0 for the first block (top = -inf)
-  const v16 p = live ? exp_nonpositive(x - high) : v16{};
+  const v16 p = first_lanes(exp_nonpositive(x - high), sees, 0.0f);
   float s[16];
   store(s, p);
   sum = stands ? sum + add_lanes(p) : sum * shrink + add_lanes(p);

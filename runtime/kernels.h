@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace attar {
 
 inline const OrtApi* g_api = nullptr;  // set by RegisterCustomOps (kernels.cc)
@@ -86,8 +90,30 @@ inline v16 load(const float* p) {
 
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Where a register holds 8 floats, GCC lowers a shuffle of 16 lanes to moves of one float at a
+// time, through memory: the lane trees below (here and in attention.cc) then work on the two
+// halves with AVX2's own shuffles. The same additions and maxima of the same lanes: the same bits.
+#define ATTAR_HALVES 1
+typedef float v8 __attribute__((vector_size(32)));
+inline v8 low(v16 x) { return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7); }
+inline v8 high(v16 x) { return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline v16 join(v8 a, v8 b) { return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline v8 swap_quads(v8 x) { return (v8)_mm256_permute2f128_ps((__m256)x, (__m256)x, 0x01); }  // lanes 4-7, 0-3
+inline v8 swap_pairs(v8 x) { return (v8)_mm256_permute_ps((__m256)x, 0x4E); }                  // 2, 3, 0, 1 in each quad
+#endif
+
 // The largest of the 16 lanes, always in the same order (a halving tree).
 inline float max_lanes(v16 x) {
+#ifdef ATTAR_HALVES
+  v8 a = low(x), b = high(x);
+  a = a > b ? a : b;
+  b = swap_quads(a);
+  a = a > b ? a : b;
+  b = swap_pairs(a);
+  a = a > b ? a : b;
+  return std::max(a[0], a[1]);
+#else
   v16 y = __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
   x = x > y ? x : y;
   y = __builtin_shuffle(x, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
@@ -95,6 +121,7 @@ inline float max_lanes(v16 x) {
   y = __builtin_shuffle(x, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
   x = x > y ? x : y;
   return std::max(x[0], x[1]);
+#endif
 }
 
 // Each source file adds its ops to the library's one domain, "attar".
