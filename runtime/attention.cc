@@ -212,9 +212,11 @@ inline v16 dots(const float* x, const float* k, int head) {
 
 // Query vector r (its index in `queries`) visits one block of 16 keys and values, of which it sees
 // the first `sees`: its scores, then an online softmax step on its running state. Both stages
-// below go through this one function, so a block's arithmetic is the same wherever it is read.
+// below go through this one function, so a block's arithmetic is the same wherever it is read:
+// one compiled copy (noinline), as each inlined copy could fuse other multiply-adds (on AVX2 the
+// shared-prefix stage and the own-cache stage came out one bit apart).
 template <int HEAD>
-inline void visit(const Call& c, int64_t r, const float* keys, const float* values, int sees) {
+__attribute__((noinline)) void visit(const Call& c, int64_t r, const float* keys, const float* values, int sees) {
   const int head = HEAD ? HEAD : c.head;
   const v16 x = dots<HEAD>(c.queries + r * head, keys, head) * c.scale;
   float& top = c.top[r];
