@@ -104,7 +104,29 @@ def test_stop_strings_and_seeds(client):
     assert seeded[0] == seeded[1]
 
 
+def one_row_steps_are_exact() -> bool:
+    """Whether a one-token step of one row gives that row the bits it gets beside another row, on
+    the served model here. Not on every CPU: on AVX2 without AVX-512, onnxruntime's 4-bit kernel
+    for a single row sums in another order than its kernel for several (README, "On AVX2 without
+    VNNI"), and near a tie greedy decoding then takes another token."""
+    import numpy as np
+
+    from attar.runtime.engine import Engine
+    from attar.runtime.modeldir import ExportDir
+    from attar.runtime.models import pull
+
+    engine = Engine(ExportDir.open(pull(MODEL, log=lambda m: None, check=False)), max_rows=2)
+    ids = np.random.default_rng(0).integers(300, 40000, (2, 12))
+    engine.pool.reserve(2, 16)
+    engine._forward(0, 2, ids[:, :-1], [0, 0])
+    both = engine._forward(0, 2, ids[:, -1:], [11, 11]).logits[0]
+    alone = engine._forward(0, 1, ids[:1, -1:], [11]).logits[0]
+    return bool(np.array_equal(both, alone))
+
+
 def test_concurrent_clients_get_what_they_would_alone(client):
+    if not one_row_steps_are_exact():
+        pytest.skip("on this CPU onnxruntime's one-row kernel sums otherwise than its many-row one")
     prompts = [[{"role": "user", "content": f"Write a sentence about the number {i}."}] for i in range(4)]
     alone = [client.chat.completions.create(model=MODEL, messages=p, max_tokens=16, temperature=0)
              .choices[0].message.content for p in prompts]
