@@ -42,7 +42,7 @@ namespace {
 
 constexpr int64_t BLOCK = 16;     // columns a block: one AVX-512 register of int32 sums, or two AVX2 ones
 constexpr int64_t GROUP = 4;      // inputs a block's packed 64 bytes hold for each of its columns
-constexpr int TILE_ROWS = 8;      // rows a tile: 8 rows × 2 blocks = 16 accumulators
+constexpr int TILE_ROWS = 8;      // rows a tile: 8 rows × 2 blocks = 16 accumulators (AVX2: in passes of PASS)
 constexpr int64_t ITEM_ROWS = 64;  // rows a work item: its weights stay in cache across its tiles
 
 #ifdef ATTAR_AVX2
