@@ -250,3 +250,59 @@ def test_attar_kernel_build_prints_the_library_and_a_bad_include_folder_is_one_l
     done = subprocess.run([attar, "kernel", "build", "--include", str(empty)], capture_output=True, text=True, env=env)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"Error: {empty} has no onnxruntime_c_api.h"]
+
+
+LANES_PROBE = r"""
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include "attention.cc"
+// Random 16 × 16 blocks (some huge, some with a NaN or an infinity) through the lane trees and a
+// block's dot products; every result's bytes to stdout.
+int main() {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  static float raw[256], keys[1024];
+  for (int t = 0; t < 4000; ++t) {
+    for (float& x : raw) x = normal(rng) * (t % 7 == 0 ? 1e6f : 1.0f);
+    for (float& x : keys) x = normal(rng);
+    if (t % 11 == 0) raw[t % 256] = NAN;
+    if (t % 13 == 0) raw[(t * 7) % 256] = -INFINITY;
+    attar::v16 a[16];
+    for (int i = 0; i < 16; ++i) a[i] = attar::load(raw + 16 * i);
+    float out[16 * 4 + 2];
+    attar::store(out, attar::sum_lanes(a));
+    attar::store(out + 16, attar::first_lanes(a[t % 16], t % 17, -INFINITY));
+    attar::store(out + 32, attar::first_lanes(a[(t + 1) % 16], (t * 3) % 17, 0.0f));
+    attar::store(out + 48, attar::dots<64>(raw, keys, 64));
+    out[64] = attar::add_lanes(a[(t + 2) % 16]);
+    out[65] = attar::max_lanes(a[(t + 3) % 16]);
+    fwrite(out, sizeof out, 1, stdout);
+  }
+}
+"""
+
+
+def test_the_avx2_lane_trees_give_the_bits_of_the_portable_ones(tmp_path):
+    """Where the CPU has AVX2 and not AVX-512, the kernels' 16-lane sums, maxima and selects run on
+    two 8-lane halves with AVX2's shuffles (GCC's own lowering moved one float at a time). Both
+    forms, compiled side by side for an AVX2 CPU (`-mno-avx2` leaves the portable one), must give
+    the same bits, whichever CPU runs the suite."""
+    import subprocess
+
+    compiler = kernels._compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    if not {"avx2", "fma"} <= kernels._cpu_flags():
+        pytest.skip("this CPU cannot run an AVX2 build")
+    include = tmp_path / "include"
+    kernels._fetch_headers(include, log=lambda m: None)
+    (tmp_path / "probe.cc").write_text(LANES_PROBE)
+    results = []
+    for extra in ([], ["-mno-avx2"]):
+        binary = tmp_path / f"probe{len(extra)}"
+        subprocess.run([compiler, "-O3", "-march=x86-64-v3", *extra, "-fno-math-errno", "-std=gnu++17", "-I", str(include),
+                        "-I", str(kernels.HEADER.parent), str(tmp_path / "probe.cc"), "-o", str(binary)],
+                       check=True, capture_output=True, timeout=300)
+        results.append(subprocess.run([str(binary)], check=True, capture_output=True, timeout=60).stdout)
+    assert len(results[0]) == 4000 * 66 * 4 and results[0] == results[1]
