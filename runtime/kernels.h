@@ -14,6 +14,7 @@
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 #include <immintrin.h>
+#define ATTAR_HALVES 1  // 16 floats are two registers: see v8 below
 #endif
 
 namespace attar {
@@ -90,11 +91,10 @@ inline v16 load(const float* p) {
 
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#ifdef ATTAR_HALVES
 // Where a register holds 8 floats, GCC lowers a shuffle of 16 lanes to moves of one float at a
 // time, through memory: the lane trees below (here and in attention.cc) then work on the two
 // halves with AVX2's own shuffles. The same additions and maxima of the same lanes: the same bits.
-#define ATTAR_HALVES 1
 typedef float v8 __attribute__((vector_size(32)));
 inline v8 low(v16 x) { return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7); }
 inline v8 high(v16 x) { return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15); }

@@ -54,3 +54,22 @@ def library():
     if kernels._compiler() is None:
         pytest.skip("no C++ compiler")
     return kernels.build(log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def avx2_build(tmp_path_factory):
+    """How to compile attar's sources for an AVX2 CPU without AVX-512, whatever CPU runs the suite
+    (a native build on an AVX-512 machine never compiles the AVX2 code): the compiler, a folder of
+    onnxruntime's headers (fetched once) and the build's flags with `-march=x86-64-v3`. Skipped
+    where this CPU cannot run such a build."""
+    from attar.runtime import kernels
+
+    compiler = kernels._compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    if not {"avx2", "fma"} <= kernels._cpu_flags():
+        pytest.skip("this CPU cannot run an AVX2 build")
+    include = tmp_path_factory.mktemp("avx2-include")
+    kernels._fetch_headers(include, log=lambda m: None)
+    flags = ["-march=x86-64-v3" if f == "-march=native" else f for f in kernels.FLAGS]
+    return compiler, include, flags

@@ -283,26 +283,20 @@ int main() {
 """
 
 
-def test_the_avx2_lane_trees_give_the_bits_of_the_portable_ones(tmp_path):
+def test_the_avx2_lane_trees_give_the_bits_of_the_portable_ones(tmp_path, avx2_build):
     """Where the CPU has AVX2 and not AVX-512, the kernels' 16-lane sums, maxima and selects run on
     two 8-lane halves with AVX2's shuffles (GCC's own lowering moved one float at a time). Both
     forms, compiled side by side for an AVX2 CPU (`-mno-avx2` leaves the portable one), must give
     the same bits, whichever CPU runs the suite."""
     import subprocess
 
-    compiler = kernels._compiler()
-    if compiler is None:
-        pytest.skip("no C++ compiler")
-    if not {"avx2", "fma"} <= kernels._cpu_flags():
-        pytest.skip("this CPU cannot run an AVX2 build")
-    include = tmp_path / "include"
-    kernels._fetch_headers(include, log=lambda m: None)
+    compiler, include, flags = avx2_build
+    program = [f for f in flags if f not in ("-shared", "-fPIC")]  # a program, not the library
     (tmp_path / "probe.cc").write_text(LANES_PROBE)
     results = []
     for extra in ([], ["-mno-avx2"]):
         binary = tmp_path / f"probe{len(extra)}"
-        subprocess.run([compiler, "-O3", "-march=x86-64-v3", *extra, "-fno-math-errno", "-std=gnu++17", "-I", str(include),
-                        "-I", str(kernels.HEADER.parent), str(tmp_path / "probe.cc"), "-o", str(binary)],
-                       check=True, capture_output=True, timeout=300)
+        subprocess.run([compiler, *program, *extra, "-I", str(include), "-I", str(kernels.HEADER.parent),
+                        str(tmp_path / "probe.cc"), "-o", str(binary)], check=True, capture_output=True, timeout=300)
         results.append(subprocess.run([str(binary)], check=True, capture_output=True, timeout=60).stdout)
     assert len(results[0]) == 4000 * 66 * 4 and results[0] == results[1]
