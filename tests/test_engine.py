@@ -425,6 +425,16 @@ def test_a_guess_never_changes_the_tokens(model_dir, monkeypatch, kernel, reques
     assert (plain == guessed) or not kernel  # on attar's kernels, the tokens of one-token steps too
 
 
+def test_prompt_lookup_guesses_what_followed_the_longest_latest_match():
+    from attar.runtime.engine import lookup
+
+    assert lookup([1, 2, 3, 9, 1, 2, 3, 8, 5, 1, 2, 3], 5) == [8, 5, 1]  # the latest of two 3-token matches
+    assert lookup([7, 1, 2, 4, 4, 6, 2], 5) == [4]  # only the last token occurred before
+    assert lookup([5, 6, 7, 8], 5) == []  # nothing did
+    assert lookup([3, 3, 3, 3], 2) == [3]  # the latest occurrence overlaps the tail: one token follows it
+    assert lookup([4, 9, 4], 5) == [9]
+
+
 def test_an_agent_speculates_on_its_own_backend_and_a_shared_one_where_it_changes_no_token(model_dir):
     from attar.runtime.agent import Agent
 
