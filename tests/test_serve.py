@@ -151,8 +151,12 @@ def test_the_agent_streams_its_steps(server, client):
     assert status == 200 and events[0] == "step_start" and "step" in events and events[-1] == "done"
     done = json.loads(raw.decode().strip().splitlines()[-1][len("data: "):])
     assert set(done) >= {"answer", "finished_by", "fallback", "steps"}
-    reply = client.chat.completions.create(model="attar-agent", messages=[{"role": "user", "content": "What is 6 * 7?"}])
-    assert reply.choices[0].message.content is not None and reply.model_extra["attar"]["steps"] >= 1
+    reply = client.chat.completions.create(model="attar-agent", messages=[{"role": "user", "content": "What is 6 * 7?"}],
+                                           extra_body={"max_steps": 1})  # the agent's settings, as /v1/agent's
+    assert reply.choices[0].message.content is not None and reply.model_extra["attar"]["steps"] == done["steps"]
+    with pytest.raises(openai.BadRequestError, match="max_steps"):
+        client.chat.completions.create(model="attar-agent", messages=[{"role": "user", "content": "Hi"}],
+                                       extra_body={"max_steps": 10**6})
 
 
 @pytest.mark.parametrize("body, status", [
