@@ -147,8 +147,9 @@ def filter_(source, out, rag_index) -> None:
 @click.option("--grad-accum", type=int, help="Default: an effective batch (batch-size x grad-accum x devices) of 8.")
 @click.option("--max-length", default=2048, show_default=True)
 @click.option("--bf16/--fp32", default=None, help="bf16 autocast. Default: on GPUs only.")
-@click.option("--cpu-weights", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
-              help="The frozen base's dtype on CPU (bf16 reaches AMX; bench/train.py compares them).")
+@click.option("--cpu-weights", type=click.Choice(["bf16", "fp32"]),
+              help="The frozen base's dtype on CPU. Default: bf16 where the CPU has bf16 instructions (AMX, "
+                   "AVX-512 BF16), else fp32 (bench/train.py compares them).")
 @click.option("--max-steps", default=-1, show_default=True, help="Stop after N optimizer steps (smoke runs).")
 @click.option("--merge", is_flag=True, help="Also write a merged HF folder (out/merged).")
 def train(data, student, out, rank, alpha, lr, epochs, batch_size, grad_accum, max_length, bf16, cpu_weights, max_steps,

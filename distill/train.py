@@ -35,13 +35,28 @@ class TrainConfig:
     grad_accum: int | None = None  # None: effective batch (batch_size * grad_accum * devices) of 8
     max_length: int = 2048
     bf16: bool | None = None  # bf16 autocast. None: on GPUs only (on CPU autocast was slower than fp32)
-    # The frozen base's dtype on CPU. bf16 weights (no autocast; the LoRA weights and optimizer stay
-    # fp32) put the base matmuls on AMX where the CPU has it: bench/train.py measures both.
-    cpu_weights: str = "bf16"
+    # The frozen base's dtype on CPU: "bf16" (no autocast; the LoRA weights and optimizer stay fp32)
+    # puts the base's matmuls on AMX, "fp32", or None: bf16 where the CPU multiplies it natively
+    # (`native_bf16`), else fp32. bench/train.py measures both.
+    cpu_weights: str | None = None
     save_steps: int = 10  # a killed run loses at most this many steps
     logging_steps: int = 5
     seed: int = 42
     max_steps: int = -1  # for smoke runs
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX, AVX-512 BF16), where torch's oneDNN runs a
+    bf16 base's matmuls faster than fp32. Elsewhere torch converts each bf16 operand first: on an
+    AVX2 EPYC (no bf16 instructions) a bf16 matmul ran 40-80× as long as fp32's."""
+    from attar.runtime.kernels import cpu_flags
+
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def base_dtype(cfg: TrainConfig) -> str:
+    """The frozen base's dtype on CPU, as `cfg.cpu_weights` asks (None: by `native_bf16`)."""
+    return cfg.cpu_weights or ("bf16" if native_bf16() else "fp32")
 
 
 def load_student(student: str):
@@ -98,9 +113,9 @@ def make_trainer(data: str | os.PathLike | list, student: str, out: str | os.Pat
     dataset = Dataset.from_list(rows)
     model, tokenizer = load_student(student)
     on_gpu = torch.cuda.is_available()
-    if cfg.cpu_weights not in ("bf16", "fp32"):
+    if cfg.cpu_weights not in ("bf16", "fp32", None):
         raise ValueError(f"cpu_weights is bf16 or fp32, not {cfg.cpu_weights!r}")
-    if not on_gpu and cfg.cpu_weights == "bf16":
+    if not on_gpu and base_dtype(cfg) == "bf16":
         model = model.to(torch.bfloat16)
     if encoder.token_to_id(START) is None:
         raise ValueError(f"attar's turn format is ChatML; the student's tokenizer has no {START} token")
@@ -155,7 +170,7 @@ def train(data: str | os.PathLike | list, student: str, out: str | os.PathLike, 
     trainer.model.save_pretrained(tmp)
     trainer.processing_class.save_pretrained(tmp)
     (tmp / "attar_train.json").write_text(json.dumps({"student": student, "data": list(map(str, data_files(data))),
-                                                      **asdict(cfg),
+                                                      **asdict(cfg), "cpu_weights": base_dtype(cfg),
                                                       "train_loss": result.training_loss,
                                                       "metrics": result.metrics}, indent=2, default=str))
     os.replace(tmp, adapter)

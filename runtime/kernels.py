@@ -122,12 +122,13 @@ def int8_sums_exact(kernel: bool | None = None) -> bool:
     onnxruntime's sums are taken as exact."""
     if _wanted(kernel) is not None and _packer() is not None:
         return True
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return "avx2" not in flags or bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags, from Linux's /proc/cpuinfo (none elsewhere)."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags, from Linux's /proc/cpuinfo on x86 (none elsewhere): what the engine and the
+    trainer choose their arithmetic by."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:

@@ -67,7 +67,7 @@ def avx2_build(tmp_path_factory):
     compiler = kernels._compiler()
     if compiler is None:
         pytest.skip("no C++ compiler")
-    if not {"avx2", "fma"} <= kernels._cpu_flags():
+    if not {"avx2", "fma"} <= kernels.cpu_flags():
         pytest.skip("this CPU cannot run an AVX2 build")
     include = tmp_path_factory.mktemp("avx2-include")
     kernels._fetch_headers(include, log=lambda m: None)

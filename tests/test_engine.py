@@ -210,7 +210,7 @@ def test_where_onnxruntimes_int8_sums_saturate_and_attars_are_off_the_exact_grap
     from attar.runtime import kernels
     from attar.runtime.engine import Engine
 
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
     folder = ExportDir.open(int8_dir)
     engine = Engine(folder, max_rows=1, kernel=False)
     assert engine.graph == (folder.int8_decoder if int8 else folder.decoder)
