@@ -41,6 +41,21 @@ class GGUFError(ModelError):
     """The GGUF cannot be imported; the message is one line for the user."""
 
 
+class Reader(GGUFReader):
+    """gguf's reader, over a plain array view of the file's memory map. Its parser slices the map
+    a few times per metadata value, and a slice of an `np.memmap` runs Python code (a Qwen
+    vocabulary's 300,000 strings and merges took 13 s to read, 4.7 s this way): the views are the
+    same bytes, still mapped, not read."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain
+
+    @data.setter
+    def data(self, mapped: np.ndarray) -> None:
+        self._plain = mapped.view(np.ndarray)
+
+
 @dataclass
 class Hyper:
     arch: str
@@ -505,7 +520,7 @@ def tokenizer_fields(reader: GGUFReader) -> dict:
 def gguf_tokenizer(source: Path):
     """The tokenizer an import of `source` writes (a `tokenizers.Tokenizer`), without importing it."""
     try:
-        return build_tokenizer(tokenizer_fields(GGUFReader(source)))
+        return build_tokenizer(tokenizer_fields(Reader(source)))
     except Exception as exc:  # the gguf package raises ValueError, struct errors, ... on a bad file
         raise GGUFError(f"cannot read the tokenizer of {source}: {type(exc).__name__}: {str(exc)[:200]}") from None
 
@@ -556,7 +571,7 @@ def _write_graph(hyper: Hyper, tensors: Tensors, deltas: dict, path: Path, int8:
 def _import(source: Path, out: Path, log: Callable[[str], None], adapters: dict[str, Path] | None,
             int8: bool) -> dict:
     try:
-        reader = GGUFReader(source)
+        reader = Reader(source)
     except Exception as exc:  # the gguf package raises ValueError, struct errors, ... on a bad file
         raise GGUFError(f"cannot read {source} as GGUF: {type(exc).__name__}: {exc}") from None
     hyper = read_hyper(reader)

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from gguf import GGUFReader, dequantize
+from gguf import dequantize
 
-from attar.runtime.gguf_import import Hyper, Tensors, read_hyper
+from attar.runtime.gguf_import import Hyper, Reader, Tensors, read_hyper
 from attar.runtime.lora import read_adapter
 
 
@@ -38,7 +38,7 @@ class GGUFScorer:
     name = "GGUF (numpy, float32)"
 
     def __init__(self, path: Path, lora: Path | None = None):
-        self.reader = GGUFReader(path)
+        self.reader = Reader(path)
         self.h: Hyper = read_hyper(self.reader)
         self.t = Tensors(self.reader)
         self.deltas = read_adapter(lora, self.h.arch, self.h.heads, self.h.kv_heads) if lora else {}

@@ -123,6 +123,21 @@ def probe_ids(model_dir: Path) -> list[int]:
     return [int(t) for t in og.Tokenizer(og.Model(str(model_dir))).encode(PROBE_TEXT)]
 
 
+def test_attars_reader_reads_what_ggufs_own_reads(tiny_gguf):
+    """Over a plain view of the map instead of an np.memmap: the same fields, values and tensors."""
+    from attar.runtime.gguf_import import Reader
+
+    theirs, ours = GGUFReader(tiny_gguf), Reader(tiny_gguf)
+    assert list(ours.fields) == list(theirs.fields) and len(ours.fields["tokenizer.ggml.tokens"].data) > 1000
+    for key, field in theirs.fields.items():
+        mine = ours.fields[key]
+        assert mine.types == field.types and mine.data == field.data and mine.contents() == field.contents(), key
+    assert [(t.name, t.tensor_type, t.data.tobytes()) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.data.tobytes()) for t in theirs.tensors]
+    assert type(ours.tensors[0].data) is np.ndarray  # not a memmap, yet the file's own bytes
+    assert np.shares_memory(ours.tensors[0].data, ours.data)
+
+
 def test_tiny_gguf_import_matches_the_numpy_reference(tmp_path, tiny_gguf):
     out = tmp_path / "onnx"
     out.mkdir()
