@@ -290,9 +290,14 @@ def _fuse(model, fused: dict[int, object], dropped: set[int]) -> None:
 def _packer() -> Callable | None:
     """The library's `attar_pack_int8`, called with numpy arrays; None where the library was built
     for a CPU it packs nothing for (AMX, AVX-VNNI, no AVX2: a 4 × 16 matrix is refused)."""
+    return _packer_in(str(library()))
+
+
+@functools.cache  # an engine asks twice as it starts (`int8_sums_exact`, `use_int8_matmul`)
+def _packer_in(path: str) -> Callable | None:
     import ctypes
 
-    function = ctypes.CDLL(str(library())).attar_pack_int8
+    function = ctypes.CDLL(path).attar_pack_int8
     function.restype = ctypes.c_int
     pointer = ctypes.c_void_p
 
