@@ -3,8 +3,8 @@ between calls (pip install 'attar[serve]': Starlette and uvicorn).
 
     POST /v1/chat/completions   the model, as OpenAI's API has it (streaming or not); the model
                                 name `attar-agent` runs the agent on the last user message
-                                instead (AGENT_FIELDS as /v1/agent takes them) and answers with
-                                its final answer
+                                instead (with /v1/agent's settings) and answers with its
+                                final answer
     GET  /v1/models             the model and `attar-agent`
     POST /v1/agent              the agent, each step streamed as server-sent events (what
                                 `attar chat --server` reads)
@@ -37,7 +37,6 @@ from attar.runtime.sag import SAMPLING as SAG_SAMPLING
 from attar.runtime.sandbox import Sandbox
 
 AGENT_MODEL = "attar-agent"
-AGENT_FIELDS = ("max_steps", "sag", "temperature", "top_p", "seed")  # what a request may set of an agent run
 DEFAULT_PORT = 8765
 
 
@@ -330,8 +329,9 @@ def create_app(server: Server):
 
         if model == AGENT_MODEL:
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            # The agent's own settings, as /v1/agent takes them (an OpenAI client's `extra_body`).
-            params = parse_agent({"question": question, **{k: body[k] for k in AGENT_FIELDS if k in body}}, cfg)
+            # The agent's own settings, read from the body as /v1/agent reads them (an OpenAI client
+            # sends them in `extra_body`); the question is the last user message.
+            params = parse_agent({**body, "question": question}, cfg)
             done = await server.run(request, lambda check: _agent_run(server, params, check, lambda *_: None))
             text = _answer_text(done["answer"])
             usage = _usage(done["prompt_tokens"], done["completion_tokens"])
