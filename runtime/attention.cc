@@ -100,85 +100,98 @@ void place(void* data, size_t item) {
 }
 
 // Lanes [0, n) of x, and `otherwise` in the others.
-inline v16 first_lanes(v16 x, int n, float otherwise) {
-#ifdef ATTAR_HALVES  // kernels.h: a select of 16 lanes would be lowered to one branch a lane
-  typedef int32_t i8 __attribute__((vector_size(32)));
-  constexpr i8 lanes = {0, 1, 2, 3, 4, 5, 6, 7};
-  const v8 fill = v8{} + otherwise;
-  return join(lanes < n ? low(x) : fill, lanes + 8 < n ? high(x) : fill);
-#else
-  constexpr i16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  return lanes < n ? x : v16{} + otherwise;
-#endif
-}
+inline vec first_lanes(vec x, int n, float otherwise) { return LANE < n ? x : vec{} + otherwise; }
 
 // exp(x) for x <= 0 (scores minus their maximum), lane by lane: 2^n by the exponent bits, e^r on
 // |r| <= ln2/2 by its Taylor series to degree 7 (relative error under 1e-7, as good as the float
 // scores it is applied to). The rounding adds and removes 1.5 * 2^23, which leaves x * log2(e)
 // rounded to the nearest integer in float arithmetic.
-inline v16 exp_nonpositive(v16 x) {
-  x = x < -87.0f ? v16{} - 87.0f : x;
-  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const v16 r = x - n * 0.693147180559945309f;
-  v16 p = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
+inline vec exp_nonpositive(vec x) {
+  x = x < -87.0f ? vec{} - 87.0f : x;
+  const vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vec r = x - n * 0.693147180559945309f;
+  vec p = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-  return p * (v16)bits;  // the bits as floats: 2^n
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  return p * (vec)bits;  // the bits as floats: 2^n
 }
 
-// The sum of the 16 lanes, always in the same order (a halving tree), as max_lanes (kernels.h).
-inline float add_lanes(v16 x) {
-#ifdef ATTAR_HALVES
-  v8 a = low(x) + high(x);
-  a += swap_quads(a);
-  a += swap_pairs(a);
-  return a[0] + a[1];
-#else
-  x += __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  x += __builtin_shuffle(x, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  x += __builtin_shuffle(x, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  return x[0] + x[1];
-#endif
+// The largest and the sum of a block's 16 lanes (PARTS registers), by the 16-lane trees: their
+// first step is the maximum, or the sum, of lanes l and l + 8.
+inline float max_16(const vec x[PARTS]) {
+  vec m = x[0];
+  for (int i = 1; i < PARTS; ++i) m = m > x[i] ? m : x[i];
+  return max_lanes(m);
 }
 
-// Lane k of the result is the sum of the 16 lanes of a[k]: a transpose-and-add tree, 15 vector
-// additions for 16 dot products instead of a horizontal sum each.
-inline v16 sum_lanes(v16 a[16]) {
+inline float add_16(const vec x[PARTS]) {
+  vec s = x[0];
+  for (int i = 1; i < PARTS; ++i) s += x[i];
+  return add_lanes(s);
+}
+
+// The 16 dot products of query x with the 16 keys (rows of `head` floats) starting at k, into
+// out's 16 lanes: each key's products summed lane by lane, then the 16 sums' lanes added by a
+// transpose-and-add tree (15 vector additions for 16 dot products, not a horizontal sum each).
+// HEAD is the head size where it is known when compiled (64, 128: the keys' offsets become
+// constants and no pointer leaves a register), else 0.
 #ifdef ATTAR_HALVES
-  // The same folds on 8-lane halves (kernels.h): each fold below is the matching one further down.
-  v8 bl[8], bh[8], cl[4], ch[4], dl[2], dh[2];
-  for (int i = 0; i < 8; ++i) {
-    bl[i] = low(a[2 * i]) + high(a[2 * i]);
-    bh[i] = low(a[2 * i + 1]) + high(a[2 * i + 1]);
+// The tree of the portable form below on 8-lane halves, run 4 keys at a time: 16 keys' sums at once
+// would be 32 registers, and AVX2 has 16 (GCC kept most of them on the stack).
+inline vec quads(vec x, vec y, int which) {  // 0: the first 4 lanes of x and of y; 1: the last
+  return (vec)(which ? _mm256_permute2f128_ps((__m256)x, (__m256)y, 0x31) : _mm256_permute2f128_ps((__m256)x, (__m256)y, 0x20));
+}
+inline vec pairs(vec x, vec y, int which) {  // each quad: lanes 0, 1 of x and of y; or 2, 3
+  return (vec)(which ? _mm256_shuffle_ps((__m256)x, (__m256)y, 0xEE) : _mm256_shuffle_ps((__m256)x, (__m256)y, 0x44));
+}
+
+template <int HEAD>
+inline void dots(const float* x, const float* k, int head, vec out[PARTS]) {
+  if (HEAD) head = HEAD;
+  vec cl[4], ch[4];  // the portable tree's c[m], as low and high halves
+  for (int m = 0; m < 4; ++m) {
+    vec f[4];  // keys 4m .. 4m+3, each folded in half: the portable tree's first step
+    for (int i = 0; i < 4; ++i) {
+      const float* key = k + static_cast<int64_t>(4 * m + i) * head;
+      vec lo = {}, hi = {};
+      for (int d = 0; d < head / 16; ++d) {
+        lo += load_vec(x + 16 * d) * load_vec(key + 16 * d);
+        hi += load_vec(x + 16 * d + 8) * load_vec(key + 16 * d + 8);
+      }
+      f[i] = lo + hi;
+    }
+    cl[m] = quads(f[0], f[2], 0) + quads(f[0], f[2], 1);
+    ch[m] = quads(f[1], f[3], 0) + quads(f[1], f[3], 1);
   }
-  const auto quads = [](v8 x, v8 y, int which) {  // 0: the first 4 lanes of x and of y; 1: the last
-    return (v8)(which ? _mm256_permute2f128_ps((__m256)x, (__m256)y, 0x31) : _mm256_permute2f128_ps((__m256)x, (__m256)y, 0x20));
-  };
-  for (int i = 0; i < 4; ++i) {
-    cl[i] = quads(bl[2 * i], bl[2 * i + 1], 0) + quads(bl[2 * i], bl[2 * i + 1], 1);
-    ch[i] = quads(bh[2 * i], bh[2 * i + 1], 0) + quads(bh[2 * i], bh[2 * i + 1], 1);
-  }
-  const auto pairs = [](v8 x, v8 y, int which) {  // each quad: lanes 0, 1 of x and of y; or 2, 3
-    return (v8)(which ? _mm256_shuffle_ps((__m256)x, (__m256)y, 0xEE) : _mm256_shuffle_ps((__m256)x, (__m256)y, 0x44));
-  };
+  vec dl[2], dh[2];
   for (int i = 0; i < 2; ++i) {
     dl[i] = pairs(cl[2 * i], cl[2 * i + 1], 0) + pairs(cl[2 * i], cl[2 * i + 1], 1);
     dh[i] = pairs(ch[2 * i], ch[2 * i + 1], 0) + pairs(ch[2 * i], ch[2 * i + 1], 1);
   }
-  const auto singles = [&](v8 x, v8 y) {  // each quad: x0 + x1, y0 + y1, x2 + x3, y2 + y3
-    const v8 first = (v8)_mm256_unpacklo_ps((__m256)x, (__m256)y), second = (v8)_mm256_unpackhi_ps((__m256)x, (__m256)y);
+  const auto singles = [](vec x, vec y) {  // each quad: x0 + x1, y0 + y1, x2 + x3, y2 + y3
+    const vec first = (vec)_mm256_unpacklo_ps((__m256)x, (__m256)y), second = (vec)_mm256_unpackhi_ps((__m256)x, (__m256)y);
     return pairs(first, second, 0) + pairs(first, second, 1);
   };
-  const v8 el = singles(dl[0], dl[1]), eh = singles(dh[0], dh[1]);
+  const vec el = singles(dl[0], dl[1]), eh = singles(dh[0], dh[1]);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   const __m256 p = _mm256_permutevar8x32_ps((__m256)el, order), q = _mm256_permutevar8x32_ps((__m256)eh, order);
-  return join((v8)_mm256_unpacklo_ps(p, q), (v8)_mm256_unpackhi_ps(p, q));
+  out[0] = (vec)_mm256_unpacklo_ps(p, q);
+  out[1] = (vec)_mm256_unpackhi_ps(p, q);
+}
 #else
+template <int HEAD>
+inline void dots(const float* x, const float* k, int head, vec out[PARTS]) {
+  if (HEAD) head = HEAD;
+  constexpr int CHUNKS = HEAD ? HEAD / 16 : 64;
+  v16 q[CHUNKS], a[16] = {};
+  for (int d = 0; d < head / 16; ++d) q[d] = load(x + 16 * d);
+  for (int j = 0; j < 16; ++j)  // key by key: each key's row is read front to back
+    for (int d = 0; d < head / 16; ++d) a[j] += q[d] * load(k + static_cast<int64_t>(j) * head + 16 * d);
   v16 b[8], c[4], d[2];
   for (int i = 0; i < 8; ++i)  // lanes 0-7: a[2i] folded in half, lanes 8-15: a[2i+1]
     b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], i16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
@@ -192,23 +205,9 @@ inline v16 sum_lanes(v16 a[16]) {
   const v16 e = __builtin_shuffle(d[0], d[1], i16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}) +
                 __builtin_shuffle(d[0], d[1], i16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
   // Lane l of e holds a[k] for the k that the folds above sent there; put each a[k] in lane k.
-  return __builtin_shuffle(e, i16{0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15});
+  out[0] = __builtin_shuffle(e, i16{0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15});
+}
 #endif
-}
-
-// The 16 dot products of query x with the 16 keys (rows of `head` floats) starting at k. HEAD is
-// the head size where it is known when compiled (64, 128: the keys' offsets become constants and
-// no pointer leaves a register), else 0.
-template <int HEAD>
-inline v16 dots(const float* x, const float* k, int head) {
-  if (HEAD) head = HEAD;
-  constexpr int CHUNKS = HEAD ? HEAD / 16 : 64;
-  v16 q[CHUNKS], acc[16] = {};
-  for (int d = 0; d < head / 16; ++d) q[d] = load(x + 16 * d);
-  for (int j = 0; j < 16; ++j)  // key by key: each key's row is read front to back
-    for (int d = 0; d < head / 16; ++d) acc[j] += q[d] * load(k + static_cast<int64_t>(j) * head + 16 * d);
-  return sum_lanes(acc);
-}
 
 // Query vector r (its index in `queries`) visits one block of 16 keys and values, of which it sees
 // the first `sees`: its scores, then an online softmax step on its running state. Both stages
@@ -218,33 +217,41 @@ inline v16 dots(const float* x, const float* k, int head) {
 template <int HEAD>
 __attribute__((noinline)) void visit(const Call& c, int64_t r, const float* keys, const float* values, int sees) {
   const int head = HEAD ? HEAD : c.head;
-  const v16 x = dots<HEAD>(c.queries + r * head, keys, head) * c.scale;
+  vec x[PARTS], seen[PARTS], p[PARTS];
+  dots<HEAD>(c.queries + r * head, keys, head, x);
+  for (int i = 0; i < PARTS; ++i) {
+    x[i] *= c.scale;
+    seen[i] = first_lanes(x[i], sees - i * LANES, -INFINITY);
+  }
   float& top = c.top[r];
   float& sum = c.sum[r];
-  const float high = std::max(top, max_lanes(first_lanes(x, sees, -INFINITY)));
+  const float high = std::max(top, max_16(seen));
   // Mostly the running maximum stands: its factor is then exp(0), exactly 1 here, so it is not
-  // computed (~16 vector ops a block). The multiplications by it stay, written as before: the
-  // compiler fuses them into the adds around them, and the bits depend on how.
+  // computed (~16 vector ops a block).
   const bool stands = high == top && high > -INFINITY;
-  const float shrink = stands ? 1.0f : exp_nonpositive(v16{} + (top - high))[0];  // ~0 for the first block (top = -inf)
-  const v16 p = first_lanes(exp_nonpositive(x - high), sees, 0.0f);
+  const float shrink = stands ? 1.0f : exp_nonpositive(vec{} + (top - high))[0];  // ~0 for the first block (top = -inf)
   float s[16];
-  store(s, p);
-  sum = stands ? sum + add_lanes(p) : sum * shrink + add_lanes(p);
+  for (int i = 0; i < PARTS; ++i) {
+    p[i] = first_lanes(exp_nonpositive(x[i] - high), sees - i * LANES, 0.0f);
+    store_vec(s + i * LANES, p[i]);
+  }
+  sum = stands ? sum + add_16(p) : sum * shrink + add_16(p);
   top = high;
   // All 16 rows: past `sees` the weights are 0 and the rows real numbers (or the padding's
   // zeros), so a query adds exact zeros there, whatever the step's width. The head's chunks
-  // accumulate side by side (independent chains, in registers when HEAD is known).
-  constexpr int CHUNKS = HEAD ? HEAD / 16 : 64;
-  const int chunks = head / 16;
+  // accumulate side by side (independent chains, in registers when HEAD is known). The block's
+  // weighted values are summed from zero, then added to the running output scaled by shrink: one
+  // multiply-add, `a * shrink + part`, so no choice of the compiler's about which product to fuse
+  // changes the bits.
+  constexpr int CHUNKS = HEAD ? HEAD / LANES : 1024 / LANES;
+  const int chunks = head / LANES;
   float* a = c.acc + r * head;
-  v16 part[CHUNKS];
-  for (int k = 0; k < chunks; ++k) part[k] = load(a + 16 * k) * shrink;
+  vec part[CHUNKS] = {};
   for (int j = 0; j < 16; ++j) {
     const float* v = values + static_cast<int64_t>(j) * head;
-    for (int k = 0; k < chunks; ++k) part[k] += s[j] * load(v + 16 * k);
+    for (int k = 0; k < chunks; ++k) part[k] += s[j] * load_vec(v + LANES * k);
   }
-  for (int k = 0; k < chunks; ++k) store(a + 16 * k, part[k]);
+  for (int k = 0; k < chunks; ++k) store_vec(a + LANES * k, load_vec(a + LANES * k) * shrink + part[k]);
 }
 
 // The index of row b's first query vector of KV head g at token i in `queries` (and the state).

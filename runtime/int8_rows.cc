@@ -25,14 +25,14 @@ int64_t leading(const std::vector<int64_t>& shape) {
   return rows;
 }
 
-// max |x[i]| over a row, NaNs passed over (as std::max(peak, NaN) does). Sixteen lanes side by
-// side: a maximum is exact in any order, so this is the one-at-a-time loop's result, which the
+// max |x[i]| over a row, NaNs passed over (as std::max(peak, NaN) does). A register's lanes side
+// by side: a maximum is exact in any order, so this is the one-at-a-time loop's result, which the
 // compiler leaves scalar (a chain of dependent maxima, most of RowQuantize's time).
 float largest_magnitude(const float* x, int64_t n) {
-  v16 top = {};
+  vec top = {};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const v16 a = (v16)((i16)load(x + i) & 0x7fffffff);  // |x|: the sign bit cleared
+  for (; i + LANES <= n; i += LANES) {
+    const vec a = (vec)((ivec)load_vec(x + i) & 0x7fffffff);  // |x|: the sign bit cleared
     top = a > top ? a : top;
   }
   float peak = max_lanes(top);

@@ -14,7 +14,7 @@
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 #include <immintrin.h>
-#define ATTAR_HALVES 1  // 16 floats are two registers: see v8 below
+#define ATTAR_HALVES 1  // 16 floats are two registers: see vec below
 #endif
 
 namespace attar {
@@ -79,7 +79,7 @@ T* data(const OrtValue* value) {
 }
 
 // Sixteen floats as one value: GCC/Clang vector extensions compile to one AVX-512 register, two
-// AVX2 ones or four SSE ones, so the kernel is portable C++ that still vectorizes everywhere.
+// AVX2 ones or four SSE ones, so the kernels are portable C++ that still vectorizes everywhere.
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
 
@@ -91,28 +91,42 @@ inline v16 load(const float* p) {
 
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
 
+// One register of floats: 16 where the CPU has AVX-512 (or none of this), 8 with AVX2. Where a
+// register holds 8, GCC lowers a select or a shuffle of 16 lanes to moves of one float at a time
+// through memory, and reads them back whole (a stalled load each), so work on 16 lanes (a block of
+// attention's scores) is PARTS registers of LANES. Lane by lane the width changes nothing; where
+// lanes meet (the trees below and in attention.cc) both widths add or compare the same lanes in
+// the same order: the same bits (tests/test_attention_kernel.py compiles both and compares).
 #ifdef ATTAR_HALVES
-// Where a register holds 8 floats, GCC lowers a shuffle of 16 lanes to moves of one float at a
-// time, through memory: the lane trees below (here and in attention.cc) then work on the two
-// halves with AVX2's own shuffles. The same additions and maxima of the same lanes: the same bits.
-typedef float v8 __attribute__((vector_size(32)));
-inline v8 low(v16 x) { return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7); }
-inline v8 high(v16 x) { return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15); }
-inline v16 join(v8 a, v8 b) { return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
-inline v8 swap_quads(v8 x) { return (v8)_mm256_permute2f128_ps((__m256)x, (__m256)x, 0x01); }  // lanes 4-7, 0-3
-inline v8 swap_pairs(v8 x) { return (v8)_mm256_permute_ps((__m256)x, 0x4E); }                  // 2, 3, 0, 1 in each quad
+typedef float vec __attribute__((vector_size(32)));
+typedef int32_t ivec __attribute__((vector_size(32)));
+constexpr ivec LANE = {0, 1, 2, 3, 4, 5, 6, 7};
+inline vec swap_quads(vec x) { return (vec)_mm256_permute2f128_ps((__m256)x, (__m256)x, 0x01); }  // lanes 4-7, 0-3
+inline vec swap_pairs(vec x) { return (vec)_mm256_permute_ps((__m256)x, 0x4E); }                  // 2, 3, 0, 1 in each quad
+#else
+typedef v16 vec;
+typedef i16 ivec;
+constexpr ivec LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 #endif
+constexpr int LANES = sizeof(vec) / sizeof(float);
+constexpr int PARTS = 16 / LANES;  // registers of 16 floats
 
-// The largest of the 16 lanes, always in the same order (a halving tree).
-inline float max_lanes(v16 x) {
+inline vec load_vec(const float* p) {
+  vec x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+
+inline void store_vec(float* p, vec x) { std::memcpy(p, &x, sizeof x); }
+
+// The largest of a register's lanes, always in the same order: a halving tree (on 8 lanes, the
+// last three steps of the 16-lane tree, whose first step is the caller's maximum of two halves).
+inline float max_lanes(vec x) {
 #ifdef ATTAR_HALVES
-  v8 a = low(x), b = high(x);
-  a = a > b ? a : b;
-  b = swap_quads(a);
-  a = a > b ? a : b;
-  b = swap_pairs(a);
-  a = a > b ? a : b;
-  return std::max(a[0], a[1]);
+  vec y = swap_quads(x);
+  x = x > y ? x : y;
+  y = swap_pairs(x);
+  x = x > y ? x : y;
 #else
   v16 y = __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
   x = x > y ? x : y;
@@ -120,8 +134,21 @@ inline float max_lanes(v16 x) {
   x = x > y ? x : y;
   y = __builtin_shuffle(x, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
   x = x > y ? x : y;
-  return std::max(x[0], x[1]);
 #endif
+  return std::max(x[0], x[1]);
+}
+
+// The sum of a register's lanes, in the same order as max_lanes.
+inline float add_lanes(vec x) {
+#ifdef ATTAR_HALVES
+  x += swap_quads(x);
+  x += swap_pairs(x);
+#else
+  x += __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  x += __builtin_shuffle(x, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  x += __builtin_shuffle(x, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+#endif
+  return x[0] + x[1];
 }
 
 // Each source file adds its ops to the library's one domain, "attar".
