@@ -18,6 +18,7 @@
 // The sums are exact integers, so they are MatMulInteger's where its own are exact, and the
 // scaling back is RowDequantize's expression in its order: the outputs are the same bits
 // (tests/test_int8_rows.py), on every CPU this builds for.
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -44,11 +45,26 @@ constexpr int64_t BLOCK = 16;     // columns a block: one AVX-512 register of in
 constexpr int64_t GROUP = 4;      // inputs a block's packed 64 bytes hold for each of its columns
 constexpr int TILE_ROWS = 8;      // rows a tile: 8 rows × 2 blocks = 16 accumulators (AVX2: in passes of PASS)
 constexpr int64_t ITEM_ROWS = 64;  // rows a work item: its weights stay in cache across its tiles
+constexpr int64_t Q8_OFFSETS = 32;  // Q8MatMul: inputs that share an offset (GGUF's k-quants with a minimum)
 
 #ifdef ATTAR_AVX2
 using Code = int16_t;  // the codes widened (Compute): `vpmaddwd` multiplies 16-bit numbers
 #else
 using Code = uint8_t;  // the codes as RowQuantize wrote them
+#endif
+
+#ifdef ATTAR_AVX2
+// Q8MatMul's input as its products read it: per row, k codes, a scale for each group of inputs,
+// and (where the weights have offsets) the sum of each Q8_OFFSETS inputs.
+struct Q8Rows {
+  const Code* codes;
+  const float *scales, *sums;
+  int64_t k;
+
+  Q8Rows skip(int64_t rows, int64_t group) const {
+    return {codes + rows * k, scales + rows * (k / group), sums ? sums + rows * (k / Q8_OFFSETS) : nullptr, k};
+  }
+};
 #endif
 
 #ifdef ATTAR_VNNI
@@ -87,11 +103,8 @@ void tile(const Code* a, int64_t k, const int8_t* w, int64_t stride, const int32
 // pairs, each 16 columns × 2 inputs: sign-extended 8 columns at a time, one `vpmaddwd` with a
 // row's two codes gives 8 columns' sums of two products.
 template <int R>
-void block(const Code* a, int64_t k, const int8_t* w, const int32_t* offsets, const float* row_scale,
-           const float* column_scale, float* y, int64_t n) {
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  for (int64_t pair = 0; pair < k / 2; ++pair) {
+inline void add_pairs(const Code* a, int64_t k, const int8_t* w, int64_t first, int64_t last, __m256i (&acc)[R][2]) {
+  for (int64_t pair = first; pair < last; ++pair) {  // inputs 2 pair, 2 pair + 1
     const int8_t* at = w + pair * 32;
     const __m256i low = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
     const __m256i high = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at + 16)));
@@ -103,6 +116,14 @@ void block(const Code* a, int64_t k, const int8_t* w, const int32_t* offsets, co
       acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(codes, high));
     }
   }
+}
+
+template <int R>
+void block(const Code* a, int64_t k, const int8_t* w, const int32_t* offsets, const float* row_scale,
+           const float* column_scale, float* y, int64_t n) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  add_pairs<R>(a, k, w, 0, k / 2, acc);
   for (int h = 0; h < 2; ++h) {
     const __m256i offset = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offsets + h * 8));
     const __m256 column = _mm256_loadu_ps(column_scale + h * 8);
@@ -128,6 +149,63 @@ void tile(const Code* a, int64_t k, const int8_t* w, int64_t stride, const int32
                         y + PASS * n + b * BLOCK, n);
   }
 }
+
+// Q8MatMul's rows [0, R) × one block of 16 columns: per `group` inputs (16 or 32) the exact sums of
+// the codes' products, scaled by the row's and the columns' scales of those inputs and added in
+// float, in the inputs' order; where there are offsets, after each 32 inputs the row's sum of
+// them times the columns' offsets. A row's outputs do not depend on the rows beside it.
+template <int R>
+void q8_block(const Q8Rows& a, int64_t group, const int8_t* w, const float* w_scale, const float* w_offset, float* y,
+              int64_t n) {
+  const int64_t k = a.k, groups = k / group;
+  __m256 sum[R][2];
+  for (int r = 0; r < R; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    add_pairs<R>(a.codes, k, w, g * group / 2, (g + 1) * group / 2, acc);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 column = _mm256_loadu_ps(w_scale + g * BLOCK + h * 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 scale = _mm256_mul_ps(column, _mm256_set1_ps(a.scales[r * groups + g]));
+        sum[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), scale, sum[r][h]);
+      }
+    }
+    const int64_t end = (g + 1) * group;  // inputs done
+    if (w_offset != nullptr && end % Q8_OFFSETS == 0) {
+      const int64_t b = end / Q8_OFFSETS - 1;
+      for (int h = 0; h < 2; ++h) {
+        const __m256 offset = _mm256_loadu_ps(w_offset + b * BLOCK + h * 8);
+        for (int r = 0; r < R; ++r)
+          sum[r][h] = _mm256_fmadd_ps(_mm256_set1_ps(a.sums[r * (k / Q8_OFFSETS) + b]), offset, sum[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + r * n + h * 8, sum[r][h]);
+}
+
+// Rows [0, R) × blocks [0, B), R ≤ TILE_ROWS, Q8_PASS rows at a time: each row's float sums take
+// two more registers than tile()'s.
+constexpr int Q8_PASS = 2;
+
+template <int R, int B>
+void q8_tile(const Q8Rows& a, int64_t group, const int8_t* w, int64_t stride, const float* w_scale,
+             const float* w_offset, float* y, int64_t n) {
+  const int64_t scales = a.k / group * BLOCK, offsets = a.k / Q8_OFFSETS * BLOCK;  // floats a block of columns
+  for (int b = 0; b < B; ++b) {
+    const float* offset = w_offset ? w_offset + b * offsets : nullptr;
+    q8_block<std::min(R, Q8_PASS)>(a, group, w + b * stride, w_scale + b * scales, offset, y + b * BLOCK, n);
+    if constexpr (R > Q8_PASS)
+      q8_tile<R - Q8_PASS, 1>(a.skip(Q8_PASS, group), group, w + b * stride, stride, w_scale + b * scales, offset,
+                              y + Q8_PASS * n + b * BLOCK, n);
+  }
+}
+
+using Q8Tile = void (*)(const Q8Rows&, int64_t, const int8_t*, int64_t, const float*, const float*, float*, int64_t);
+template <int B>
+constexpr Q8Tile Q8_TILES[TILE_ROWS + 1] = {nullptr,        q8_tile<1, B>, q8_tile<2, B>, q8_tile<3, B>, q8_tile<4, B>,
+                                            q8_tile<5, B>,  q8_tile<6, B>, q8_tile<7, B>, q8_tile<8, B>};
 #endif
 
 #ifdef ATTAR_PACKS
@@ -228,11 +306,132 @@ struct Int8MatMulOp : Ort::CustomOpBase<Int8MatMulOp, Int8MatMul> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+// Q8MatMul(a float (..., K), weights int8 (N/16, K/4, 64), scales float (N/16, K/G, 16)
+//          [, offsets float (N/16, K/32, 16)]) -> float (..., N)
+// The exact graph's MatMulNBits (8 or 4 bits, G = 32 or 16 inputs a scale, accuracy level 4: GGUF's
+// Q8_0, Q5_0, Q6_K, Q4_K... weights), with its offset term where the weights have one: the input
+// quantized to int8 per row and G inputs (times 127 / max|a|, to nearest even; scale max|a| / 127)
+// as that op's int8 path does, y = Σ over the groups of float(Σ codes·w) × (column scale × row scale), plus Σ over
+// each 32 inputs of their sum times the column's offset, added in float in the inputs' order.
+//
+// On AVX2 without VNNI onnxruntime's MatMulNBits and MatMul computed a row alone otherwise than
+// beside others (README, "On AVX2 without VNNI"), and a step of 8 rows cost 3.5 of one. Here the
+// products are Int8MatMul's (`vpmaddwd` on sign-extended weights: exact sums), on the same packing
+// (`attar_pack_q8`), and a row's outputs are the same bits in a step of any rows. A group holding a
+// NaN or an infinity makes its row's outputs NaN.
+struct Q8MatMul {
+  explicit Q8MatMul(const OrtKernelInfo*) {}
+
+  struct Work {
+    Q8Rows a;
+    int64_t group;
+    const int8_t* weights;
+    const float *column_scale, *column_offset;  // (N/16, K/G, 16), (N/16, K/32, 16) or nullptr
+    float* y;
+    int64_t rows, n, blocks;
+  };
+
+  static void part(void* data, size_t item) {  // a strip of 32 columns × up to ITEM_ROWS rows
+#ifdef ATTAR_AVX2
+    const Work& w = *static_cast<const Work*>(data);
+    const int64_t strip = static_cast<int64_t>(item) / w.blocks, first = static_cast<int64_t>(item) % w.blocks * ITEM_ROWS;
+    const int64_t block = strip * 2, k = w.a.k, stride = k * BLOCK;
+    const float* offsets = w.column_offset ? w.column_offset + block * (k / Q8_OFFSETS) * BLOCK : nullptr;
+    const bool two = (block + 1) * BLOCK < w.n;
+    for (int64_t r = first; r < std::min(w.rows, first + ITEM_ROWS); r += TILE_ROWS) {
+      const int64_t rows = std::min<int64_t>(TILE_ROWS, w.rows - r);
+      (two ? Q8_TILES<2>[rows] : Q8_TILES<1>[rows])(w.a.skip(r, w.group), w.group, w.weights + block * stride, stride,
+                                                    w.column_scale + block * (k / w.group) * BLOCK, offsets,
+                                                    w.y + r * w.n + block * BLOCK, w.n);
+    }
+#else
+    (void)data, (void)item;
+#endif
+  }
+
+  void Compute(OrtKernelContext* context) {
+#ifndef ATTAR_AVX2
+    fail("Q8MatMul", "this build has no Q8 products (only an AVX2 CPU without VNNI gets them)");
+#else
+    const OrtValue* a = input(context, 0);
+    const OrtValue* offsets = input(context, 3);
+    std::vector<int64_t> shape = dims(a);
+    const std::vector<int64_t> packed = dims(input(context, 1)), scales = dims(input(context, 2));
+    if (shape.empty() || shape.back() % Q8_OFFSETS != 0 || packed.size() != 3 || packed[2] != BLOCK * GROUP ||
+        packed[1] * GROUP != shape.back())
+      fail("Q8MatMul", "the weights must be packed (N/16, K/4, 64) for an input of K (a multiple of 32)");
+    const int64_t k = shape.back(), n = packed[0] * BLOCK;
+    if (scales.size() != 3 || scales[0] != packed[0] || scales[2] != BLOCK || (scales[1] != k / 32 && scales[1] != k / 16))
+      fail("Q8MatMul", "the scales must be packed (N/16, K/32 or K/16, 16)");
+    const int64_t group = k / scales[1];
+    if (offsets != nullptr && dims(offsets) != std::vector<int64_t>{packed[0], k / Q8_OFFSETS, BLOCK})
+      fail("Q8MatMul", "the offsets must be packed (N/16, K/32, 16)");
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+    shape.back() = n;
+    OrtValue* out = nullptr;
+    check(g_api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &out));
+    if (rows == 0 || n == 0) return;
+    // The input's codes, scales and sums, once for all the strips; kept by the thread, so a step
+    // allocates nothing.
+    thread_local std::vector<Code> codes;
+    thread_local std::vector<float> steps, sums;
+    codes.resize(rows * k);
+    steps.resize(rows * k / group);
+    sums.resize(offsets ? rows * k / Q8_OFFSETS : 0);
+    const float* x = data<float>(a);
+    for (int64_t g = 0; g < rows * k / group; ++g) {
+      const float* in = x + g * group;
+      float peak = 0.0f;
+      bool finite = true;
+      for (int64_t i = 0; i < group; ++i) {
+        finite = finite && std::isfinite(in[i]);
+        peak = std::max(peak, std::fabs(in[i]));
+      }
+      // As onnxruntime's int8 path (and llama.cpp's Q8_0) quantize: times 127 / max, to nearest even.
+      const float inverse = finite && peak > 0.0f ? 127.0f / peak : 0.0f;
+      steps[g] = finite ? peak / 127.0f : NAN;
+      for (int64_t i = 0; i < group; ++i)  // |in| <= peak: |code| <= 127
+        codes[g * group + i] = static_cast<Code>(std::nearbyint(in[i] * inverse));
+    }
+    for (size_t b = 0; b < sums.size(); ++b) {
+      float total = 0.0f;
+      for (int64_t i = 0; i < Q8_OFFSETS; ++i) total += x[b * Q8_OFFSETS + i];
+      sums[b] = total;
+    }
+    Work w{{codes.data(), steps.data(), offsets ? sums.data() : nullptr, k}, group, data<int8_t>(input(context, 1)),
+           data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, data<float>(out), rows, n,
+           (rows + ITEM_ROWS - 1) / ITEM_ROWS};
+    const int64_t items = w.blocks * ((n + 2 * BLOCK - 1) / (2 * BLOCK));
+    check(g_api->KernelContext_ParallelFor(context, part, static_cast<size_t>(items), 0, &w));
+#endif
+  }
+};
+
+struct Q8MatMulOp : Ort::CustomOpBase<Q8MatMulOp, Q8MatMul> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new Q8MatMul(info); }
+  const char* GetName() const { return "Q8MatMul"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    static const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
+                                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    return types[i];
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 }  // namespace
 
 void add_int8_matmul(Ort::CustomOpDomain& domain) {
   static Int8MatMulOp op;
+  static Q8MatMulOp q8;
   domain.Add(&op);
+  domain.Add(&q8);
 }
 
 }  // namespace attar
@@ -282,6 +481,30 @@ extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n,
   return 0;
 #else
   (void)w, (void)k, (void)n, (void)zero, (void)packed, (void)offsets;
+  return 1;
+#endif
+}
+
+// Pack MatMulNBits' codes (n × k, `bits` 8 or 4: a byte, or two with the first in the low nibble;
+// zero point 128 or 8) for Q8MatMul, in attar_pack_int8's AVX2 layout:
+// packed[j][g][p][c][i] = w[16j + c][4g + 2p + i], w being a code less its zero point.
+// Returns 0, or 1 where this build has no Q8 products (only AVX2 without VNNI has them) or the
+// shape does not pack (k % 32, n % 16, bits).
+extern "C" int attar_pack_q8(const uint8_t* __restrict codes, int64_t k, int64_t n, int32_t bits, int8_t* __restrict packed) {
+#ifdef ATTAR_AVX2
+  using attar::BLOCK;
+  if (k <= 0 || n <= 0 || k % attar::Q8_OFFSETS != 0 || n % BLOCK != 0 || (bits != 8 && bits != 4)) return 1;
+  const int64_t row = k * bits / 8;  // bytes a column's codes take
+  for (int64_t j = 0; j < n / BLOCK; ++j)
+    for (int64_t pair = 0; pair < k / 2; ++pair)
+      for (int64_t c = 0; c < BLOCK; ++c) {
+        const uint8_t* column = codes + (j * BLOCK + c) * row;
+        for (int64_t i = 2 * pair; i < 2 * pair + 2; ++i)
+          *packed++ = static_cast<int8_t>(bits == 8 ? column[i] - 128 : ((column[i / 2] >> (4 * (i % 2))) & 15) - 8);
+      }
+  return 0;
+#else
+  (void)codes, (void)k, (void)n, (void)bits, (void)packed;
   return 1;
 #endif
 }

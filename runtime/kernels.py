@@ -138,9 +138,10 @@ def cpu_flags() -> set[str]:
 
 def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], bool]):
     """An onnxruntime session of `graph` as `edit` changes it (`modeldir.edited_session`), on
-    attar's kernels where `register` says so (its attention, and an int8 graph's row quantization
-    and products); and whether its attention runs on the kernel, in which case every run feeds
-    SHARED. The session holds the packed weights (`attar_packed`) for as long as it lives."""
+    attar's kernels where `register` says so (its attention, an int8 graph's row quantization and
+    products, and on AVX2 without VNNI an exact graph's Q8 products); and whether its attention
+    runs on the kernel, in which case every run feeds SHARED. The session holds the packed weights
+    (`attar_packed`) for as long as it lives."""
     registered = register(options, kernel)
     on_kernel = False
     packed: list = []  # the packed weights: onnxruntime reads them where they are, for the session's life
@@ -151,7 +152,8 @@ def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], 
         on_kernel = registered and use_attention(model)
         rows = registered and use_int8_rows(model) > 0
         products = rows and use_int8_matmul(model, graph.parent, options, packed) > 0
-        return edited or on_kernel or rows or products
+        q8 = registered and use_q8_matmul(model, graph.parent, options, packed) > 0
+        return edited or on_kernel or rows or products or q8
 
     made = edited_session(graph, both, options)
     made.attar_packed = packed
@@ -228,8 +230,6 @@ def use_int8_matmul(model, folder: Path, options, keep: list) -> int:
     or without AVX2)."""
     from onnx import numpy_helper
 
-    import onnxruntime as ort
-
     pack = _packer()
     if pack is None:
         return 0
@@ -250,23 +250,121 @@ def use_int8_matmul(model, folder: Path, options, keep: list) -> int:
         if n % 16 or k % 4 or k > 1 << 16:
             continue  # a shape that does not pack (or whose sums could overflow): MatMulInteger stays
         packed, offsets = np.empty((n // 16, k // 4, 64), np.int8), np.empty(n, np.int32)
-        if pack(_initializer_bytes(weights, folder, k * n), k, n, int(zero[0]), packed, offsets) != 0:
+        if pack(_initializer_values(weights, folder, np.int8, k * n), k, n, int(zero[0]), packed, offsets) != 0:
             raise KernelError(f"{weights.name}: attar_pack_int8 refused a {k} × {n} matrix")
-        name = f"{weights.name}/packed"
-        declared = type(weights)()
-        declared.CopyFrom(weights)  # its bytes, inline or in the weights file, are never read:
-        declared.name = name        # onnxruntime takes the packed array given below instead
-        del declared.dims[:]
-        declared.dims.extend(packed.shape)
-        model.graph.initializer.append(declared)
+        name = _hand_over(model, options, keep, weights, packed)
         model.graph.initializer.append(numpy_helper.from_array(offsets, f"{weights.name}/offsets"))
-        value = ort.OrtValue.ortvalue_from_numpy(packed)
-        options.add_initializer(name, value)
-        keep.append((packed, value))
         replaced.add(weights.name)
         fused[graph.position[id(node)]] = _node("Int8MatMul", [product.input[0], name, f"{weights.name}/offsets",
                                                                node.input[1], node.input[2]], [node.output[0]], node.name)
         dropped.add(graph.position[id(product)])
+    return _replace(model, fused, dropped, replaced)
+
+
+def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
+    """Edit an onnx.ModelProto so that each MatMulNBits of GGUF's block weights (8 or 4 bits, 32 or
+    16 inputs a scale, accuracy level 4, neither zero points nor bias: an exact graph's,
+    `gguf_import`), with the offset term after it where the weights have one (`offset_term`: the
+    input's sums of 32, times the offsets, added), runs as one Q8MatMul node, on the codes, scales
+    and offsets packed for it (`attar_pack_q8`) and handed to onnxruntime as `use_int8_matmul`
+    hands its weights. Returns how many it put in (0: none; and none where the library has no Q8
+    products: they are for AVX2 without VNNI, where onnxruntime's MatMulNBits and MatMul computed
+    a row alone otherwise than beside others)."""
+    pack = _q8_packer()
+    if pack is None:
+        return 0
+    graph = _Graph(model)
+    fused: dict[int, object] = {}
+    dropped: set[int] = set()
+    replaced: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or len(node.input) != 3:
+            continue
+        settings = {a.name: a.i for a in node.attribute}
+        k, n, bits, block = (settings.get(key, 0) for key in ("K", "N", "bits", "block_size"))
+        codes, scales = graph.constants.get(node.input[1]), graph.constants.get(node.input[2])
+        if bits not in (4, 8) or block not in (16, 32) or settings.get("accuracy_level") != 4 or k <= 0 or n <= 0 \
+                or k % 32 or n % 16 or codes is None or scales is None:
+            continue
+        if codes.data_type != 2 or list(codes.dims) != [n, k // block, block * bits // 8] or scales.data_type != 1 \
+                or list(scales.dims) not in ([n, k // block], [n * k // block]):  # uint8 codes, float scales
+            continue
+        packed = np.empty((n // 16, k // 4, 64), np.int8)
+        if pack(_initializer_values(codes, folder, np.uint8, n * k * bits // 8), k, n, bits, packed) != 0:
+            raise KernelError(f"{codes.name}: attar_pack_q8 refused a {k} × {n} matrix")
+        columns = _initializer_values(scales, folder, np.float32, n * k // block).reshape(n // 16, 16, k // block)
+        inputs = [node.input[0], _hand_over(model, options, keep, codes, packed),
+                  _hand_over(model, options, keep, scales, np.ascontiguousarray(columns.transpose(0, 2, 1)))]
+        replaced.update((codes.name, scales.name))
+        last, output = node, node.output[0]
+        offset = _offset_term(graph, node, folder, k, n)
+        if offset is not None:
+            last, output, offsets, pattern = offset
+            inputs.append(_hand_over(model, options, keep, graph.constants[offsets],
+                                     _initializer_values(graph.constants[offsets], folder, np.float32, k // 32 * n)
+                                     .reshape(k // 32, n // 16, 16).transpose(1, 0, 2).copy()))
+            replaced.add(offsets)
+            dropped.update(graph.position[id(m)] for m in pattern)
+        fused[graph.position[id(last)]] = _node("Q8MatMul", inputs, [output], node.name)
+        dropped.add(graph.position[id(node)])
+    dropped -= fused.keys()
+    return _replace(model, fused, dropped, replaced)
+
+
+def _offset_term(graph: "_Graph", node, folder: Path, k: int, n: int) -> tuple | None:
+    """Where `gguf_import` added an offset term to MatMulNBits `node`'s output (Add of it and
+    MatMul(MatMul(x, block sums of 32), offsets)): the Add, its output, the offsets' name and the
+    nodes the fused op replaces (the block sums' MatMul too where nothing else reads them)."""
+    from onnx import TensorProto
+
+    x, out = node.input[0], node.output[0]
+    add = next((m for m in graph.readers.get(out, []) if m.op_type == "Add" and m.domain in ("", "ai.onnx")), None)
+    if add is None or graph.uses.get(out) != 1:
+        return None
+    term = graph.made(add.input[1] if add.input[0] == out else add.input[0], "MatMul")
+    sums = term and graph.made(term.input[0], "MatMul", once=False)
+    offsets = term and graph.constants.get(term.input[1])
+    ones = sums and graph.constants.get(sums.input[1])
+    if not (sums and sums.input[0] == x and offsets is not None and ones is not None):
+        return None
+    if offsets.data_type != TensorProto.FLOAT or list(offsets.dims) != [k // 32, n] or list(ones.dims) != [k, k // 32]:
+        return None
+    if ones.name not in graph.checked:  # the block sums' matrix: a 1 where input i is in block i // 32
+        expected = np.kron(np.eye(k // 32, dtype=np.float32), np.ones((32, 1), np.float32))
+        graph.checked[ones.name] = np.array_equal(_initializer_values(ones, folder, np.float32, k * k // 32).reshape(k, -1), expected)
+    if not graph.checked[ones.name]:
+        return None
+    pattern = [term, add] + ([sums] if graph.uses.get(sums.output[0]) == 1 else [])
+    return add, add.output[0], offsets.name, pattern
+
+
+def _hand_over(model, options, keep: list, like, array: np.ndarray) -> str:
+    """Declare `array` in `model` as `like`'s packed form and give onnxruntime the array itself
+    through `options` (`keep` holds it for the session's life); the new initializer's name."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    name = f"{like.name}/packed"
+    declared = type(like)()
+    declared.CopyFrom(like)  # its bytes, inline or in the weights file, are never read:
+    declared.name = name     # onnxruntime takes the packed array given below instead
+    declared.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    del declared.dims[:]
+    declared.dims.extend(array.shape)
+    if declared.data_location != TensorProto.EXTERNAL:  # inline (small): bytes of the packed size, also unread
+        for field in ("raw_data", "int32_data", "float_data", "int64_data", "double_data", "uint64_data"):
+            declared.ClearField(field)
+        declared.raw_data = bytes(array.nbytes)
+    model.graph.initializer.append(declared)
+    value = ort.OrtValue.ortvalue_from_numpy(array)
+    options.add_initializer(name, value)
+    keep.append((array, value))
+    return name
+
+
+def _replace(model, fused: dict[int, object], dropped: set[int], replaced: set[str]) -> int:
+    """Put the fused nodes in (`_fuse`) and take out the initializers they `replaced` that no node
+    reads any more (a tied LM head's codes stay for the embedding's Gather); how many were fused."""
     if not fused:
         return 0
     _fuse(model, fused, dropped)
@@ -309,9 +407,30 @@ def _packer_in(path: str) -> Callable | None:
     return pack if pack(probe, 4, 16, 0, np.empty(64, np.int8), np.empty(16, np.int32)) == 0 else None
 
 
-def _initializer_bytes(tensor, folder: Path, count: int) -> np.ndarray:
-    """An int8 initializer's `count` values, inline or in an external file inside `folder` (a model
-    folder is untrusted: its file must lie inside it and hold the bytes the graph says)."""
+def _q8_packer() -> Callable | None:
+    """The library's `attar_pack_q8`, called with numpy arrays; None where the library was built
+    without Q8 products (anything but AVX2 without VNNI: a 32 × 16 matrix is refused)."""
+    return _q8_packer_in(str(library()))
+
+
+@functools.cache
+def _q8_packer_in(path: str) -> Callable | None:
+    import ctypes
+
+    function = ctypes.CDLL(path).attar_pack_q8
+    function.restype = ctypes.c_int
+    pointer = ctypes.c_void_p
+
+    def pack(codes: np.ndarray, k: int, n: int, bits: int, packed: np.ndarray) -> int:
+        return function(pointer(codes.ctypes.data), ctypes.c_int64(k), ctypes.c_int64(n), ctypes.c_int32(bits),
+                        pointer(packed.ctypes.data))
+
+    return pack if pack(np.zeros(512, np.uint8), 32, 16, 8, np.empty(512, np.int8)) == 0 else None
+
+
+def _initializer_values(tensor, folder: Path, dtype, count: int) -> np.ndarray:
+    """An initializer's `count` values of `dtype`, inline or in an external file inside `folder` (a
+    model folder is untrusted: its file must lie inside it and hold the bytes the graph says)."""
     from onnx import TensorProto, numpy_helper
 
     if tensor.data_location != TensorProto.EXTERNAL:
@@ -323,13 +442,14 @@ def _initializer_bytes(tensor, folder: Path, count: int) -> np.ndarray:
         except ModelError:  # in onnxruntime's words, which an exact graph's load gives for the same fault
             raise KernelError(f"{tensor.name}: external data path {info.get('location')!r} escapes model directory "
                               f"{folder}") from None
-        offset, length = (int(v) if v.isdigit() else -1 for v in (info.get("offset", "0"), info.get("length", str(count))))
-        if not path.is_file() or length != count or offset < 0 or offset + length > path.stat().st_size:
-            raise KernelError(f"{tensor.name}: its external data is not {count} bytes inside {folder}")
-        values = np.memmap(path, dtype=np.int8, mode="r", offset=offset, shape=(count,))  # read once, not copied
+        size = count * np.dtype(dtype).itemsize
+        offset, length = (int(v) if v.isdigit() else -1 for v in (info.get("offset", "0"), info.get("length", str(size))))
+        if not path.is_file() or length != size or offset < 0 or offset + length > path.stat().st_size:
+            raise KernelError(f"{tensor.name}: its external data is not {size} bytes inside {folder}")
+        values = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))  # read once, not copied
     if values.size != count:
         raise KernelError(f"{tensor.name} holds {values.size} values, not {count}")
-    return np.ascontiguousarray(values, dtype=np.int8)
+    return np.ascontiguousarray(values, dtype=dtype)
 
 
 def _quantization(graph: "_Graph", cast) -> tuple[list, list[str], str] | None:
@@ -361,6 +481,11 @@ class _Graph:
     def __init__(self, model):
         self.producer = {o: n for n in model.graph.node for o in n.output}
         self.position = {id(n): i for i, n in enumerate(model.graph.node)}
+        self.readers: dict[str, list] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                self.readers.setdefault(i, []).append(n)
+        self.checked: dict[str, bool] = {}  # large constants whose contents were checked
         self.uses: dict[str, int] = {}
         for name in [i for n in model.graph.node for i in n.input] + [o.name for o in model.graph.output]:
             self.uses[name] = self.uses.get(name, 0) + 1

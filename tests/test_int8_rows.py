@@ -4,7 +4,10 @@ and each MatMulInteger with its dequantization as one Int8MatMul on packed weigh
 (`runtime/int8_matmul.cc`, `kernels.use_int8_matmul`). They must give the bits onnxruntime's own
 ops give on the graph the importer writes (with the products' exact integer sums, which
 onnxruntime's MatMulInteger does not give on every CPU), ties and an all-zero row included, read a model's
-weights only from inside its folder, and refuse inputs of the wrong shape with one line."""
+weights only from inside its folder, and refuse inputs of the wrong shape with one line.
+On AVX2 without VNNI the exact graph's MatMulNBits (and offset terms) run as Q8MatMul
+(`kernels.use_q8_matmul`): what MatMulNBits answers, to float rounding, and a row's outputs the
+same bits alone or beside others."""
 
 import numpy as np
 import onnx
@@ -164,6 +167,112 @@ def test_the_packed_products_do_not_saturate(packing, tmp_path):
         assert expected[0, 0] == np.float32(127 * 127 * K) * row_scale[0, 0] * column_scale[0]
 
 
+def q8_projections(tmp_path, ones: np.ndarray | None = None) -> onnx.ModelProto:
+    """x (rows × 96) times block weights through the importer's exact path, one of each layout the
+    Q8 products take: 8 bits a scale per 32 inputs (Q8_0, Q5_0), per 16 (Q6_K), and 4 bits with
+    offsets (Q4_K: MatMulNBits, then the offset term). `ones`: another block-sums matrix."""
+    from attar.runtime.quants import BlockQuant
+
+    rng = np.random.default_rng(3)
+    k, n = 96, 48
+    graph = GraphWriter(tmp_path / "q8.data")
+    builder = DecoderBuilder(None, None, graph, rope_interleaved=False, int8=False)
+    layouts = {"q8": BlockQuant(8, 32, rng.integers(0, 256, (n, k), dtype=np.uint8), rng.random((n, k // 32), np.float32) / 50, None),
+               "q6": BlockQuant(8, 16, rng.integers(96, 160, (n, k), dtype=np.uint8), rng.random((n, k // 16), np.float32) / 9, None),
+               "q4": BlockQuant(4, 32, rng.integers(0, 16, (n, k), dtype=np.uint8), rng.random((n, k // 32), np.float32) / 5,
+                                rng.standard_normal((n, k // 32)).astype(np.float32))}
+    outputs = [builder.block_matmul("x", w, key, *builder._quant_inputs(key, w)) for key, w in layouts.items()]
+    graph.close()
+    model = helper.make_model(
+        helper.make_graph(graph.nodes, "q8", [helper.make_tensor_value_info("x", T.FLOAT, ["b", "s", k])],
+                          [helper.make_tensor_value_info(o, T.FLOAT, None) for o in outputs], graph.initializers),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, tmp_path / "q8.onnx")
+    model = onnx.load(tmp_path / "q8.onnx")
+    if ones is not None:
+        summer = next(t for t in model.graph.initializer if t.name.startswith("/block_sum/"))
+        summer.CopyFrom(onnx.numpy_helper.from_array(ones, summer.name))
+    return model
+
+
+def q8_reference(x: np.ndarray, model: onnx.ModelProto) -> list[np.ndarray]:
+    """Q8MatMul's arithmetic in float64, from the graph's own codes, scales and offsets: x quantized
+    per row and group of inputs (times 127 / max|x|, to nearest even), exact integer sums, scaled."""
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    outputs = []
+    for node in (m for m in model.graph.node if m.op_type == "MatMulNBits"):
+        settings = {a.name: a.i for a in node.attribute}
+        k, n, bits, block = settings["K"], settings["N"], settings["bits"], settings["block_size"]
+        raw = values[node.input[1]].reshape(n, -1)
+        codes = raw.astype(np.int64) - 128 if bits == 8 else \
+            np.stack([raw & 15, raw >> 4], -1).reshape(n, k).astype(np.int64) - 8
+        rows = x.reshape(-1, k // block, block).astype(np.float32)
+        peak = np.abs(rows).max(-1, keepdims=True)
+        inverse = np.divide(np.float32(127), peak, out=np.zeros_like(peak), where=peak > 0)
+        quantized = np.rint(np.nan_to_num(rows * inverse)).astype(np.int64)  # a NaN row: checked apart
+        step = peak / np.float32(127)
+        sums = np.einsum("rgi,ngi->rgn", quantized, codes.reshape(n, k // block, block)).astype(np.float64)
+        y = (sums * step.astype(np.float64) * values[node.input[2]].T[None].astype(np.float64)).sum(1)
+        offsets = next((values[t.input[1]] for t in model.graph.node if t.op_type == "MatMul" and
+                        t.input[1].endswith(".offsets") and t.input[1].startswith(node.input[1].rsplit(".", 1)[0])), None)
+        if offsets is not None:
+            y += x.reshape(-1, k // 32, 32).astype(np.float64).sum(-1) @ offsets.astype(np.float64)
+        outputs.append(y.reshape(*x.shape[:-1], n))
+    return outputs
+
+
+def q8_packs() -> bool:
+    return kernels._q8_packer() is not None
+
+
+def test_the_q8_products_answer_as_matmulnbits_and_a_row_alone_as_beside_others(packing, tmp_path):
+    library = packing
+    if not q8_packs():
+        pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
+    plain, packed = q8_projections(tmp_path), q8_projections(tmp_path)
+    reference = q8_reference  # float64, from the untouched graph's weights
+    options, keep = ort.SessionOptions(), []
+    assert kernels.use_q8_matmul(packed, tmp_path, options, keep) == 3
+    assert sorted(n.op_type for n in packed.graph.node) == ["Q8MatMul"] * 3  # the offset term folded in
+    assert not any(t.name.endswith((".codes", ".scales", ".offsets")) for t in packed.graph.initializer)
+    fast, onnxruntime_ops = session(packed, library, options), session(plain, library)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 70, 96)).astype(np.float32) * 3
+    x[0, 0] = 0.0  # all zero: its scale is 0
+    x[0, 1, :32] *= 1e4  # one group far larger than the rest
+    x[0, 2, 40] = np.nan  # a NaN in the second group
+    batch = fast.run(None, {"x": x})
+    for got, ours, theirs in zip(batch, reference(x, plain), onnxruntime_ops.run(None, {"x": x})):
+        finite = np.ones(70, bool)
+        finite[2] = False
+        assert np.isnan(got[0, 2]).all() and np.isfinite(got[0, finite]).all()
+        scale = np.abs(ours[0, finite]).max()
+        assert np.abs(got[0, finite] - ours[0, finite]).max() <= 1e-5 * scale
+        assert np.abs(got[0, finite] - theirs[0, finite]).max() <= 1e-4 * scale
+    # A row's outputs are the same bits alone and beside others (a tile of 8 rows in passes of 2,
+    # items of 64 rows and their tails).
+    for rows in (slice(5, 6), slice(3, 11), slice(0, 70)):
+        for alone, together in zip(fast.run(None, {"x": x[:, rows]}), batch):
+            assert np.array_equal(alone, together[:, rows], equal_nan=True)
+
+
+def test_an_offset_term_that_is_not_the_importers_stays_on_onnxruntimes_ops(tmp_path):
+    if not q8_packs():
+        pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
+    ones = np.kron(np.eye(3, dtype=np.float32), np.ones((32, 1), np.float32))
+    ones[5, 0] = 2.0  # not the sums of 32 inputs: folding it into Q8MatMul would change the answer
+    model = q8_projections(tmp_path, ones)
+    assert kernels.use_q8_matmul(model, tmp_path, ort.SessionOptions(), []) == 3
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Q8MatMul") == 3 and ops.count("MatMul") == 2 and ops.count("Add") == 1
+    level = q8_projections(tmp_path)
+    for node in level.graph.node:
+        for a in node.attribute:
+            if a.name == "accuracy_level":
+                a.i = 0  # float inputs: not what the Q8 products compute
+    assert kernels.use_q8_matmul(level, tmp_path, ort.SessionOptions(), []) == 0
+
+
 def test_weights_outside_the_model_folder_or_of_the_wrong_size_are_refused(library, tmp_path):
     if not packs():
         pytest.skip("the kernels were built for a CPU they pack nothing for: nothing is read")
@@ -213,9 +322,13 @@ def test_what_is_not_the_importers_pattern_stays_on_onnxruntimes_ops(tmp_path):
     ("Int8MatMul", {"a": np.zeros((2, 8), np.uint8), "b": np.zeros((1, 2, 64), np.int8), "c": np.zeros(15, np.int32),
                     "d": np.ones((2, 1), np.float32), "e": np.ones(16, np.float32)},
      "attar Int8MatMul: the offsets and column scale must hold one value a column"),
+    ("Q8MatMul", {"a": np.zeros((2, 32), np.float32), "b": np.zeros((1, 8, 64), np.int8), "c": np.ones((1, 3, 16), np.float32)},
+     "attar Q8MatMul: the scales must be packed (N/16, K/32 or K/16, 16)"),
+    ("Q8MatMul", {"a": np.zeros((2, 24), np.float32), "b": np.zeros((1, 6, 64), np.int8), "c": np.ones((1, 1, 16), np.float32)},
+     "attar Q8MatMul: the weights must be packed (N/16, K/4, 64) for an input of K (a multiple of 32)"),
 ])
 def test_inputs_of_the_wrong_shape_are_refused_with_one_line(library, op, feeds, message):
-    if op == "Int8MatMul" and not packs():
+    if op == "Int8MatMul" and not packs() or op == "Q8MatMul" and not q8_packs():
         pytest.skip("the kernels were built for a CPU they pack nothing for")
     types = {np.dtype(np.int32): T.INT32, np.dtype(np.float32): T.FLOAT, np.dtype(np.uint8): T.UINT8,
              np.dtype(np.int8): T.INT8}

@@ -106,9 +106,10 @@ def test_stop_strings_and_seeds(client):
 
 def one_row_steps_are_exact() -> bool:
     """Whether a one-token step of one row gives that row the bits it gets beside another row, on
-    the served model here. Not on every CPU: on AVX2 without AVX-512, onnxruntime's 4-bit kernel
-    for a single row sums in another order than its kernel for several (README, "On AVX2 without
-    VNNI"), and near a tie greedy decoding then takes another token."""
+    the served model here. Not everywhere: on AVX2 without VNNI and without attar's kernels (whose
+    Q8MatMul takes the exact graph's projections there), onnxruntime's MatMulNBits for a single
+    row sums in another order than for several (README, "On AVX2 without VNNI"), and near a tie
+    greedy decoding then takes another token."""
     import numpy as np
 
     from attar.runtime.engine import Engine
@@ -126,7 +127,7 @@ def one_row_steps_are_exact() -> bool:
 
 def test_concurrent_clients_get_what_they_would_alone(client):
     if not one_row_steps_are_exact():
-        pytest.skip("on this CPU onnxruntime's one-row kernel sums otherwise than its many-row one")
+        pytest.skip("here onnxruntime's one-row kernel sums otherwise than its many-row one (no attar kernels?)")
     prompts = [[{"role": "user", "content": f"Write a sentence about the number {i}."}] for i in range(4)]
     alone = [client.chat.completions.create(model=MODEL, messages=p, max_tokens=16, temperature=0)
              .choices[0].message.content for p in prompts]
