@@ -18,6 +18,8 @@
 // The sums are exact integers, so they are MatMulInteger's where its own are exact, and the
 // scaling back is RowDequantize's expression in its order: the outputs are the same bits
 // (tests/test_int8_rows.py), on every CPU this builds for.
+//
+// Q8MatMul (further down) runs the exact graph's MatMulNBits on the same AVX2 products.
 #include <cmath>
 #include <cstdint>
 #include <vector>
