@@ -77,6 +77,20 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps(files, indent=1))
 
 
+def rewrite(folder: Path, name: str, text: str) -> None:
+    """Replace one file of a finished folder (atomically) and its entry in the manifest."""
+    path = folder / name
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+    files = json.loads((folder / MANIFEST).read_text())
+    stat = path.stat()
+    files[name] = {"bytes": stat.st_size, "sha256": sha256_file(path), "mtime_ns": stat.st_mtime_ns}
+    temporary = folder / (MANIFEST + ".partial")
+    temporary.write_text(json.dumps(files, indent=1))
+    os.replace(temporary, folder / MANIFEST)
+
+
 def check_manifest(folder: Path) -> str | None:
     """What differs from the folder's manifest (None: nothing). A file whose size and mtime are
     as recorded is taken as is; any other is hashed."""

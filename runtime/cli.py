@@ -182,14 +182,17 @@ def models_list(as_json: bool) -> None:
               "CPU's integer matrix units (AMX, VNNI), faster for prompts and batches, not bit-exact (its parity "
               "is printed); about the model's size again on disk.")
 def pull(name: str, as_json: bool, int8: bool) -> None:
-    """Fetch NAME's GGUF (a catalog name, or `default`), verify it and build it, once."""
+    """Fetch NAME's GGUF (a catalog name, or `default`), verify it and build it, once. Its parity
+    report is measured again where attar's kernels were rebuilt since (`attar kernel build`)."""
     import json
 
     from attar.runtime.modeldir import ModelError
     from attar.runtime.models import pull as pull_model
+    from attar.runtime.models import recheck
 
     try:
         path = pull_model(name, int8=int8)
+        recheck(name)  # the report describes what runs here: measured again after a kernel rebuild
     except ModelError as exc:
         raise click.ClickException(str(exc)) from None
     parity = path / "parity.json"

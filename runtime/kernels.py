@@ -113,6 +113,13 @@ def _wanted(kernel: bool | None) -> Path | None:
     return library() if kernel is not False else None
 
 
+def build_name(kernel: bool | None = None) -> str | None:
+    """The name of the build a session runs on, as `register` reads `kernel` (None: onnxruntime's
+    own ops): a build of other sources computes the logits otherwise, in their last bits or more."""
+    path = _wanted(kernel)
+    return path.stem if path is not None else None
+
+
 def int8_sums_exact(kernel: bool | None = None) -> bool:
     """Whether an int8 graph's integer sums come out exact here: on attar's packed products (built,
     and wanted as `register` reads `kernel`), or where onnxruntime's MatMulInteger is exact. On x86

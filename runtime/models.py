@@ -160,6 +160,34 @@ def pull(name: str, log: Callable[[str], None] = to_stderr, check: bool = True,
     return out
 
 
+def recheck(name: str, log: Callable[[str], None] = to_stderr) -> bool:
+    """Measure a built catalog model's parity where it has no report (built without the check) or
+    one measured on another build of attar's kernels than the one here (or before reports said
+    which); whether it did."""
+    import json
+
+    from attar.runtime import kernels
+    from attar.runtime.build import rewrite
+    from attar.runtime.parity import parity_report
+    from attar.runtime.reference import GGUFScorer
+
+    model = catalog_entry(name)
+    out = model_dir(model.name)
+    if not out.is_dir():
+        return False
+    try:
+        report = json.loads((out / "parity.json").read_text())
+    except (OSError, ValueError):
+        report = {}
+    if "kernels" in report and report["kernels"] == kernels.build_name():
+        return False
+    log(f"{model.name}: its parity report was measured on another build of attar's kernels; measuring again"
+        if report else f"{model.name}: measuring its parity")
+    fresh = parity_report(GGUFScorer(fetch_gguf(model, log)), out, log, questions=report.get("prompts", 3))
+    rewrite(out, "parity.json", json.dumps({**report, **fresh}, indent=2))
+    return True
+
+
 def remove(name: str) -> list[Path]:
     """Delete a model's built folder and its cached GGUF; returns what was removed."""
     model = catalog_entry(name)

@@ -147,6 +147,7 @@ def parity_report(reference: Scorer, model_dir: Path, log: Callable[[str], None]
         "perplexity_export": round(math.exp(_nll(export[-1], held)), 3),
         "agreement_goal": AGREEMENT_GOAL,
         "meets_goal": agreement >= AGREEMENT_GOAL,
+        "kernels": kernels.build_name(kernel),  # what it was measured on: a rebuild can move the logits
     }
     if folder.int8_decoder is not None:
         del export

@@ -36,6 +36,29 @@ def test_pull_is_cached_and_reports_parity():
     assert "building" not in proc.stderr  # built once, by the quick start above
 
 
+def test_a_parity_report_from_another_kernel_build_is_measured_again():
+    """A report describes what runs here: after `attar kernel build` (or a CPU change) `attar pull`
+    measures it again, once, and the folder's manifest still holds. (A folder built without the
+    check, as other tests build it, gets its first report the same way.)"""
+    from pathlib import Path
+
+    from attar.runtime import kernels
+    from attar.runtime.build import check_manifest, rewrite
+
+    proc = attar("pull", "smollm2-135m", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = Path(proc.stdout.strip().splitlines()[0])
+    report = json.loads((folder / "parity.json").read_text())
+    rewrite(folder, "parity.json", json.dumps({**report, "kernels": "kernels-of-another-build"}))
+    proc = attar("pull", "smollm2-135m", "--json", timeout=600)
+    assert proc.returncode == 0 and "measuring again" in proc.stderr, proc.stderr[-3000:]
+    fresh = json.loads(proc.stdout)
+    assert fresh["kernels"] == kernels.build_name() and fresh["prompts"] == report["prompts"]
+    assert fresh["top1_agreement"] >= 0.95 and check_manifest(folder) is None
+    again = attar("pull", "smollm2-135m", timeout=120)
+    assert again.returncode == 0 and "measuring again" not in again.stderr
+
+
 def test_the_small_model_end_to_end_as_json():
     proc = attar("chat", "What is 2 + 3?", "--model", "smollm2-135m", "--max-steps", "1", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
