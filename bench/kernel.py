@@ -5,9 +5,10 @@ they leave parity as it is). One JSON line a figure.
 
     python bench/kernel.py [--model qwen2.5-coder-0.5b | FOLDER] [--rows 1,8,16] [--past 600,1500] [--no-parity]
 
-Engines per graph, their steps interleaved: onnxruntime's ops; attar's attention alone; and, on
-the int8 graph, attar's attention with the int8 rows, then with the int8 products on packed
-weights too (what `attar kernel build` gives, on a CPU with AVX-512 VNNI or AVX2). Needs the kernels
+Engines per graph, their steps interleaved: onnxruntime's ops; attar's attention alone; on the
+exact graph, on AVX2 without VNNI, attar's attention with the Q8 products (MatMulNBits as
+Q8MatMul); and on the int8 graph attar's attention with the int8 rows, then with the int8 products
+on packed weights too (what `attar kernel build` gives, on a CPU with AVX-512 VNNI or AVX2). Needs the kernels
 built; a catalog model is pulled with its int8 graph."""
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def main() -> None:
             return Engine(folder, threads=args.threads, max_rows=max(rows), int8=int8, kernel=kernel)
 
         engines = {"onnxruntime": engine(False)}
-        with without("use_int8_rows"):  # attention alone: the int8 rows stay onnxruntime's ops
+        with without("use_int8_rows"), without("use_q8_matmul"):  # attention alone: the rest onnxruntime's ops
             engines["attention"] = engine(True)
+        if not int8 and kernels._q8_packer() is not None:  # AVX2 without VNNI: MatMulNBits as Q8MatMul
+            engines["attention+q8 products"] = engine(True)
         if int8:
             with without("use_int8_matmul"):
                 engines["attention+int8 rows"] = engine(True)
