@@ -55,7 +55,6 @@ using Code = int16_t;  // the codes widened (Compute): `vpmaddwd` multiplies 16-
 using Code = uint8_t;  // the codes as RowQuantize wrote them
 #endif
 
-#ifdef ATTAR_AVX2
 // Q8MatMul's input as its products read it: per row, k codes, a scale for each group of inputs,
 // and (where the weights have offsets) the sum of each Q8_OFFSETS inputs.
 struct Q8Rows {
@@ -67,7 +66,6 @@ struct Q8Rows {
     return {codes + rows * k, scales + rows * (k / group), sums ? sums + rows * (k / Q8_OFFSETS) : nullptr, k};
   }
 };
-#endif
 
 #ifdef ATTAR_VNNI
 // Rows [0, R) × blocks [0, B) of y: the packed weights of the first block at w (the next one

@@ -326,3 +326,20 @@ def test_the_avx2_lane_trees_give_the_bits_of_the_portable_ones(tmp_path, avx2_b
                         str(tmp_path / "probe.cc"), "-o", str(binary)], check=True, capture_output=True, timeout=300)
         results.append(subprocess.run([str(binary)], check=True, capture_output=True, timeout=60).stdout)
     assert len(results[0]) == 4000 * 132 * 4 and results[0] == results[1]
+
+
+@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "icelake-server", "sapphirerapids"])
+def test_the_kernels_compile_for_each_x86_level(avx2_build, target):
+    """`attar kernel build` compiles for the CPU at hand, and each level takes other code paths (SSE
+    only; AVX2 without VNNI, with Q8MatMul; AVX-512 VNNI; AMX): a suite builds only its machine's,
+    so the others are compiled here (not run)."""
+    import subprocess
+
+    compiler, include, flags = avx2_build
+    flags = [f for f in flags if f not in ("-shared", "-fPIC") and not f.startswith("-march=")]
+    for source in kernels.SOURCES:
+        done = subprocess.run([compiler, *flags, f"-march={target}", "-fsyntax-only", "-I", str(include),
+                               "-I", str(kernels.HEADER.parent), str(source)], capture_output=True, text=True, timeout=300)
+        if "bad value" in done.stderr:
+            pytest.skip(f"this compiler does not know -march={target}")
+        assert done.returncode == 0, done.stderr[-3000:]
