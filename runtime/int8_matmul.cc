@@ -55,6 +55,24 @@ using Code = int16_t;  // the codes widened (Compute): `vpmaddwd` multiplies 16-
 using Code = uint8_t;  // the codes as RowQuantize wrote them
 #endif
 
+// How a product's work is split for ParallelFor: strips of 2 blocks of columns, each cut into
+// items of up to ITEM_ROWS rows. Consecutive items share a strip, so a thread's weights come from
+// memory once (a prefill's rows are read again for each strip instead: far fewer bytes, and from
+// cache).
+inline size_t work_items(int64_t rows, int64_t n) {
+  return static_cast<size_t>((rows + ITEM_ROWS - 1) / ITEM_ROWS * ((n + 2 * BLOCK - 1) / (2 * BLOCK)));
+}
+
+// Item `item`'s tiles of up to TILE_ROWS rows: tile(first row, rows, the strip's first block,
+// whether the strip has a second block).
+template <typename Tile>
+inline void each_tile(size_t item, int64_t rows, int64_t n, Tile tile) {
+  const int64_t items = (rows + ITEM_ROWS - 1) / ITEM_ROWS;  // a strip's
+  const int64_t block = static_cast<int64_t>(item) / items * 2, first = static_cast<int64_t>(item) % items * ITEM_ROWS;
+  for (int64_t r = first; r < std::min(rows, first + ITEM_ROWS); r += TILE_ROWS)
+    tile(r, std::min<int64_t>(TILE_ROWS, rows - r), block, (block + 1) * BLOCK < n);
+}
+
 // Q8MatMul's input as its products read it: per row, k codes, a scale for each group of inputs,
 // and (where the weights have offsets) the sum of each Q8_OFFSETS inputs.
 struct Q8Rows {
@@ -231,23 +249,19 @@ struct Int8MatMul {
     const int32_t* offsets;
     const float *row_scale, *column_scale;
     float* y;
-    int64_t rows, k, n, blocks;  // blocks: of ITEM_ROWS rows
+    int64_t rows, k, n;
   };
 
   static void part(void* data, size_t item) {  // a strip of 32 columns × up to ITEM_ROWS rows
 #ifdef ATTAR_PACKS
     const Work& w = *static_cast<const Work*>(data);
-    // Consecutive items share a strip, so a thread's weights come from memory once (a prefill's rows
-    // are read again for each strip instead: far fewer bytes, and from cache).
-    const int64_t strip = static_cast<int64_t>(item) / w.blocks, first = static_cast<int64_t>(item) % w.blocks * ITEM_ROWS;
-    const int64_t column = strip * 2 * BLOCK, stride = w.k * BLOCK;
-    const int8_t* weights = w.weights + (column / BLOCK) * stride;
-    const bool two = column + BLOCK < w.n;
-    for (int64_t r = first; r < std::min(w.rows, first + ITEM_ROWS); r += TILE_ROWS) {
-      const int64_t rows = std::min<int64_t>(TILE_ROWS, w.rows - r);
-      (two ? TILES<2>[rows] : TILES<1>[rows])(w.codes + r * w.k, w.k, weights, stride, w.offsets + column,
-                                              w.row_scale + r, w.column_scale + column, w.y + r * w.n + column, w.n);
-    }
+    const int64_t stride = w.k * BLOCK;
+    each_tile(item, w.rows, w.n, [&](int64_t r, int64_t rows, int64_t block, bool two) {
+      const int64_t column = block * BLOCK;
+      (two ? TILES<2>[rows] : TILES<1>[rows])(w.codes + r * w.k, w.k, w.weights + block * stride, stride,
+                                              w.offsets + column, w.row_scale + r, w.column_scale + column,
+                                              w.y + r * w.n + column, w.n);
+    });
 #else
     (void)data, (void)item;
 #endif
@@ -283,11 +297,9 @@ struct Int8MatMul {
     const Code* a = data<uint8_t>(codes);
 #endif
     Work w{a, data<int8_t>(input(context, 1)), data<int32_t>(input(context, 2)),
-           data<float>(input(context, 3)), data<float>(input(context, 4)), data<float>(out), rows, k, n,
-           (rows + ITEM_ROWS - 1) / ITEM_ROWS};
+           data<float>(input(context, 3)), data<float>(input(context, 4)), data<float>(out), rows, k, n};
     if (rows == 0 || n == 0) return;
-    const int64_t items = w.blocks * ((n + 2 * BLOCK - 1) / (2 * BLOCK));
-    check(g_api->KernelContext_ParallelFor(context, part, static_cast<size_t>(items), 0, &w));
+    check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
   }
 };
 
@@ -328,22 +340,19 @@ struct Q8MatMul {
     const int8_t* weights;
     const float *column_scale, *column_offset;  // (N/16, K/G, 16), (N/16, K/32, 16) or nullptr
     float* y;
-    int64_t rows, n, blocks;
+    int64_t rows, n;
   };
 
   static void part(void* data, size_t item) {  // a strip of 32 columns × up to ITEM_ROWS rows
 #ifdef ATTAR_AVX2
     const Work& w = *static_cast<const Work*>(data);
-    const int64_t strip = static_cast<int64_t>(item) / w.blocks, first = static_cast<int64_t>(item) % w.blocks * ITEM_ROWS;
-    const int64_t block = strip * 2, k = w.a.k, stride = k * BLOCK;
-    const float* offsets = w.column_offset ? w.column_offset + block * (k / Q8_OFFSETS) * BLOCK : nullptr;
-    const bool two = (block + 1) * BLOCK < w.n;
-    for (int64_t r = first; r < std::min(w.rows, first + ITEM_ROWS); r += TILE_ROWS) {
-      const int64_t rows = std::min<int64_t>(TILE_ROWS, w.rows - r);
+    const int64_t k = w.a.k, stride = k * BLOCK;
+    each_tile(item, w.rows, w.n, [&](int64_t r, int64_t rows, int64_t block, bool two) {
+      const float* offsets = w.column_offset ? w.column_offset + block * (k / Q8_OFFSETS) * BLOCK : nullptr;
       (two ? Q8_TILES<2>[rows] : Q8_TILES<1>[rows])(w.a.skip(r, w.group), w.group, w.weights + block * stride, stride,
                                                     w.column_scale + block * (k / w.group) * BLOCK, offsets,
                                                     w.y + r * w.n + block * BLOCK, w.n);
-    }
+    });
 #else
     (void)data, (void)item;
 #endif
@@ -400,10 +409,8 @@ struct Q8MatMul {
       sums[b] = total;
     }
     Work w{{codes.data(), steps.data(), offsets ? sums.data() : nullptr, k}, group, data<int8_t>(input(context, 1)),
-           data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, data<float>(out), rows, n,
-           (rows + ITEM_ROWS - 1) / ITEM_ROWS};
-    const int64_t items = w.blocks * ((n + 2 * BLOCK - 1) / (2 * BLOCK));
-    check(g_api->KernelContext_ParallelFor(context, part, static_cast<size_t>(items), 0, &w));
+           data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, data<float>(out), rows, n};
+    check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
 #endif
   }
 };

@@ -311,10 +311,8 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
                                      _initializer_values(graph.constants[offsets], folder, np.float32, k // 32 * n)
                                      .reshape(k // 32, n // 16, 16).transpose(1, 0, 2).copy()))
             replaced.add(offsets)
-            dropped.update(graph.position[id(m)] for m in pattern)
+            dropped.update(graph.position[id(m)] for m in [node, *pattern])
         fused[graph.position[id(last)]] = _node("Q8MatMul", inputs, [output], node.name)
-        dropped.add(graph.position[id(node)])
-    dropped -= fused.keys()
     return _replace(model, fused, dropped, replaced)
 
 
@@ -400,16 +398,7 @@ def _packer() -> Callable | None:
 
 @functools.cache  # an engine asks twice as it starts (`int8_sums_exact`, `use_int8_matmul`)
 def _packer_in(path: str) -> Callable | None:
-    import ctypes
-
-    function = ctypes.CDLL(path).attar_pack_int8
-    function.restype = ctypes.c_int
-    pointer = ctypes.c_void_p
-
-    def pack(values: np.ndarray, k: int, n: int, zero: int, packed: np.ndarray, offsets: np.ndarray) -> int:
-        return function(pointer(values.ctypes.data), ctypes.c_int64(k), ctypes.c_int64(n), ctypes.c_int32(zero),
-                        pointer(packed.ctypes.data), pointer(offsets.ctypes.data))
-
+    pack = _c_function(path, "attar_pack_int8", "p", "i64", "i64", "i32", "p", "p")  # w, k, n, zero, packed, offsets
     probe = np.zeros(64, np.int8)
     return pack if pack(probe, 4, 16, 0, np.empty(64, np.int8), np.empty(16, np.int32)) == 0 else None
 
@@ -422,17 +411,19 @@ def _q8_packer() -> Callable | None:
 
 @functools.cache
 def _q8_packer_in(path: str) -> Callable | None:
+    pack = _c_function(path, "attar_pack_q8", "p", "i64", "i64", "i32", "p")  # codes, k, n, bits, packed
+    return pack if pack(np.zeros(512, np.uint8), 32, 16, 8, np.empty(512, np.int8)) == 0 else None
+
+
+def _c_function(path: str, name: str, *kinds: str) -> Callable[..., int]:
+    """The library's C function `name` returning int, called with numpy arrays where `kinds` says
+    "p" (passed as pointers to their data) and integers where it says "i64" or "i32"."""
     import ctypes
 
-    function = ctypes.CDLL(path).attar_pack_q8
-    function.restype = ctypes.c_int
-    pointer = ctypes.c_void_p
-
-    def pack(codes: np.ndarray, k: int, n: int, bits: int, packed: np.ndarray) -> int:
-        return function(pointer(codes.ctypes.data), ctypes.c_int64(k), ctypes.c_int64(n), ctypes.c_int32(bits),
-                        pointer(packed.ctypes.data))
-
-    return pack if pack(np.zeros(512, np.uint8), 32, 16, 8, np.empty(512, np.int8)) == 0 else None
+    types = {"p": ctypes.c_void_p, "i64": ctypes.c_int64, "i32": ctypes.c_int32}
+    function = getattr(ctypes.CDLL(path), name)
+    function.restype, function.argtypes = ctypes.c_int, [types[kind] for kind in kinds]
+    return lambda *args: function(*(a.ctypes.data if isinstance(a, np.ndarray) else a for a in args))
 
 
 def _initializer_values(tensor, folder: Path, dtype, count: int) -> np.ndarray:
