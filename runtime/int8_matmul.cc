@@ -19,9 +19,11 @@
 // scaling back is RowDequantize's expression in its order: the outputs are the same bits
 // (tests/test_int8_rows.py), on every CPU this builds for.
 //
-// Q8MatMul (further down) runs the exact graph's MatMulNBits on the same AVX2 products.
+// Q8MatMul (further down) runs the exact graph's MatMulNBits on AVX2, with `vpmaddubsw` products
+// of its own (exact too: GGUF's codes are small enough).
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 // Where the CPU has AMX, onnxruntime's quantized GEMM runs on it (far more multiply-adds a cycle
@@ -73,10 +75,10 @@ inline void each_tile(size_t item, int64_t rows, int64_t n, Tile tile) {
     tile(r, std::min<int64_t>(TILE_ROWS, rows - r), block, (block + 1) * BLOCK < n);
 }
 
-// Q8MatMul's input as its products read it: per row, k codes, a scale for each group of inputs,
-// and (where the weights have offsets) the sum of each Q8_OFFSETS inputs.
+// Q8MatMul's input as its products read it: per row, k codes (|code| <= 127), a scale for each
+// group of inputs, and (where the weights have offsets) the sum of each Q8_OFFSETS inputs.
 struct Q8Rows {
-  const Code* codes;
+  const int8_t* codes;
   const float *scales, *sums;
   int64_t k;
 
@@ -168,62 +170,153 @@ void tile(const Code* a, int64_t k, const int8_t* w, int64_t stride, const int32
   }
 }
 
-// Q8MatMul's rows [0, R) × one block of 16 columns: per `group` inputs (16 or 32) the exact sums of
-// the codes' products, scaled by the row's and the columns' scales of those inputs and added in
-// float, in the inputs' order; where there are offsets, after each 32 inputs the row's sum of
-// them times the columns' offsets. A row's outputs do not depend on the rows beside it.
-template <int R>
-void q8_block(const Q8Rows& a, int64_t group, const int8_t* w, const float* w_scale, const float* w_offset, float* y,
-              int64_t n) {
-  const int64_t k = a.k, groups = k / group;
-  __m256 sum[R][2];
-  for (int r = 0; r < R; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
+// Q8MatMul's rows [0, R) × one block of 16 columns: per group of G inputs (16 or 32) the exact
+// sums of the codes' products, scaled by the row's and the columns' scales of those inputs and
+// added in float, in the inputs' order, into y; where there are offsets, after each 32 inputs
+// the row's sum of them times the columns' offsets. A row's outputs do not depend on the rows
+// beside it.
+//
+// The products: the weights are packed 8 columns × 4 inputs a register (`attar_pack_q8`), and
+// `vpmaddubsw` multiplies |w| (unsigned) by the row's codes given w's signs (`vpsignb`): 32
+// products a multiply, summed in pairs to 16 bits, where they cannot overflow (|code| <= 127,
+// |w| <= 128: a pair is at most 32,512). GGUF's weights are mostly small (Q5_0 and Q4_K's within
+// 16, Q6_K's 32), so up to SPAN groups of 4 inputs add up in 16 bits before one `vpmaddwd` by
+// ones widens them to 32 (SPAN × 2 × 127 × the matrix's largest |w| <= 32,767: the node's `peak`).
+// Zen 2 runs one multiply a cycle: 16-bit codes by `vpmaddwd` alone gave 16 products each; here a
+// Q5_0 matrix's give 28.
+// Group of 4 inputs q's packed weights, columns 0-7 (half 0) or 8-15 (half 1); a row's 4 codes of
+// it in every 32-bit lane.
+inline __m256i load_quads(const int8_t* w, int64_t q, int half) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 64 + half * 32));
+}
+inline __m256i broadcast_quad(const int8_t* codes, int64_t q) {
+  int32_t four;
+  std::memcpy(&four, codes + q * 4, sizeof four);
+  return _mm256_set1_epi32(four);
+}
+
+template <int R, int G, int SPAN>
+void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const float* w_offset, float* y, int64_t n) {
+  constexpr int QUADS = G / 4;
+  const int64_t k = a.k, groups = k / G, next = k * BLOCK;  // the next block's weights: fetched meanwhile
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + r * n + h * 8, _mm256_setzero_ps());
   for (int64_t g = 0; g < groups; ++g) {
     __m256i acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-    add_pairs<R>(a.codes, k, w, g * group / 2, (g + 1) * group / 2, acc);
+    if constexpr (SPAN == 1) {  // each group of 4 inputs' pair sums widened to 32 bits at once
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+      for (int q = g * QUADS; q < (g + 1) * QUADS; ++q) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + next + q * 64), _MM_HINT_T0);
+        const __m256i w0 = load_quads(w, q, 0), w1 = load_quads(w, q, 1);
+        const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
+        for (int r = 0; r < R; ++r) {
+          const __m256i codes = broadcast_quad(a.codes + r * k, q);
+          acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(codes, w0)), ones));
+          acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(codes, w1)), ones));
+        }
+      }
+    } else {  // SPAN groups of 4 in 16 bits, then widened
+      for (int s = 0; s < QUADS; s += SPAN) {
+        __m256i part[R][2];
+        for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = _mm256_setzero_si256();
+        for (int q = g * QUADS + s; q < g * QUADS + s + SPAN; ++q) {
+          _mm_prefetch(reinterpret_cast<const char*>(w + next + q * 64), _MM_HINT_T0);
+          const __m256i w0 = load_quads(w, q, 0), w1 = load_quads(w, q, 1);
+          const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
+          for (int r = 0; r < R; ++r) {
+            const __m256i codes = broadcast_quad(a.codes + r * k, q);
+            part[r][0] = _mm256_add_epi16(part[r][0], _mm256_maddubs_epi16(u0, _mm256_sign_epi8(codes, w0)));
+            part[r][1] = _mm256_add_epi16(part[r][1], _mm256_maddubs_epi16(u1, _mm256_sign_epi8(codes, w1)));
+          }
+        }
+        for (int r = 0; r < R; ++r)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i wide = _mm256_madd_epi16(part[r][h], ones);
+            acc[r][h] = s == 0 ? wide : _mm256_add_epi32(acc[r][h], wide);
+          }
+      }
+    }
     for (int h = 0; h < 2; ++h) {
       const __m256 column = _mm256_loadu_ps(w_scale + g * BLOCK + h * 8);
       for (int r = 0; r < R; ++r) {
         const __m256 scale = _mm256_mul_ps(column, _mm256_set1_ps(a.scales[r * groups + g]));
-        sum[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), scale, sum[r][h]);
+        float* out = y + r * n + h * 8;
+        _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), scale, _mm256_loadu_ps(out)));
       }
     }
-    const int64_t end = (g + 1) * group;  // inputs done
+    const int64_t end = (g + 1) * G;  // inputs done
     if (w_offset != nullptr && end % Q8_OFFSETS == 0) {
       const int64_t b = end / Q8_OFFSETS - 1;
       for (int h = 0; h < 2; ++h) {
         const __m256 offset = _mm256_loadu_ps(w_offset + b * BLOCK + h * 8);
-        for (int r = 0; r < R; ++r)
-          sum[r][h] = _mm256_fmadd_ps(_mm256_set1_ps(a.sums[r * (k / Q8_OFFSETS) + b]), offset, sum[r][h]);
+        for (int r = 0; r < R; ++r) {
+          float* out = y + r * n + h * 8;
+          _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_set1_ps(a.sums[r * (k / Q8_OFFSETS) + b]), offset, _mm256_loadu_ps(out)));
+        }
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + r * n + h * 8, sum[r][h]);
 }
 
-// Rows [0, R) × blocks [0, B), R ≤ TILE_ROWS, Q8_PASS rows at a time: each row's float sums take
-// two more registers than tile()'s.
-constexpr int Q8_PASS = 2;
-
-template <int R, int B>
-void q8_tile(const Q8Rows& a, int64_t group, const int8_t* w, int64_t stride, const float* w_scale,
-             const float* w_offset, float* y, int64_t n) {
-  const int64_t scales = a.k / group * BLOCK, offsets = a.k / Q8_OFFSETS * BLOCK;  // floats a block of columns
+// Rows [0, R) × blocks [0, B), R ≤ TILE_ROWS, PASS rows at a time: 3 rows' sums (the float ones
+// are in y), the weights and their magnitudes fit AVX2's 16 registers.
+template <int R, int B, int G, int SPAN>
+void q8_tile(const Q8Rows& a, const int8_t* w, int64_t stride, const float* w_scale, const float* w_offset, float* y,
+             int64_t n) {
+  constexpr int PASS = 3;
+  const int64_t scales = a.k / G * BLOCK, offsets = a.k / Q8_OFFSETS * BLOCK;  // floats a block of columns
   for (int b = 0; b < B; ++b) {
     const float* offset = w_offset ? w_offset + b * offsets : nullptr;
-    q8_block<std::min(R, Q8_PASS)>(a, group, w + b * stride, w_scale + b * scales, offset, y + b * BLOCK, n);
-    if constexpr (R > Q8_PASS)
-      q8_tile<R - Q8_PASS, 1>(a.skip(Q8_PASS, group), group, w + b * stride, stride, w_scale + b * scales, offset,
-                              y + Q8_PASS * n + b * BLOCK, n);
+    q8_block<std::min(R, PASS), G, SPAN>(a, w + b * stride, w_scale + b * scales, offset, y + b * BLOCK, n);
+    if constexpr (R > PASS)
+      q8_tile<R - PASS, 1, G, SPAN>(a.skip(PASS, G), w + b * stride, stride, w_scale + b * scales, offset,
+                                    y + PASS * n + b * BLOCK, n);
   }
 }
 
-using Q8Tile = void (*)(const Q8Rows&, int64_t, const int8_t*, int64_t, const float*, const float*, float*, int64_t);
-template <int B>
-constexpr Q8Tile Q8_TILES[TILE_ROWS + 1] = {nullptr,        q8_tile<1, B>, q8_tile<2, B>, q8_tile<3, B>, q8_tile<4, B>,
-                                            q8_tile<5, B>,  q8_tile<6, B>, q8_tile<7, B>, q8_tile<8, B>};
+using Q8Tile = void (*)(const Q8Rows&, const int8_t*, int64_t, const float*, const float*, float*, int64_t);
+template <int B, int G, int SPAN>
+constexpr Q8Tile Q8_TILES[TILE_ROWS + 1] = {nullptr,
+                                            q8_tile<1, B, G, SPAN>, q8_tile<2, B, G, SPAN>, q8_tile<3, B, G, SPAN>,
+                                            q8_tile<4, B, G, SPAN>, q8_tile<5, B, G, SPAN>, q8_tile<6, B, G, SPAN>,
+                                            q8_tile<7, B, G, SPAN>, q8_tile<8, B, G, SPAN>};
+
+// One group of `group` inputs (a multiple of 8) as codes, as onnxruntime's int8 path (and
+// llama.cpp's Q8_0) quantize: times 127 / max|in|, to nearest even, so |code| <= 127. Returns the
+// group's scale, max|in| / 127; NaN, with codes 0, where an input is not finite (its row is NaN).
+inline float quantize(const float* in, int64_t group, int8_t* codes) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), largest = _mm256_set1_ps(3.40282347e38f);
+  __m256 top = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (int64_t i = 0; i < group; i += 8) {
+    const __m256 size = _mm256_andnot_ps(sign, _mm256_loadu_ps(in + i));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(size, largest, _CMP_NLE_UQ));  // NaN or infinite
+    top = _mm256_max_ps(top, size);
+  }
+  const bool finite = _mm256_movemask_ps(bad) == 0;
+  const __m128 half = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  const __m128 quarter = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  const float peak = _mm_cvtss_f32(_mm_max_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+  const __m256 inverse = _mm256_set1_ps(finite && peak > 0.0f ? 127.0f / peak : 0.0f);
+  for (int64_t i = 0; i < group; i += 8) {
+    const __m256 scaled = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(in + i), inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i whole = finite ? _mm256_cvtps_epi32(scaled) : _mm256_setzero_si256();
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(whole), _mm256_extracti128_si256(whole, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packs_epi16(words, words));
+  }
+  return finite ? peak / 127.0f : NAN;
+}
+
+// The tile for R rows, B blocks, groups of G inputs and SPAN groups of 4 in 16 bits.
+inline Q8Tile q8_tile_for(int rows, bool two, int64_t group, int span) {
+  const auto pick = [&](auto b) -> Q8Tile {
+    constexpr int B = decltype(b)::value;
+    if (group == 16) return span >= 4 ? Q8_TILES<B, 16, 4>[rows] : span == 2 ? Q8_TILES<B, 16, 2>[rows] : Q8_TILES<B, 16, 1>[rows];
+    return span >= 8 ? Q8_TILES<B, 32, 8>[rows] : span == 4 ? Q8_TILES<B, 32, 4>[rows]
+         : span == 2 ? Q8_TILES<B, 32, 2>[rows] : Q8_TILES<B, 32, 1>[rows];
+  };
+  return two ? pick(std::integral_constant<int, 2>{}) : pick(std::integral_constant<int, 1>{});
+}
 #endif
 
 #ifdef ATTAR_PACKS
@@ -328,15 +421,25 @@ struct Int8MatMulOp : Ort::CustomOpBase<Int8MatMulOp, Int8MatMul> {
 //
 // On AVX2 without VNNI onnxruntime's MatMulNBits and MatMul computed a row alone otherwise than
 // beside others (README, "On AVX2 without VNNI"), and a step of 8 rows cost 3.5 of one. Here the
-// products are Int8MatMul's (`vpmaddwd` on sign-extended weights: exact sums), on the same packing
-// (`attar_pack_q8`), and a row's outputs are the same bits in a step of any rows. A group holding a
-// NaN or an infinity makes its row's outputs NaN.
+// sums are exact integers (q8_block), the weights packed once at load (`attar_pack_q8`), and a
+// row's outputs are the same bits in a step of any rows. A group holding a NaN or an infinity
+// makes its row's outputs NaN.
 struct Q8MatMul {
-  explicit Q8MatMul(const OrtKernelInfo*) {}
+  int span;  // groups of 4 inputs whose products add up in 16 bits (q8_block)
+
+  // `peak`: the largest |w| of the packed weights (`attar_pack_q8` measures it); 128 where not
+  // said. A wrong one would wrap the 16-bit sums: wrong numbers, never a read out of bounds.
+  explicit Q8MatMul(const OrtKernelInfo* info) {
+    const int64_t peak = attribute(info, "peak", int64_t{128});
+    if (peak < 0 || peak > 128) fail("Q8MatMul", "peak must be a weight's largest magnitude, 0 to 128");
+    span = 1;
+    while (span < 8 && 2 * span * 2 * 127 * std::max<int64_t>(peak, 1) <= 32767) span *= 2;
+  }
 
   struct Work {
     Q8Rows a;
     int64_t group;
+    int span;
     const int8_t* weights;
     const float *column_scale, *column_offset;  // (N/16, K/G, 16), (N/16, K/32, 16) or nullptr
     float* y;
@@ -349,9 +452,9 @@ struct Q8MatMul {
     const int64_t k = w.a.k, stride = k * BLOCK;
     each_tile(item, w.rows, w.n, [&](int64_t r, int64_t rows, int64_t block, bool two) {
       const float* offsets = w.column_offset ? w.column_offset + block * (k / Q8_OFFSETS) * BLOCK : nullptr;
-      (two ? Q8_TILES<2>[rows] : Q8_TILES<1>[rows])(w.a.skip(r, w.group), w.group, w.weights + block * stride, stride,
-                                                    w.column_scale + block * (k / w.group) * BLOCK, offsets,
-                                                    w.y + r * w.n + block * BLOCK, w.n);
+      q8_tile_for(static_cast<int>(rows), two, w.group, w.span)(w.a.skip(r, w.group), w.weights + block * stride, stride,
+                                                                w.column_scale + block * (k / w.group) * BLOCK, offsets,
+                                                                w.y + r * w.n + block * BLOCK, w.n);
     });
 #else
     (void)data, (void)item;
@@ -383,32 +486,19 @@ struct Q8MatMul {
     if (rows == 0 || n == 0) return;
     // The input's codes, scales and sums, once for all the strips; kept by the thread, so a step
     // allocates nothing.
-    thread_local std::vector<Code> codes;
+    thread_local std::vector<int8_t> codes;
     thread_local std::vector<float> steps, sums;
     codes.resize(rows * k);
     steps.resize(rows * k / group);
     sums.resize(offsets ? rows * k / Q8_OFFSETS : 0);
     const float* x = data<float>(a);
-    for (int64_t g = 0; g < rows * k / group; ++g) {
-      const float* in = x + g * group;
-      float peak = 0.0f;
-      bool finite = true;
-      for (int64_t i = 0; i < group; ++i) {
-        finite = finite && std::isfinite(in[i]);
-        peak = std::max(peak, std::fabs(in[i]));
-      }
-      // As onnxruntime's int8 path (and llama.cpp's Q8_0) quantize: times 127 / max, to nearest even.
-      const float inverse = finite && peak > 0.0f ? 127.0f / peak : 0.0f;
-      steps[g] = finite ? peak / 127.0f : NAN;
-      for (int64_t i = 0; i < group; ++i)  // |in| <= peak: |code| <= 127
-        codes[g * group + i] = static_cast<Code>(std::nearbyint(in[i] * inverse));
-    }
+    for (int64_t g = 0; g < rows * k / group; ++g) steps[g] = quantize(x + g * group, group, codes.data() + g * group);
     for (size_t b = 0; b < sums.size(); ++b) {
       float total = 0.0f;
       for (int64_t i = 0; i < Q8_OFFSETS; ++i) total += x[b * Q8_OFFSETS + i];
       sums[b] = total;
     }
-    Work w{{codes.data(), steps.data(), offsets ? sums.data() : nullptr, k}, group, data<int8_t>(input(context, 1)),
+    Work w{{codes.data(), steps.data(), offsets ? sums.data() : nullptr, k}, group, span, data<int8_t>(input(context, 1)),
            data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, data<float>(out), rows, n};
     check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
 #endif
@@ -493,25 +583,31 @@ extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n,
 }
 
 // Pack MatMulNBits' codes (n × k, `bits` 8 or 4: a byte, or two with the first in the low nibble;
-// zero point 128 or 8) for Q8MatMul, in attar_pack_int8's AVX2 layout:
-// packed[j][g][p][c][i] = w[16j + c][4g + 2p + i], w being a code less its zero point.
-// Returns 0, or 1 where this build has no Q8 products (only AVX2 without VNNI has them) or the
-// shape does not pack (k % 32, n % 16, bits).
-extern "C" int attar_pack_q8(const uint8_t* __restrict codes, int64_t k, int64_t n, int32_t bits, int8_t* __restrict packed) {
+// zero point 128 or 8) for Q8MatMul, 16 columns × 4 inputs a group of 64 bytes (8 columns a
+// register): packed[j][g][c][i] = w[16j + c][4g + i], w being a code less its zero point; *peak =
+// the largest |w| (the node's `peak`). Returns 0, or 1 where this build has no Q8 products (only
+// AVX2 without VNNI has them) or the shape does not pack (k % 32, n % 16, bits).
+extern "C" int attar_pack_q8(const uint8_t* __restrict codes, int64_t k, int64_t n, int32_t bits, int8_t* __restrict packed,
+                             int32_t* peak) {
 #ifdef ATTAR_AVX2
   using attar::BLOCK;
   if (k <= 0 || n <= 0 || k % attar::Q8_OFFSETS != 0 || n % BLOCK != 0 || (bits != 8 && bits != 4)) return 1;
   const int64_t row = k * bits / 8;  // bytes a column's codes take
+  int32_t largest = 0;
   for (int64_t j = 0; j < n / BLOCK; ++j)
-    for (int64_t pair = 0; pair < k / 2; ++pair)
+    for (int64_t g = 0; g < k / 4; ++g)
       for (int64_t c = 0; c < BLOCK; ++c) {
         const uint8_t* column = codes + (j * BLOCK + c) * row;
-        for (int64_t i = 2 * pair; i < 2 * pair + 2; ++i)
-          *packed++ = static_cast<int8_t>(bits == 8 ? column[i] - 128 : ((column[i / 2] >> (4 * (i % 2))) & 15) - 8);
+        for (int64_t i = 4 * g; i < 4 * g + 4; ++i) {
+          const int32_t w = bits == 8 ? column[i] - 128 : ((column[i / 2] >> (4 * (i % 2))) & 15) - 8;
+          largest = std::max(largest, w < 0 ? -w : w);
+          *packed++ = static_cast<int8_t>(w);
+        }
       }
+  *peak = largest;
   return 0;
 #else
-  (void)codes, (void)k, (void)n, (void)bits, (void)packed;
+  (void)codes, (void)k, (void)n, (void)bits, (void)packed, (void)peak;
   return 1;
 #endif
 }

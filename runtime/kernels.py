@@ -296,8 +296,8 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
         if codes.data_type != 2 or list(codes.dims) != [n, k // block, block * bits // 8] or scales.data_type != 1 \
                 or list(scales.dims) not in ([n, k // block], [n * k // block]):  # uint8 codes, float scales
             continue
-        packed = np.empty((n // 16, k // 4, 64), np.int8)
-        if pack(_initializer_values(codes, folder, np.uint8, n * k * bits // 8), k, n, bits, packed) != 0:
+        packed, peak = np.empty((n // 16, k // 4, 64), np.int8), np.zeros(1, np.int32)
+        if pack(_initializer_values(codes, folder, np.uint8, n * k * bits // 8), k, n, bits, packed, peak) != 0:
             raise KernelError(f"{codes.name}: attar_pack_q8 refused a {k} × {n} matrix")
         columns = _initializer_values(scales, folder, np.float32, n * k // block).reshape(n // 16, 16, k // block)
         inputs = [node.input[0], _hand_over(model, options, keep, codes, packed),
@@ -312,7 +312,7 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
                                      .reshape(k // 32, n // 16, 16).transpose(1, 0, 2).copy()))
             replaced.add(offsets)
             dropped.update(graph.position[id(m)] for m in [node, *pattern])
-        fused[graph.position[id(last)]] = _node("Q8MatMul", inputs, [output], node.name)
+        fused[graph.position[id(last)]] = _node("Q8MatMul", inputs, [output], node.name, peak=int(peak[0]))
     return _replace(model, fused, dropped, replaced)
 
 
@@ -411,8 +411,8 @@ def _q8_packer() -> Callable | None:
 
 @functools.cache
 def _q8_packer_in(path: str) -> Callable | None:
-    pack = _c_function(path, "attar_pack_q8", "p", "i64", "i64", "i32", "p")  # codes, k, n, bits, packed
-    return pack if pack(np.zeros(512, np.uint8), 32, 16, 8, np.empty(512, np.int8)) == 0 else None
+    pack = _c_function(path, "attar_pack_q8", "p", "i64", "i64", "i32", "p", "p")  # codes, k, n, bits, packed, peak
+    return pack if pack(np.zeros(512, np.uint8), 32, 16, 8, np.empty(512, np.int8), np.zeros(1, np.int32)) == 0 else None
 
 
 def _c_function(path: str, name: str, *kinds: str) -> Callable[..., int]:
@@ -524,10 +524,10 @@ def _import_domain(model) -> None:
         model.opset_import.add(domain=DOMAIN, version=1)
 
 
-def _node(op: str, inputs: list[str], outputs: list[str], name: str):
+def _node(op: str, inputs: list[str], outputs: list[str], name: str, **attributes):
     from onnx import helper
 
-    return helper.make_node(op, inputs, outputs, name=f"{name}/{op}", domain=DOMAIN)
+    return helper.make_node(op, inputs, outputs, name=f"{name}/{op}", domain=DOMAIN, **attributes)
 
 
 def _compiler() -> str | None:

@@ -167,19 +167,25 @@ def test_the_packed_products_do_not_saturate(packing, tmp_path):
         assert expected[0, 0] == np.float32(127 * 127 * K) * row_scale[0, 0] * column_scale[0]
 
 
-def q8_projections(tmp_path, ones: np.ndarray | None = None) -> onnx.ModelProto:
+def q8_projections(tmp_path, ones: np.ndarray | None = None, lowest: bool = False) -> onnx.ModelProto:
     """x (rows × 96) times block weights through the importer's exact path, one of each layout the
     Q8 products take: 8 bits a scale per 32 inputs (Q8_0, Q5_0), per 16 (Q6_K), and 4 bits with
-    offsets (Q4_K: MatMulNBits, then the offset term). `ones`: another block-sums matrix."""
+    offsets (Q4_K: MatMulNBits, then the offset term). `ones`: another block-sums matrix. `lowest`:
+    every weight the lowest its range holds (-128, -32, -8), so that an input of one sign puts
+    each 16-bit sum of the products at its bound."""
     from attar.runtime.quants import BlockQuant
 
     rng = np.random.default_rng(3)
     k, n = 96, 48
+
+    def codes(low: int, high: int) -> np.ndarray:
+        return np.full((n, k), low, np.uint8) if lowest else rng.integers(low, high, (n, k), dtype=np.uint8)
+
     graph = GraphWriter(tmp_path / "q8.data")
     builder = DecoderBuilder(None, None, graph, rope_interleaved=False, int8=False)
-    layouts = {"q8": BlockQuant(8, 32, rng.integers(0, 256, (n, k), dtype=np.uint8), rng.random((n, k // 32), np.float32) / 50, None),
-               "q6": BlockQuant(8, 16, rng.integers(96, 160, (n, k), dtype=np.uint8), rng.random((n, k // 16), np.float32) / 9, None),
-               "q4": BlockQuant(4, 32, rng.integers(0, 16, (n, k), dtype=np.uint8), rng.random((n, k // 32), np.float32) / 5,
+    layouts = {"q8": BlockQuant(8, 32, codes(0, 256), rng.random((n, k // 32), np.float32) / 50, None),
+               "q6": BlockQuant(8, 16, codes(96, 160), rng.random((n, k // 16), np.float32) / 9, None),
+               "q4": BlockQuant(4, 32, codes(0, 16), rng.random((n, k // 32), np.float32) / 5,
                                 rng.standard_normal((n, k // 32)).astype(np.float32))}
     outputs = [builder.block_matmul("x", w, key, *builder._quant_inputs(key, w)) for key, w in layouts.items()]
     graph.close()
@@ -254,6 +260,23 @@ def test_the_q8_products_answer_as_matmulnbits_and_a_row_alone_as_beside_others(
     for rows in (slice(5, 6), slice(3, 11), slice(0, 70)):
         for alone, together in zip(fast.run(None, {"x": x[:, rows]}), batch):
             assert np.array_equal(alone, together[:, rows], equal_nan=True)
+
+
+def test_the_q8_products_sums_hold_at_their_16_bit_bound(packing, tmp_path):
+    """Products of small weights add up in 16 bits before they are widened, as many as the
+    matrix's largest |w| allows: with every weight at its range's lowest and every input of one
+    sign, each 16-bit sum is at its bound (32,512 of 32,767), and the outputs are still exact."""
+    library = packing
+    if not q8_packs():
+        pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
+    plain, packed = q8_projections(tmp_path, lowest=True), q8_projections(tmp_path, lowest=True)
+    options, keep = ort.SessionOptions(), []
+    assert kernels.use_q8_matmul(packed, tmp_path, options, keep) == 3
+    assert [a.i for n in packed.graph.node for a in n.attribute if a.name == "peak"] == [128, 32, 8]
+    x = -np.random.default_rng(5).random((1, 9, 96)).astype(np.float32) - 0.5  # codes of -64 to -127
+    x[0, 0] = -1.0  # every code -127
+    for got, ours in zip(session(packed, library, options).run(None, {"x": x}), q8_reference(x, plain)):
+        assert np.abs(got - ours).max() <= 1e-5 * np.abs(ours).max()
 
 
 def test_an_offset_term_that_is_not_the_importers_stays_on_onnxruntimes_ops(tmp_path):
