@@ -23,6 +23,7 @@
 // of its own (exact too: GGUF's codes are small enough).
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -76,14 +77,17 @@ inline void each_tile(size_t item, int64_t rows, int64_t n, Tile tile) {
 }
 
 // Q8MatMul's input as its products read it: per row, k codes (|code| <= 127), a scale for each
-// group of inputs, and (where the weights have offsets) the sum of each Q8_OFFSETS inputs.
+// group of inputs, where the weights have offsets the sum of each Q8_OFFSETS inputs, and where
+// they are 4-bit codes the sum of each group's codes.
 struct Q8Rows {
   const int8_t* codes;
   const float *scales, *sums;
+  const int32_t* totals;
   int64_t k;
 
   Q8Rows skip(int64_t rows, int64_t group) const {
-    return {codes + rows * k, scales + rows * (k / group), sums ? sums + rows * (k / Q8_OFFSETS) : nullptr, k};
+    return {codes + rows * k, scales + rows * (k / group), sums ? sums + rows * (k / Q8_OFFSETS) : nullptr,
+            totals ? totals + rows * (k / group) : nullptr, k};
   }
 };
 
@@ -170,6 +174,17 @@ void tile(const Code* a, int64_t k, const int8_t* w, int64_t stride, const int32
   }
 }
 
+// Group of 4 inputs q's packed weights, columns 0-7 (half 0) or 8-15 (half 1); a row's 4 codes of
+// it in every 32-bit lane.
+inline __m256i load_quads(const int8_t* w, int64_t q, int half) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 64 + half * 32));
+}
+inline __m256i broadcast_quad(const int8_t* codes, int64_t q) {
+  int32_t four;
+  std::memcpy(&four, codes + q * 4, sizeof four);
+  return _mm256_set1_epi32(four);
+}
+
 // Q8MatMul's rows [0, R) × one block of 16 columns: per group of G inputs (16 or 32) the exact
 // sums of the codes' products, scaled by the row's and the columns' scales of those inputs and
 // added in float, in the inputs' order, into y; where there are offsets, after each 32 inputs
@@ -184,27 +199,39 @@ void tile(const Code* a, int64_t k, const int8_t* w, int64_t stride, const int32
 // ones widens them to 32 (SPAN × 2 × 127 × the matrix's largest |w| <= 32,767: the node's `peak`).
 // Zen 2 runs one multiply a cycle: 16-bit codes by `vpmaddwd` alone gave 16 products each; here a
 // Q5_0 matrix's give 28.
-// Group of 4 inputs q's packed weights, columns 0-7 (half 0) or 8-15 (half 1); a row's 4 codes of
-// it in every 32-bit lane.
-inline __m256i load_quads(const int8_t* w, int64_t q, int half) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 64 + half * 32));
-}
-inline __m256i broadcast_quad(const int8_t* codes, int64_t q) {
-  int32_t four;
-  std::memcpy(&four, codes + q * 4, sizeof four);
-  return _mm256_set1_epi32(four);
-}
-
-template <int R, int G, int SPAN>
+//
+// 4-bit weights (NIBBLES: Q4_K, Q4_1) stay 4 bits in memory, columns 0-7 in the low nibbles and
+// 8-15 in the high ones, half the bytes a one-row step reads. Their codes c = w + 8 are unsigned
+// and small, so `vpmaddubsw` takes them as they are: a group's c × code sums fit 16 bits (16 × 15 ×
+// 127), and Σ w·code = Σ c·code - 8 Σ code, the row's sum of the group's codes (`totals`).
+template <int R, int G, int SPAN, bool NIBBLES>
 void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const float* w_offset, float* y, int64_t n) {
-  constexpr int QUADS = G / 4;
-  const int64_t k = a.k, groups = k / G, next = k * BLOCK;  // the next block's weights: fetched meanwhile
+  constexpr int QUADS = G / 4, QUAD_BYTES = NIBBLES ? 32 : 64;
+  const int64_t k = a.k, groups = k / G, next = k / 4 * QUAD_BYTES;  // the next block's weights: fetched meanwhile
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 sum[R][2];
   for (int r = 0; r < R; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m256i acc[R][2];
-    if constexpr (SPAN == 1) {  // each group of 4 inputs' pair sums widened to 32 bits at once
+    if constexpr (NIBBLES) {
+      const __m256i low = _mm256_set1_epi8(15);
+      __m256i part[R][2];
+      for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = _mm256_setzero_si256();
+      for (int q = g * QUADS; q < (g + 1) * QUADS; ++q) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + next + q * 32), _MM_HINT_T0);
+        const __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 32));
+        const __m256i c0 = _mm256_and_si256(both, low), c1 = _mm256_and_si256(_mm256_srli_epi16(both, 4), low);
+        for (int r = 0; r < R; ++r) {
+          const __m256i codes = broadcast_quad(a.codes + r * k, q);
+          part[r][0] = _mm256_add_epi16(part[r][0], _mm256_maddubs_epi16(c0, codes));
+          part[r][1] = _mm256_add_epi16(part[r][1], _mm256_maddubs_epi16(c1, codes));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i eight = _mm256_set1_epi32(8 * a.totals[r * groups + g]);
+        for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_sub_epi32(_mm256_madd_epi16(part[r][h], ones), eight);
+      }
+    } else if constexpr (SPAN == 1) {  // each group of 4 inputs' pair sums widened to 32 bits at once
       for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
       for (int q = g * QUADS; q < (g + 1) * QUADS; ++q) {
         _mm_prefetch(reinterpret_cast<const char*>(w + next + q * 64), _MM_HINT_T0);
@@ -260,26 +287,39 @@ void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const floa
 
 // Rows [0, R) × blocks [0, B), R ≤ TILE_ROWS, PASS rows at a time (against 2: ×0.94 at 8 rows on
 // 6-bit codes, even on 8-bit ones; GCC keeps some of 3 rows' float sums on the stack).
-template <int R, int B, int G, int SPAN>
+template <int R, int B, int G, int SPAN, bool NIBBLES>
 void q8_tile(const Q8Rows& a, const int8_t* w, int64_t stride, const float* w_scale, const float* w_offset, float* y,
              int64_t n) {
   constexpr int PASS = 3;
   const int64_t scales = a.k / G * BLOCK, offsets = a.k / Q8_OFFSETS * BLOCK;  // floats a block of columns
   for (int b = 0; b < B; ++b) {
     const float* offset = w_offset ? w_offset + b * offsets : nullptr;
-    q8_block<std::min(R, PASS), G, SPAN>(a, w + b * stride, w_scale + b * scales, offset, y + b * BLOCK, n);
+    q8_block<std::min(R, PASS), G, SPAN, NIBBLES>(a, w + b * stride, w_scale + b * scales, offset, y + b * BLOCK, n);
     if constexpr (R > PASS)
-      q8_tile<R - PASS, 1, G, SPAN>(a.skip(PASS, G), w + b * stride, stride, w_scale + b * scales, offset,
-                                    y + PASS * n + b * BLOCK, n);
+      q8_tile<R - PASS, 1, G, SPAN, NIBBLES>(a.skip(PASS, G), w + b * stride, stride, w_scale + b * scales, offset,
+                                             y + PASS * n + b * BLOCK, n);
   }
 }
 
 using Q8Tile = void (*)(const Q8Rows&, const int8_t*, int64_t, const float*, const float*, float*, int64_t);
-template <int B, int G, int SPAN>
-constexpr Q8Tile Q8_TILES[TILE_ROWS + 1] = {nullptr,
-                                            q8_tile<1, B, G, SPAN>, q8_tile<2, B, G, SPAN>, q8_tile<3, B, G, SPAN>,
-                                            q8_tile<4, B, G, SPAN>, q8_tile<5, B, G, SPAN>, q8_tile<6, B, G, SPAN>,
-                                            q8_tile<7, B, G, SPAN>, q8_tile<8, B, G, SPAN>};
+template <int B, int G, int SPAN, bool NIBBLES = false>
+constexpr Q8Tile Q8_TILES[TILE_ROWS + 1] = {
+    nullptr,                               q8_tile<1, B, G, SPAN, NIBBLES>, q8_tile<2, B, G, SPAN, NIBBLES>,
+    q8_tile<3, B, G, SPAN, NIBBLES>,       q8_tile<4, B, G, SPAN, NIBBLES>, q8_tile<5, B, G, SPAN, NIBBLES>,
+    q8_tile<6, B, G, SPAN, NIBBLES>,       q8_tile<7, B, G, SPAN, NIBBLES>, q8_tile<8, B, G, SPAN, NIBBLES>};
+
+// The tile for R rows, B blocks, groups of G inputs, and 8-bit codes summed SPAN groups of 4 in 16
+// bits, or 4-bit ones (`nibbles`).
+inline Q8Tile q8_tile_for(int rows, bool two, int64_t group, int span, bool nibbles) {
+  const auto pick = [&](auto b) -> Q8Tile {
+    constexpr int B = decltype(b)::value;
+    if (nibbles) return group == 16 ? Q8_TILES<B, 16, 4, true>[rows] : Q8_TILES<B, 32, 8, true>[rows];
+    if (group == 16) return span >= 4 ? Q8_TILES<B, 16, 4>[rows] : span == 2 ? Q8_TILES<B, 16, 2>[rows] : Q8_TILES<B, 16, 1>[rows];
+    return span >= 8 ? Q8_TILES<B, 32, 8>[rows] : span == 4 ? Q8_TILES<B, 32, 4>[rows]
+         : span == 2 ? Q8_TILES<B, 32, 2>[rows] : Q8_TILES<B, 32, 1>[rows];
+  };
+  return two ? pick(std::integral_constant<int, 2>{}) : pick(std::integral_constant<int, 1>{});
+}
 
 // One group of `group` inputs (a multiple of 8) as codes, as onnxruntime's int8 path (and
 // llama.cpp's Q8_0) quantize: times 127 / max|in|, to nearest even, so |code| <= 127. Returns the
@@ -306,16 +346,6 @@ inline float quantize(const float* in, int64_t group, int8_t* codes) {
   return finite ? peak / 127.0f : NAN;
 }
 
-// The tile for R rows, B blocks, groups of G inputs and SPAN groups of 4 in 16 bits.
-inline Q8Tile q8_tile_for(int rows, bool two, int64_t group, int span) {
-  const auto pick = [&](auto b) -> Q8Tile {
-    constexpr int B = decltype(b)::value;
-    if (group == 16) return span >= 4 ? Q8_TILES<B, 16, 4>[rows] : span == 2 ? Q8_TILES<B, 16, 2>[rows] : Q8_TILES<B, 16, 1>[rows];
-    return span >= 8 ? Q8_TILES<B, 32, 8>[rows] : span == 4 ? Q8_TILES<B, 32, 4>[rows]
-         : span == 2 ? Q8_TILES<B, 32, 2>[rows] : Q8_TILES<B, 32, 1>[rows];
-  };
-  return two ? pick(std::integral_constant<int, 2>{}) : pick(std::integral_constant<int, 1>{});
-}
 #endif
 
 #ifdef ATTAR_PACKS
@@ -439,6 +469,7 @@ struct Q8MatMul {
     Q8Rows a;
     int64_t group;
     int span;
+    bool nibbles;  // 4-bit codes, 32 bytes a group of 4 inputs (else 64)
     const int8_t* weights;
     const float *column_scale, *column_offset;  // (N/16, K/G, 16), (N/16, K/32, 16) or nullptr
     float* y;
@@ -448,12 +479,12 @@ struct Q8MatMul {
   static void part(void* data, size_t item) {  // a strip of 32 columns × up to ITEM_ROWS rows
 #ifdef ATTAR_AVX2
     const Work& w = *static_cast<const Work*>(data);
-    const int64_t k = w.a.k, stride = k * BLOCK;
+    const int64_t k = w.a.k, stride = w.nibbles ? k * BLOCK / 2 : k * BLOCK;
     each_tile(item, w.rows, w.n, [&](int64_t r, int64_t rows, int64_t block, bool two) {
       const float* offsets = w.column_offset ? w.column_offset + block * (k / Q8_OFFSETS) * BLOCK : nullptr;
-      q8_tile_for(static_cast<int>(rows), two, w.group, w.span)(w.a.skip(r, w.group), w.weights + block * stride, stride,
-                                                                w.column_scale + block * (k / w.group) * BLOCK, offsets,
-                                                                w.y + r * w.n + block * BLOCK, w.n);
+      q8_tile_for(static_cast<int>(rows), two, w.group, w.span, w.nibbles)(
+          w.a.skip(r, w.group), w.weights + block * stride, stride, w.column_scale + block * (k / w.group) * BLOCK, offsets,
+          w.y + r * w.n + block * BLOCK, w.n);
     });
 #else
     (void)data, (void)item;
@@ -468,9 +499,10 @@ struct Q8MatMul {
     const OrtValue* offsets = input(context, 3);
     std::vector<int64_t> shape = dims(a);
     const std::vector<int64_t> packed = dims(input(context, 1)), scales = dims(input(context, 2));
-    if (shape.empty() || shape.back() % Q8_OFFSETS != 0 || packed.size() != 3 || packed[2] != BLOCK * GROUP ||
+    if (shape.empty() || shape.back() % Q8_OFFSETS != 0 || packed.size() != 3 || (packed[2] != 64 && packed[2] != 32) ||
         packed[1] * GROUP != shape.back())
-      fail("Q8MatMul", "the weights must be packed (N/16, K/4, 64) for an input of K (a multiple of 32)");
+      fail("Q8MatMul", "the weights must be packed (N/16, K/4, 64 or 32) for an input of K (a multiple of 32)");
+    const bool nibbles = packed[2] == 32;
     const int64_t k = shape.back(), n = packed[0] * BLOCK;
     if (scales.size() != 3 || scales[0] != packed[0] || scales[2] != BLOCK || (scales[1] != k / 32 && scales[1] != k / 16))
       fail("Q8MatMul", "the scales must be packed (N/16, K/32 or K/16, 16)");
@@ -487,17 +519,25 @@ struct Q8MatMul {
     // allocates nothing.
     thread_local std::vector<int8_t> codes;
     thread_local std::vector<float> steps, sums;
+    thread_local std::vector<int32_t> totals;
     codes.resize(rows * k);
     steps.resize(rows * k / group);
     sums.resize(offsets ? rows * k / Q8_OFFSETS : 0);
+    totals.resize(nibbles ? rows * k / group : 0);
     const float* x = data<float>(a);
     for (int64_t g = 0; g < rows * k / group; ++g) steps[g] = quantize(x + g * group, group, codes.data() + g * group);
+    for (size_t g = 0; g < totals.size(); ++g) {
+      int32_t total = 0;
+      for (int64_t i = 0; i < group; ++i) total += codes[g * group + i];
+      totals[g] = total;
+    }
     for (size_t b = 0; b < sums.size(); ++b) {
       float total = 0.0f;
       for (int64_t i = 0; i < Q8_OFFSETS; ++i) total += x[b * Q8_OFFSETS + i];
       sums[b] = total;
     }
-    Work w{{codes.data(), steps.data(), offsets ? sums.data() : nullptr, k}, group, span, data<int8_t>(input(context, 1)),
+    Work w{{codes.data(), steps.data(), offsets ? sums.data() : nullptr, nibbles ? totals.data() : nullptr, k}, group, span,
+           nibbles, data<int8_t>(input(context, 1)),
            data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, data<float>(out), rows, n};
     check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
 #endif
@@ -582,27 +622,36 @@ extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n,
 }
 
 // Pack MatMulNBits' codes (n × k, `bits` 8 or 4: a byte, or two with the first in the low nibble;
-// zero point 128 or 8) for Q8MatMul, 16 columns × 4 inputs a group of 64 bytes (8 columns a
-// register): packed[j][g][c][i] = w[16j + c][4g + i], w being a code less its zero point; *peak =
-// the largest |w| (the node's `peak`). Returns 0, or 1 where this build has no Q8 products (only
-// AVX2 without VNNI has them) or the shape does not pack (k % 32, n % 16, bits).
+// zero point 128 or 8) for Q8MatMul, 16 columns × 4 inputs a group (8 columns a register). 8 bits:
+// 64 bytes a group, packed[j][g][c][i] = w[16j + c][4g + i], w being a code less its zero point.
+// 4 bits: 32 bytes a group, the codes as they are (w + 8), byte 4c + i holding column c's in its
+// low nibble and column 8 + c's in its high one. *peak = the largest |w| (the node's `peak`).
+// Returns 0, or 1 where this build has no Q8 products (only AVX2 without VNNI has them) or the
+// shape does not pack (k % 32, n % 16, bits).
 extern "C" int attar_pack_q8(const uint8_t* __restrict codes, int64_t k, int64_t n, int32_t bits, int8_t* __restrict packed,
                              int32_t* peak) {
 #ifdef ATTAR_AVX2
   using attar::BLOCK;
   if (k <= 0 || n <= 0 || k % attar::Q8_OFFSETS != 0 || n % BLOCK != 0 || (bits != 8 && bits != 4)) return 1;
   const int64_t row = k * bits / 8;  // bytes a column's codes take
+  const auto code = [&](int64_t column, int64_t i) -> int32_t {  // less its zero point
+    const uint8_t* at = codes + column * row;
+    return bits == 8 ? at[i] - 128 : ((at[i / 2] >> (4 * (i % 2))) & 15) - 8;
+  };
   int32_t largest = 0;
   for (int64_t j = 0; j < n / BLOCK; ++j)
-    for (int64_t g = 0; g < k / 4; ++g)
-      for (int64_t c = 0; c < BLOCK; ++c) {
-        const uint8_t* column = codes + (j * BLOCK + c) * row;
-        for (int64_t i = 4 * g; i < 4 * g + 4; ++i) {
-          const int32_t w = bits == 8 ? column[i] - 128 : ((column[i / 2] >> (4 * (i % 2))) & 15) - 8;
-          largest = std::max(largest, w < 0 ? -w : w);
-          *packed++ = static_cast<int8_t>(w);
-        }
+    for (int64_t g = 0; g < k / 4; ++g) {
+      for (int64_t c = 0; c < BLOCK; ++c)
+        for (int64_t i = 4 * g; i < 4 * g + 4; ++i) largest = std::max(largest, std::abs(code(j * BLOCK + c, i)));
+      if (bits == 8) {
+        for (int64_t c = 0; c < BLOCK; ++c)
+          for (int64_t i = 4 * g; i < 4 * g + 4; ++i) *packed++ = static_cast<int8_t>(code(j * BLOCK + c, i));
+      } else {
+        for (int64_t c = 0; c < BLOCK / 2; ++c)
+          for (int64_t i = 4 * g; i < 4 * g + 4; ++i)
+            *packed++ = static_cast<int8_t>((code(j * BLOCK + c, i) + 8) | (code(j * BLOCK + BLOCK / 2 + c, i) + 8) << 4);
       }
+    }
   *peak = largest;
   return 0;
 #else

@@ -296,7 +296,7 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
         if codes.data_type != 2 or list(codes.dims) != [n, k // block, block * bits // 8] or scales.data_type != 1 \
                 or list(scales.dims) not in ([n, k // block], [n * k // block]):  # uint8 codes, float scales
             continue
-        packed, peak = np.empty((n // 16, k // 4, 64), np.int8), np.zeros(1, np.int32)
+        packed, peak = np.empty((n // 16, k // 4, 64 if bits == 8 else 32), np.int8), np.zeros(1, np.int32)
         if pack(_initializer_values(codes, folder, np.uint8, n * k * bits // 8), k, n, bits, packed, peak) != 0:
             raise KernelError(f"{codes.name}: attar_pack_q8 refused a {k} × {n} matrix")
         columns = _initializer_values(scales, folder, np.float32, n * k // block).reshape(n // 16, 16, k // block)

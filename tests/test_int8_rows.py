@@ -167,25 +167,26 @@ def test_the_packed_products_do_not_saturate(packing, tmp_path):
         assert expected[0, 0] == np.float32(127 * 127 * K) * row_scale[0, 0] * column_scale[0]
 
 
-def q8_projections(tmp_path, ones: np.ndarray | None = None, lowest: bool = False) -> onnx.ModelProto:
+def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = False) -> onnx.ModelProto:
     """x (rows × 96) times block weights through the importer's exact path, one of each layout the
     Q8 products take: 8 bits a scale per 32 inputs (Q8_0, Q5_0), per 16 (Q6_K), and 4 bits with
-    offsets (Q4_K: MatMulNBits, then the offset term). `ones`: another block-sums matrix. `lowest`:
-    every weight the lowest its range holds (-128, -32, -8), so that an input of one sign puts
-    each 16-bit sum of the products at its bound."""
+    offsets (Q4_K: MatMulNBits, then the offset term). `ones`: another block-sums matrix. `extreme`:
+    every code the one that makes the products' 16-bit sums largest (8 bits: w = -128 and -32, the
+    largest |w|; 4 bits: 15, as they are multiplied), so that an input of one sign puts each at its
+    bound."""
     from attar.runtime.quants import BlockQuant
 
     rng = np.random.default_rng(3)
     k, n = 96, 48
 
-    def codes(low: int, high: int) -> np.ndarray:
-        return np.full((n, k), low, np.uint8) if lowest else rng.integers(low, high, (n, k), dtype=np.uint8)
+    def codes(low: int, high: int, worst: int) -> np.ndarray:
+        return np.full((n, k), worst, np.uint8) if extreme else rng.integers(low, high, (n, k), dtype=np.uint8)
 
     graph = GraphWriter(tmp_path / "q8.data")
     builder = DecoderBuilder(None, None, graph, rope_interleaved=False, int8=False)
-    layouts = {"q8": BlockQuant(8, 32, codes(0, 256), rng.random((n, k // 32), np.float32) / 50, None),
-               "q6": BlockQuant(8, 16, codes(96, 160), rng.random((n, k // 16), np.float32) / 9, None),
-               "q4": BlockQuant(4, 32, codes(0, 16), rng.random((n, k // 32), np.float32) / 5,
+    layouts = {"q8": BlockQuant(8, 32, codes(0, 256, 0), rng.random((n, k // 32), np.float32) / 50, None),
+               "q6": BlockQuant(8, 16, codes(96, 160, 96), rng.random((n, k // 16), np.float32) / 9, None),
+               "q4": BlockQuant(4, 32, codes(0, 16, 15), rng.random((n, k // 32), np.float32) / 5,
                                 rng.standard_normal((n, k // 32)).astype(np.float32))}
     outputs = [builder.block_matmul("x", w, key, *builder._quant_inputs(key, w)) for key, w in layouts.items()]
     graph.close()
@@ -264,15 +265,16 @@ def test_the_q8_products_answer_as_matmulnbits_and_a_row_alone_as_beside_others(
 
 def test_the_q8_products_sums_hold_at_their_16_bit_bound(packing, tmp_path):
     """Products of small weights add up in 16 bits before they are widened, as many as the
-    matrix's largest |w| allows: with every weight at its range's lowest and every input of one
-    sign, each 16-bit sum is at its bound (32,512 of 32,767), and the outputs are still exact."""
+    matrix's largest |w| allows (4-bit codes: a group of 32): with every code at its worst and
+    every input of one sign, each 16-bit sum is at its bound (32,512 and 30,480 of 32,767), and
+    the outputs are still exact."""
     library = packing
     if not q8_packs():
         pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
-    plain, packed = q8_projections(tmp_path, lowest=True), q8_projections(tmp_path, lowest=True)
+    plain, packed = q8_projections(tmp_path, extreme=True), q8_projections(tmp_path, extreme=True)
     options, keep = ort.SessionOptions(), []
     assert kernels.use_q8_matmul(packed, tmp_path, options, keep) == 3
-    assert [a.i for n in packed.graph.node for a in n.attribute if a.name == "peak"] == [128, 32, 8]
+    assert [a.i for n in packed.graph.node for a in n.attribute if a.name == "peak"] == [128, 32, 7]
     x = -np.random.default_rng(5).random((1, 9, 96)).astype(np.float32) - 0.5  # codes of -64 to -127
     x[0, 0] = -1.0  # every code -127
     for got, ours in zip(session(packed, library, options).run(None, {"x": x}), q8_reference(x, plain)):
@@ -348,7 +350,7 @@ def test_what_is_not_the_importers_pattern_stays_on_onnxruntimes_ops(tmp_path):
     ("Q8MatMul", {"a": np.zeros((2, 32), np.float32), "b": np.zeros((1, 8, 64), np.int8), "c": np.ones((1, 3, 16), np.float32)},
      "attar Q8MatMul: the scales must be packed (N/16, K/32 or K/16, 16)"),
     ("Q8MatMul", {"a": np.zeros((2, 24), np.float32), "b": np.zeros((1, 6, 64), np.int8), "c": np.ones((1, 1, 16), np.float32)},
-     "attar Q8MatMul: the weights must be packed (N/16, K/4, 64) for an input of K (a multiple of 32)"),
+     "attar Q8MatMul: the weights must be packed (N/16, K/4, 64 or 32) for an input of K (a multiple of 32)"),
 ])
 def test_inputs_of_the_wrong_shape_are_refused_with_one_line(library, op, feeds, message):
     if op == "Int8MatMul" and not packs() or op == "Q8MatMul" and not q8_packs():
