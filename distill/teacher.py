@@ -17,10 +17,10 @@ from pathlib import Path
 from attar.distill.data import Question, check_messages, claim_folder, read_jsonl, write_atomic, write_jsonl_atomic
 from attar.distill.runner import run_questions
 from attar.distill.scoring import Outcome, score, score_run
-from attar.runtime import prompts
+from attar.runtime import kernels, prompts
 from attar.runtime.agent import Agent, canonical_output
 from attar.runtime.answers import extract_boxed
-from attar.runtime.llm import Backend, OpenAIBackend, Sampling
+from attar.runtime.llm import Backend, EngineBackend, OpenAIBackend, Sampling
 from attar.runtime.memory import Finish
 from attar.runtime.models import CATALOG, load_backend, pull
 
@@ -91,13 +91,16 @@ def first_paragraph(text: str, max_chars: int = 600) -> str:
 def load_teacher(spec: str, model: str = "default", completions: bool = False, concurrency: int = 8) -> Backend:
     """A teacher: comma-separated OpenAI-compatible base URLs, or an exported model (a folder or a
     catalog name), run by the runtime's engine with a batch row for each question in flight. A
-    catalog teacher is built with its int8 graph (once): a teacher's steps are batches and long
-    prompts, where that graph is 1.6x (decode, 8-16 rows) and 2.3-2.9x (prefill) the exact one
-    for the 1.5B (README, "The int8 graph")."""
+    catalog teacher is built with its int8 graph (once) where that pays: a teacher's steps are
+    batches and long prompts, where that graph is 1.6x (decode, 8-16 rows) and 2.3-2.9x (prefill)
+    the exact one for the 1.5B on AVX-512 VNNI (README, "The int8 graph"); on AVX2 without VNNI
+    the exact graph is the faster (`kernels.int8_graph_pays`)."""
     if spec.startswith(("http://", "https://")):
         return OpenAIBackend([u.strip() for u in spec.split(",")], model, completions=completions)
-    return load_backend(pull(spec, int8=True) if spec in (*CATALOG, "default") else spec,
-                        rows=max(8, concurrency))
+    if spec not in (*CATALOG, "default"):
+        return load_backend(spec, rows=max(8, concurrency))
+    int8 = kernels.int8_graph_pays()
+    return EngineBackend(pull(spec, int8=int8), max_rows=max(8, concurrency), int8=int8)
 
 
 JUDGE_PROMPT = ("Question: {question}\nGold answer: {gold}\nPredicted answer: {prediction}\n"

@@ -133,6 +133,16 @@ def int8_sums_exact(kernel: bool | None = None) -> bool:
     return "avx2" not in flags or bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def int8_graph_pays(kernel: bool | None = None) -> bool:
+    """Whether batched work (a catalog teacher) should build and run a model's int8 graph here:
+    where its sums are exact, and not where the exact graph runs on attar's Q8 products (AVX2
+    without VNNI), which measured as fast at 8-16 rows on the default and faster at every width on
+    the 1.5B teacher, whose 4-bit codes it reads as 4 bits (README, "On AVX2 without VNNI")."""
+    if _wanted(kernel) is not None and _q8_packer() is not None:
+        return False
+    return int8_sums_exact(kernel)
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags, from Linux's /proc/cpuinfo on x86 (none elsewhere): what the engine and the
     trainer choose their arithmetic by."""

@@ -223,15 +223,20 @@ def test_retries_add_distinct_kept_runs(tmp_path):
     assert summarize(records)["runs_ended_on_repeat"] == 1
 
 
-def test_a_catalog_teacher_runs_its_int8_graph_with_a_row_per_question(monkeypatch, tmp_path):
+@pytest.mark.parametrize("pays", [True, False])
+def test_a_catalog_teacher_runs_its_int8_graph_where_it_pays_with_a_row_per_question(monkeypatch, tmp_path, pays):
     # The teacher's work is batches and long prompts: a catalog teacher is built with the int8
-    # graph, which the engine then runs; a folder is taken as it is.
+    # graph, which the engine then runs, where that graph is the faster (not on AVX2 without VNNI,
+    # where the exact graph runs on attar's Q8 products); a folder is taken as it is.
     from attar.distill import teacher
 
-    built, loaded = [], []
+    built, engines, loaded = [], [], []
+    monkeypatch.setattr(teacher.kernels, "int8_graph_pays", lambda: pays)
     monkeypatch.setattr(teacher, "pull", lambda name, int8=False: built.append((name, int8)) or tmp_path / name)
+    monkeypatch.setattr(teacher, "EngineBackend", lambda folder, max_rows, int8: engines.append((folder, max_rows, int8)))
     monkeypatch.setattr(teacher, "load_backend", lambda spec, rows=8: loaded.append((spec, rows)))
     teacher.load_teacher("qwen2.5-coder-1.5b", concurrency=16)
     teacher.load_teacher(str(tmp_path / "mine"), concurrency=4)
-    assert built == [("qwen2.5-coder-1.5b", True)]
-    assert loaded == [(tmp_path / "qwen2.5-coder-1.5b", 16), (str(tmp_path / "mine"), 8)]
+    assert built == [("qwen2.5-coder-1.5b", pays)]
+    assert engines == [(tmp_path / "qwen2.5-coder-1.5b", 16, pays)]
+    assert loaded == [(str(tmp_path / "mine"), 8)]
