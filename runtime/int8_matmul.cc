@@ -440,8 +440,8 @@ struct Int8MatMulOp : Ort::CustomOpBase<Int8MatMulOp, Int8MatMul> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-// Q8MatMul(a float (..., K), weights int8 (N/16, K/4, 64), scales float (N/16, K/G, 16)
-//          [, offsets float (N/16, K/32, 16)]) -> float (..., N)
+// Q8MatMul(a float (..., K), weights int8 (N/16, K/4, 64; 4-bit codes: 32), scales float (N/16, K/G, 16)
+//          [, offsets float (N/16, K/32, 16)]) -> float (..., N), attribute peak (the weights' largest |w|)
 // The exact graph's MatMulNBits (8 or 4 bits, G = 32 or 16 inputs a scale, accuracy level 4: GGUF's
 // Q8_0, Q5_0, Q6_K, Q4_K... weights), with its offset term where the weights have one: the input
 // quantized to int8 per row and G inputs (times 127 / max|a|, to nearest even; scale max|a| / 127)
