@@ -52,6 +52,11 @@ constexpr int TILE_ROWS = 8;      // rows a tile: 8 rows × 2 blocks = 16 accumu
 constexpr int64_t ITEM_ROWS = 64;  // rows a work item: its weights stay in cache across its tiles
 constexpr int64_t Q8_OFFSETS = 32;  // Q8MatMul: inputs that share an offset (GGUF's k-quants with a minimum)
 
+// How Q8MatMul's weights are packed (`attar_pack_q8`): 8 bits, as they are (SIGNED) or plus the
+// matrix's largest |w| where that is at most BIASED_UP_TO (BIASED: unsigned); 4 bits plus 8 (NIBBLES).
+enum Weights { SIGNED, BIASED, NIBBLES };
+constexpr int BIASED_UP_TO = 64;
+
 #ifdef ATTAR_AVX2
 using Code = int16_t;  // the codes widened (Compute): `vpmaddwd` multiplies 16-bit numbers
 #else
@@ -184,83 +189,70 @@ inline __m256i broadcast_quad(const int8_t* codes, int64_t q) {
   std::memcpy(&four, codes + q * 4, sizeof four);
   return _mm256_set1_epi32(four);
 }
-// The codes times the weights w (|w| given as u), summed in pairs to 16 bits.
-inline __m256i products(__m256i codes, __m256i w, __m256i u) {
-  return _mm256_maddubs_epi16(u, _mm256_sign_epi8(codes, w));
-}
-
 // Q8MatMul's rows [0, R) × one block of 16 columns: per group of G inputs (16 or 32) the exact
 // sums of the codes' products, scaled by the row's and the columns' scales of those inputs and
 // added in float, in the inputs' order, into y; where there are offsets, after each 32 inputs
 // the row's sum of them times the columns' offsets. A row's outputs do not depend on the rows
 // beside it.
 //
-// The products: the weights are packed 8 columns × 4 inputs a register (`attar_pack_q8`), and
-// `vpmaddubsw` multiplies |w| (unsigned) by the row's codes given w's signs (`vpsignb`): 32
-// products a multiply, summed in pairs to 16 bits, where they cannot overflow (|code| <= 127,
-// |w| <= 128: a pair is at most 32,512). GGUF's weights are mostly small (Q5_0 and Q4_K's within
-// 16, Q6_K's 32), so up to SPAN groups of 4 inputs add up in 16 bits before one `vpmaddwd` by
-// ones widens them to 32 (SPAN × 2 × 127 × the matrix's largest |w| <= 32,767: the node's `peak`).
-// Zen 2 runs one multiply a cycle: 16-bit codes by `vpmaddwd` alone gave 16 products each; here a
-// Q5_0 matrix's give 28.
-//
-// 4-bit weights (NIBBLES: Q4_K, Q4_1) stay 4 bits in memory, columns 0-7 in the low nibbles and
-// 8-15 in the high ones, half the bytes a one-row step reads. Their codes c = w + 8 are unsigned
-// and small, so `vpmaddubsw` takes them as they are: a group's c × code sums fit 16 bits (16 × 15 ×
-// 127), and Σ w·code = Σ c·code - 8 Σ code, the row's sum of the group's codes (`totals`).
-template <int R, int G, int SPAN, bool NIBBLES>
+// The products: the weights are packed 8 columns × 4 inputs a register, and `vpmaddubsw`
+// multiplies an unsigned byte by a signed one, 32 products a multiply, summed in pairs to 16 bits.
+// - GGUF's weights are mostly small (Q5_0 within 16, Q6_K 32, Q4_K 8). Packed as unsigned c = w + b
+//   (b = the largest |w|, or 8 for 4 bits), they multiply the row's codes as they are, and
+//   Σ w·code = Σ c·code - b Σ code, the row's sum of the group's codes times b (`totals`). Up to
+//   SPAN groups of 4 inputs add up in 16 bits before one `vpmaddwd` by ones widens them to 32:
+//   SPAN × 2 × 127 × max c <= 32,767, the node's `peak` saying max c.
+// - 4-bit weights stay 4 bits in memory, columns 0-7 in the low nibbles and 8-15 in the high ones,
+//   half the bytes a one-row step reads.
+// - Larger weights (Q8_0: up to 128) stay signed: `vpmaddubsw` takes |w| and the codes given w's
+//   signs (`vpsignb`), a pair at most 2 × 127 × 128 = 32,512, widened at once.
+// Zen 2 runs one multiply a cycle and about one other vector instruction for each: 16-bit codes by
+// `vpmaddwd` gave 16 products a multiply; here a Q5_0 matrix's give 26 with no `vpsignb`.
+template <int R, int G, int SPAN, Weights KIND>
 void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const float* w_offset, float* y, int64_t n) {
-  constexpr int QUADS = G / 4, QUAD_BYTES = NIBBLES ? 32 : 64;
+  static_assert(KIND != SIGNED || SPAN == 1, "signed pairs reach 32,512: widened at once");
+  constexpr int QUADS = G / 4, QUAD_BYTES = KIND == NIBBLES ? 32 : 64;
   const int64_t k = a.k, groups = k / G, next = k / 4 * QUAD_BYTES;  // the next block's weights: fetched meanwhile
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 sum[R][2];
   for (int r = 0; r < R; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m256i acc[R][2];
-    if constexpr (NIBBLES) {
-      const __m256i low = _mm256_set1_epi8(15);
-      __m256i part[R][2];
-      for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = _mm256_setzero_si256();
-      for (int q = g * QUADS; q < (g + 1) * QUADS; ++q) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + next + q * 32), _MM_HINT_T0);
-        const __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 32));
-        const __m256i c0 = _mm256_and_si256(both, low), c1 = _mm256_and_si256(_mm256_srli_epi16(both, 4), low);
-        for (int r = 0; r < R; ++r) {
-          const __m256i codes = broadcast_quad(a.codes + r * k, q);
-          part[r][0] = _mm256_add_epi16(part[r][0], _mm256_maddubs_epi16(c0, codes));
-          part[r][1] = _mm256_add_epi16(part[r][1], _mm256_maddubs_epi16(c1, codes));
-        }
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m256i eight = _mm256_set1_epi32(8 * a.totals[r * groups + g]);
-        for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_sub_epi32(_mm256_madd_epi16(part[r][h], ones), eight);
-      }
-    } else if constexpr (SPAN == 1) {
-      // Each group of 4 inputs' pair sums widened to 32 bits at once: the loop below with SPAN 1
-      // measured ×1.15 as long on 8-bit weights (GCC moved its 16-bit sums between registers).
+    if constexpr (KIND == SIGNED) {
       for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 8
       for (int q = g * QUADS; q < (g + 1) * QUADS; ++q) {
         _mm_prefetch(reinterpret_cast<const char*>(w + next + q * 64), _MM_HINT_T0);
         const __m256i w0 = load_quads(w, q, 0), w1 = load_quads(w, q, 1);
         const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
         for (int r = 0; r < R; ++r) {
           const __m256i codes = broadcast_quad(a.codes + r * k, q);
-          acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(products(codes, w0, u0), ones));
-          acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(products(codes, w1, u1), ones));
+          const __m256i p0 = _mm256_maddubs_epi16(u0, _mm256_sign_epi8(codes, w0));
+          const __m256i p1 = _mm256_maddubs_epi16(u1, _mm256_sign_epi8(codes, w1));
+          acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p0, ones));
+          acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(p1, ones));
         }
       }
-    } else {  // SPAN groups of 4 in 16 bits, then widened
+    } else {
+#pragma GCC unroll 8
       for (int s = 0; s < QUADS; s += SPAN) {
         __m256i part[R][2];
         for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = _mm256_setzero_si256();
-        for (int q = g * QUADS + s; q < g * QUADS + s + SPAN; ++q) {
-          _mm_prefetch(reinterpret_cast<const char*>(w + next + q * 64), _MM_HINT_T0);
-          const __m256i w0 = load_quads(w, q, 0), w1 = load_quads(w, q, 1);
-          const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
+#pragma GCC unroll 4  // 8 (a nibble group) spilled: the compiler hoisted every unpacking
+        for (int i = 0; i < SPAN; ++i) {
+          const int64_t q = g * QUADS + s + i;
+          _mm_prefetch(reinterpret_cast<const char*>(w + next + q * QUAD_BYTES), _MM_HINT_T0);
+          __m256i c0, c1;
+          if constexpr (KIND == NIBBLES) {
+            const __m256i low = _mm256_set1_epi8(15), both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 32));
+            c0 = _mm256_and_si256(both, low), c1 = _mm256_and_si256(_mm256_srli_epi16(both, 4), low);
+          } else {
+            c0 = load_quads(w, q, 0), c1 = load_quads(w, q, 1);
+          }
           for (int r = 0; r < R; ++r) {
             const __m256i codes = broadcast_quad(a.codes + r * k, q);
-            part[r][0] = _mm256_add_epi16(part[r][0], products(codes, w0, u0));
-            part[r][1] = _mm256_add_epi16(part[r][1], products(codes, w1, u1));
+            part[r][0] = _mm256_add_epi16(part[r][0], _mm256_maddubs_epi16(c0, codes));
+            part[r][1] = _mm256_add_epi16(part[r][1], _mm256_maddubs_epi16(c1, codes));
           }
         }
         for (int r = 0; r < R; ++r)
@@ -268,6 +260,10 @@ void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const floa
             const __m256i wide = _mm256_madd_epi16(part[r][h], ones);
             acc[r][h] = s == 0 ? wide : _mm256_add_epi32(acc[r][h], wide);
           }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i bias = _mm256_set1_epi32(a.totals[r * groups + g]);
+        acc[r][0] = _mm256_sub_epi32(acc[r][0], bias), acc[r][1] = _mm256_sub_epi32(acc[r][1], bias);
       }
     }
     for (int h = 0; h < 2; ++h) {
@@ -293,38 +289,37 @@ void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const floa
 
 // Rows [0, R) × blocks [0, B), R ≤ TILE_ROWS, PASS rows at a time (against 2: ×0.94 at 8 rows on
 // 6-bit codes, even on 8-bit ones; GCC keeps some of 3 rows' float sums on the stack).
-template <int R, int B, int G, int SPAN, bool NIBBLES>
+template <int R, int B, int G, int SPAN, Weights KIND>
 void q8_tile(const Q8Rows& a, const int8_t* w, int64_t stride, const float* w_scale, const float* w_offset, float* y,
              int64_t n) {
   constexpr int PASS = 3;
   const int64_t scales = a.k / G * BLOCK, offsets = a.k / Q8_OFFSETS * BLOCK;  // floats a block of columns
   for (int b = 0; b < B; ++b) {
     const float* offset = w_offset ? w_offset + b * offsets : nullptr;
-    q8_block<std::min(R, PASS), G, SPAN, NIBBLES>(a, w + b * stride, w_scale + b * scales, offset, y + b * BLOCK, n);
+    q8_block<std::min(R, PASS), G, SPAN, KIND>(a, w + b * stride, w_scale + b * scales, offset, y + b * BLOCK, n);
     if constexpr (R > PASS)
-      q8_tile<R - PASS, 1, G, SPAN, NIBBLES>(a.skip(PASS, G), w + b * stride, stride, w_scale + b * scales, offset,
+      q8_tile<R - PASS, 1, G, SPAN, KIND>(a.skip(PASS, G), w + b * stride, stride, w_scale + b * scales, offset,
                                              y + PASS * n + b * BLOCK, n);
   }
 }
 
 using Q8Tile = void (*)(const Q8Rows&, const int8_t*, int64_t, const float*, const float*, float*, int64_t);
-template <int B, int G, int SPAN, bool NIBBLES = false>
+template <int B, int G, int SPAN, Weights KIND>
 constexpr Q8Tile Q8_TILES[TILE_ROWS + 1] = {
-    nullptr,                               q8_tile<1, B, G, SPAN, NIBBLES>, q8_tile<2, B, G, SPAN, NIBBLES>,
-    q8_tile<3, B, G, SPAN, NIBBLES>,       q8_tile<4, B, G, SPAN, NIBBLES>, q8_tile<5, B, G, SPAN, NIBBLES>,
-    q8_tile<6, B, G, SPAN, NIBBLES>,       q8_tile<7, B, G, SPAN, NIBBLES>, q8_tile<8, B, G, SPAN, NIBBLES>};
+    nullptr,                         q8_tile<1, B, G, SPAN, KIND>, q8_tile<2, B, G, SPAN, KIND>,
+    q8_tile<3, B, G, SPAN, KIND>,    q8_tile<4, B, G, SPAN, KIND>, q8_tile<5, B, G, SPAN, KIND>,
+    q8_tile<6, B, G, SPAN, KIND>,    q8_tile<7, B, G, SPAN, KIND>, q8_tile<8, B, G, SPAN, KIND>};
 
-// The tile for R rows, B blocks, groups of G inputs, and 8-bit codes summed SPAN groups of 4 in 16
-// bits, or 4-bit ones (`nibbles`).
-inline Q8Tile q8_tile_for(int rows, bool two, int64_t group, int span, bool nibbles) {
-  const auto pick = [&](auto b) -> Q8Tile {
-    constexpr int B = decltype(b)::value;
-    if (nibbles) return group == 16 ? Q8_TILES<B, 16, 4, true>[rows] : Q8_TILES<B, 32, 8, true>[rows];
-    if (group == 16) return span >= 4 ? Q8_TILES<B, 16, 4>[rows] : span == 2 ? Q8_TILES<B, 16, 2>[rows] : Q8_TILES<B, 16, 1>[rows];
-    return span >= 8 ? Q8_TILES<B, 32, 8>[rows] : span == 4 ? Q8_TILES<B, 32, 4>[rows]
-         : span == 2 ? Q8_TILES<B, 32, 2>[rows] : Q8_TILES<B, 32, 1>[rows];
-  };
-  return two ? pick(std::integral_constant<int, 2>{}) : pick(std::integral_constant<int, 1>{});
+// The tile for `rows` rows, B blocks, groups of `group` inputs, weights of `kind` summed `span`
+// groups of 4 in 16 bits.
+template <int B>
+Q8Tile q8_tile_for(int rows, int64_t group, int span, Weights kind) {
+  if (kind == SIGNED) return group == 16 ? Q8_TILES<B, 16, 1, SIGNED>[rows] : Q8_TILES<B, 32, 1, SIGNED>[rows];
+  if (kind == NIBBLES) return group == 16 ? Q8_TILES<B, 16, 4, NIBBLES>[rows] : Q8_TILES<B, 32, 8, NIBBLES>[rows];
+  if (group == 16)
+    return span >= 4 ? Q8_TILES<B, 16, 4, BIASED>[rows] : span == 2 ? Q8_TILES<B, 16, 2, BIASED>[rows] : Q8_TILES<B, 16, 1, BIASED>[rows];
+  return span >= 8 ? Q8_TILES<B, 32, 8, BIASED>[rows] : span == 4 ? Q8_TILES<B, 32, 4, BIASED>[rows]
+       : span == 2 ? Q8_TILES<B, 32, 2, BIASED>[rows] : Q8_TILES<B, 32, 1, BIASED>[rows];
 }
 
 // One group of `group` inputs (a multiple of 8) as codes, as onnxruntime's int8 path (and
@@ -460,22 +455,20 @@ struct Int8MatMulOp : Ort::CustomOpBase<Int8MatMulOp, Int8MatMul> {
 // row's outputs are the same bits in a step of any rows. A group holding a NaN or an infinity
 // makes its row's outputs NaN.
 struct Q8MatMul {
-  int span;  // groups of 4 inputs whose products add up in 16 bits (q8_block)
+  int64_t peak;
 
   // `peak`: the largest |w| of the packed weights (`attar_pack_q8` measures it); 128 where not
-  // said. A wrong one would wrap the 16-bit sums: wrong numbers, never a read out of bounds.
-  explicit Q8MatMul(const OrtKernelInfo* info) {
-    const int64_t peak = attribute(info, "peak", int64_t{128});
+  // said. It says how they were packed and how many products add up in 16 bits: a wrong one gives
+  // wrong numbers, never a read out of bounds.
+  explicit Q8MatMul(const OrtKernelInfo* info) : peak(attribute(info, "peak", int64_t{128})) {
     if (peak < 0 || peak > 128) fail("Q8MatMul", "peak must be a weight's largest magnitude, 0 to 128");
-    span = 1;
-    while (span < 8 && 2 * span * 2 * 127 * std::max<int64_t>(peak, 1) <= 32767) span *= 2;
   }
 
   struct Work {
     Q8Rows a;
     int64_t group;
     int span;
-    bool nibbles;  // 4-bit codes, 32 bytes a group of 4 inputs (else 64)
+    Weights kind;
     const int8_t* weights;
     const float *column_scale, *column_offset;  // (N/16, K/G, 16), (N/16, K/32, 16) or nullptr
     float* y;
@@ -485,10 +478,10 @@ struct Q8MatMul {
   static void part(void* data, size_t item) {  // a strip of 32 columns × up to ITEM_ROWS rows
 #ifdef ATTAR_AVX2
     const Work& w = *static_cast<const Work*>(data);
-    const int64_t k = w.a.k, stride = w.nibbles ? k * BLOCK / 2 : k * BLOCK;
+    const int64_t k = w.a.k, stride = w.kind == NIBBLES ? k * BLOCK / 2 : k * BLOCK;
     each_tile(item, w.rows, w.n, [&](int64_t r, int64_t rows, int64_t block, bool two) {
       const float* offsets = w.column_offset ? w.column_offset + block * (k / Q8_OFFSETS) * BLOCK : nullptr;
-      q8_tile_for(static_cast<int>(rows), two, w.group, w.span, w.nibbles)(
+      (two ? q8_tile_for<2> : q8_tile_for<1>)(static_cast<int>(rows), w.group, w.span, w.kind)(
           w.a.skip(r, w.group), w.weights + block * stride, stride, w.column_scale + block * (k / w.group) * BLOCK, offsets,
           w.y + r * w.n + block * BLOCK, w.n);
     });
@@ -529,21 +522,27 @@ struct Q8MatMul {
     codes.resize(rows * k);
     steps.resize(rows * k / group);
     sums.resize(offsets ? rows * k / Q8_OFFSETS : 0);
-    totals.resize(nibbles ? rows * k / group : 0);
+    // How the weights were packed (`attar_pack_q8`), the bias the codes' sums are multiplied by,
+    // and how many groups of 4 inputs add up in 16 bits (q8_block): span × 2 × 127 × max c <= 32,767.
+    const Weights kind = nibbles ? NIBBLES : peak <= BIASED_UP_TO ? BIASED : SIGNED;
+    const int32_t bias = nibbles ? 8 : static_cast<int32_t>(peak);
+    int span = 1;
+    while (kind == BIASED && span < 8 && 2 * span * 2 * 127 * std::max<int64_t>(2 * peak, 1) <= 32767) span *= 2;
+    totals.resize(kind == SIGNED ? 0 : rows * k / group);
     const float* x = data<float>(a);
     for (int64_t g = 0; g < rows * k / group; ++g) steps[g] = quantize(x + g * group, group, codes.data() + g * group);
     for (size_t g = 0; g < totals.size(); ++g) {
       int32_t total = 0;
       for (int64_t i = 0; i < group; ++i) total += codes[g * group + i];
-      totals[g] = total;
+      totals[g] = bias * total;
     }
     for (size_t b = 0; b < sums.size(); ++b) {
       float total = 0.0f;
       for (int64_t i = 0; i < Q8_OFFSETS; ++i) total += x[b * Q8_OFFSETS + i];
       sums[b] = total;
     }
-    Work w{{codes.data(), steps.data(), offsets ? sums.data() : nullptr, nibbles ? totals.data() : nullptr, k}, group, span,
-           nibbles, data<int8_t>(input(context, 1)),
+    Work w{{codes.data(), steps.data(), offsets ? sums.data() : nullptr, totals.empty() ? nullptr : totals.data(), k}, group,
+           span, kind, data<int8_t>(input(context, 1)),
            data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, data<float>(out), rows, n};
     check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
 #endif
@@ -645,6 +644,7 @@ extern "C" int attar_pack_q8(const uint8_t* __restrict codes, int64_t k, int64_t
     return bits == 8 ? at[i] - 128 : ((at[i / 2] >> (4 * (i % 2))) & 15) - 8;
   };
   int32_t largest = 0;
+  int8_t* const start = packed;
   for (int64_t j = 0; j < n / BLOCK; ++j)
     for (int64_t g = 0; g < k / 4; ++g, packed += bits == 8 ? 64 : 32)
       for (int64_t c = 0; c < BLOCK; ++c)  // columns 8-15 come after 0-7: their nibbles go on top
@@ -655,6 +655,8 @@ extern "C" int attar_pack_q8(const uint8_t* __restrict codes, int64_t k, int64_t
           else if (c < BLOCK / 2) packed[4 * c + i] = static_cast<int8_t>(w + 8);
           else packed[4 * (c - BLOCK / 2) + i] = static_cast<int8_t>(packed[4 * (c - BLOCK / 2) + i] | (w + 8) << 4);
         }
+  if (bits == 8 && largest <= attar::BIASED_UP_TO)  // stored as w + largest, unsigned
+    for (int8_t* at = start; at < packed; ++at) *at = static_cast<int8_t>(*at + largest);
   *peak = largest;
   return 0;
 #else

@@ -171,9 +171,9 @@ def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = Fal
     """x (rows × 96) times block weights through the importer's exact path, one of each layout the
     Q8 products take: 8 bits a scale per 32 inputs (Q8_0, Q5_0), per 16 (Q6_K), and 4 bits with
     offsets (Q4_K: MatMulNBits, then the offset term). `ones`: another block-sums matrix. `extreme`:
-    every code the one that makes the products' 16-bit sums largest (8 bits: w = -128 and -32, the
-    largest |w|; 4 bits: 15, as they are multiplied), so that an input of one sign puts each at its
-    bound."""
+    every code the one that makes the products' 16-bit sums largest as they are multiplied (8 bits:
+    w = -128, and +32, which is 64 once biased by the largest |w|; 4 bits: 15), so that an input of
+    one sign puts each at its bound."""
     from attar.runtime.quants import BlockQuant
 
     rng = np.random.default_rng(3)
@@ -185,7 +185,7 @@ def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = Fal
     graph = GraphWriter(tmp_path / "q8.data")
     builder = DecoderBuilder(None, None, graph, rope_interleaved=False, int8=False)
     layouts = {"q8": BlockQuant(8, 32, codes(0, 256, 0), rng.random((n, k // 32), np.float32) / 50, None),
-               "q6": BlockQuant(8, 16, codes(96, 160, 96), rng.random((n, k // 16), np.float32) / 9, None),
+               "q6": BlockQuant(8, 16, codes(96, 160, 160), rng.random((n, k // 16), np.float32) / 9, None),
                "q4": BlockQuant(4, 32, codes(0, 16, 15), rng.random((n, k // 32), np.float32) / 5,
                                 rng.standard_normal((n, k // 32)).astype(np.float32))}
     outputs = [builder.block_matmul("x", w, key, *builder._quant_inputs(key, w)) for key, w in layouts.items()]
