@@ -43,6 +43,7 @@ namespace {
 
 constexpr int TILE = 16;   // query tokens per work item (prefill); a decode step has one
 constexpr int SPAN = 4;    // rows whose query vectors go through a shared prefix's blocks together
+constexpr int SIDE = 8;    // chunks of a value row a pass sums: 8 sums, a value and a weight fit AVX2's 16 registers
 
 // The rotary embedding of one head vector: pairs of dims turn by the angle of this position, the
 // pairs (d, d + half) ("rotate half", Qwen's GGUFs) or (2d, 2d + 1) (interleaved, llama's GGUFs);
@@ -243,15 +244,17 @@ __attribute__((noinline)) void visit(const Call& c, int64_t r, const float* keys
   // weighted values are summed from zero, then added to the running output scaled by shrink: one
   // multiply-add, `a * shrink + part`, so no choice of the compiler's about which product to fuse
   // changes the bits.
-  constexpr int CHUNKS = HEAD ? HEAD / LANES : 1024 / LANES;
   const int chunks = head / LANES;
   float* a = c.acc + r * head;
-  vec part[CHUNKS] = {};
-  for (int j = 0; j < 16; ++j) {
-    const float* v = values + static_cast<int64_t>(j) * head;
-    for (int k = 0; k < chunks; ++k) part[k] += s[j] * load_vec(v + LANES * k);
+  for (int k0 = 0; k0 < chunks; k0 += SIDE) {
+    const int width = std::min(SIDE, chunks - k0);
+    vec part[SIDE] = {};
+    for (int j = 0; j < 16; ++j) {
+      const float* v = values + static_cast<int64_t>(j) * head + LANES * k0;
+      for (int k = 0; k < width; ++k) part[k] += s[j] * load_vec(v + LANES * k);
+    }
+    for (int k = 0; k < width; ++k) store_vec(a + LANES * (k0 + k), load_vec(a + LANES * (k0 + k)) * shrink + part[k]);
   }
-  for (int k = 0; k < chunks; ++k) store_vec(a + LANES * k, load_vec(a + LANES * k) * shrink + part[k]);
 }
 
 // The index of row b's first query vector of KV head g at token i in `queries` (and the state).
