@@ -212,7 +212,9 @@ template <int R, int G, int SPAN, Weights KIND>
 void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const float* w_offset, float* y, int64_t n) {
   static_assert(KIND != SIGNED || SPAN == 1, "signed pairs reach 32,512: widened at once");
   constexpr int QUADS = G / 4, QUAD_BYTES = KIND == NIBBLES ? 32 : 64;
-  const int64_t k = a.k, groups = k / G, next = k / 4 * QUAD_BYTES;  // the next block's weights: fetched meanwhile
+  // The next block's weights are fetched meanwhile where a pass has rows to hide it behind; one
+  // row streams them as fast without (the hardware's prefetch: one of these a line cost ×1.04).
+  const int64_t k = a.k, groups = k / G, next = k / 4 * QUAD_BYTES;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 sum[R][2];
   for (int r = 0; r < R; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
@@ -222,7 +224,7 @@ void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const floa
       for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
 #pragma GCC unroll 8
       for (int q = g * QUADS; q < (g + 1) * QUADS; ++q) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + next + q * 64), _MM_HINT_T0);
+        if constexpr (R > 1) _mm_prefetch(reinterpret_cast<const char*>(w + next + q * 64), _MM_HINT_T0);
         const __m256i w0 = load_quads(w, q, 0), w1 = load_quads(w, q, 1);
         const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
         for (int r = 0; r < R; ++r) {
@@ -241,7 +243,7 @@ void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const floa
 #pragma GCC unroll 4  // 8 (a nibble group) spilled: the compiler hoisted every unpacking
         for (int i = 0; i < SPAN; ++i) {
           const int64_t q = g * QUADS + s + i;
-          _mm_prefetch(reinterpret_cast<const char*>(w + next + q * QUAD_BYTES), _MM_HINT_T0);
+          if constexpr (R > 1) _mm_prefetch(reinterpret_cast<const char*>(w + next + q * QUAD_BYTES), _MM_HINT_T0);
           __m256i c0, c1;
           if constexpr (KIND == NIBBLES) {
             const __m256i low = _mm256_set1_epi8(15), both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 32));
