@@ -630,9 +630,10 @@ extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n,
 
 // Pack MatMulNBits' codes (n × k, `bits` 8 or 4: a byte, or two with the first in the low nibble;
 // zero point 128 or 8) for Q8MatMul, 16 columns × 4 inputs a group (8 columns a register). 8 bits:
-// 64 bytes a group, packed[j][g][c][i] = w[16j + c][4g + i], w being a code less its zero point.
-// 4 bits: 32 bytes a group, the codes as they are (w + 8), byte 4c + i holding column c's in its
-// low nibble and column 8 + c's in its high one. *peak = the largest |w| (the node's `peak`).
+// 64 bytes a group, packed[j][g][c][i] = w[16j + c][4g + i], w being a code less its zero point,
+// plus *peak where that is at most BIASED_UP_TO (unsigned then). 4 bits: 32 bytes a group, the
+// codes as they are (w + 8), byte 4c + i holding column c's in its low nibble and column 8 + c's in
+// its high one. *peak = the largest |w| (the node's `peak`).
 // Returns 0, or 1 where this build has no Q8 products (only AVX2 without VNNI has them) or the
 // shape does not pack (k % 32, n % 16, bits).
 extern "C" int attar_pack_q8(const uint8_t* __restrict codes, int64_t k, int64_t n, int32_t bits, int8_t* __restrict packed,
