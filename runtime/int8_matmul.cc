@@ -201,13 +201,14 @@ inline __m256i broadcast_quad(const int8_t* codes, int64_t q) {
 //   (b = the largest |w|, or 8 for 4 bits), they multiply the row's codes as they are, and
 //   Σ w·code = Σ c·code - b Σ code, the row's sum of the group's codes times b (`totals`). Up to
 //   SPAN groups of 4 inputs add up in 16 bits before one `vpmaddwd` by ones widens them to 32:
-//   SPAN × 2 × 127 × max c <= 32,767, the node's `peak` saying max c.
+//   SPAN × 2 × 127 × max c <= 32,767, max c being 2 × the node's `peak` (15 for 4 bits).
 // - 4-bit weights stay 4 bits in memory, columns 0-7 in the low nibbles and 8-15 in the high ones,
 //   half the bytes a one-row step reads.
 // - Larger weights (Q8_0: up to 128) stay signed: `vpmaddubsw` takes |w| and the codes given w's
 //   signs (`vpsignb`), a pair at most 2 × 127 × 128 = 32,512, widened at once.
-// Zen 2 runs one multiply a cycle and about one other vector instruction for each: 16-bit codes by
-// `vpmaddwd` gave 16 products a multiply; here a Q5_0 matrix's give 26 with no `vpsignb`.
+// Zen 2 runs one multiply a cycle, and the other vector instructions beside it (the adds, the
+// signs) are what keeps it from that: 16-bit codes by `vpmaddwd` gave 16 products a multiply; a
+// Q5_0 matrix's gave 28 through `vpsignb` and give 26 without (×0.91-0.97 at 8-16 rows).
 template <int R, int G, int SPAN, Weights KIND>
 void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const float* w_offset, float* y, int64_t n) {
   static_assert(KIND != SIGNED || SPAN == 1, "signed pairs reach 32,512: widened at once");
