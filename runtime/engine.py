@@ -748,12 +748,26 @@ def add_top(model, logits: str) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     out = next(o for o in model.graph.output if o.name == logits)
+    _write_directly(model, logits)
     vocabulary = out.type.tensor_type.shape.dim[-1].dim_value  # 0 where the file does not say
     k = min(CANDIDATES, vocabulary or CANDIDATES)
     model.graph.initializer.append(numpy_helper.from_array(np.array([k], np.int64), "attar/top_k"))
     model.graph.node.append(helper.make_node("TopK", [logits, "attar/top_k"], list(TOP_NAMES), "attar/top", axis=-1))
     model.graph.output.extend([helper.make_tensor_value_info(TOP_NAMES[0], TensorProto.FLOAT, None),
                                helper.make_tensor_value_info(TOP_NAMES[1], TensorProto.INT64, None)])
+
+
+def _write_directly(model, name: str) -> None:
+    """Where graph output `name` is an Identity's copy of what one node computes (attar's exports
+    name their logits so), have that node write it: the copy took 1% of a decode step."""
+    nodes = model.graph.node
+    copy = next((n for n in nodes if n.op_type == "Identity" and n.output[0] == name), None)
+    source = copy.input[0] if copy is not None else None
+    producer = next((n for n in nodes if source in n.output), None)
+    if producer is None or sum(list(n.input).count(source) for n in nodes) > 1 or any(o.name == source for o in model.graph.output):
+        return
+    producer.output[list(producer.output).index(source)] = name
+    nodes.remove(copy)
 
 
 def lookup(context: list[int], most: int) -> list[int]:
