@@ -167,13 +167,13 @@ def test_the_packed_products_do_not_saturate(packing, tmp_path):
         assert expected[0, 0] == np.float32(127 * 127 * K) * row_scale[0, 0] * column_scale[0]
 
 
-def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = False) -> onnx.ModelProto:
+def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = False, q6_worst: int = 32) -> onnx.ModelProto:
     """x (rows × 96) times block weights through the importer's exact path, one of each layout the
     Q8 products take: 8 bits a scale per 32 inputs (Q8_0, Q5_0), per 16 (Q6_K), and 4 bits with
     offsets (Q4_K: MatMulNBits, then the offset term). `ones`: another block-sums matrix. `extreme`:
     every code the one that makes the products' 16-bit sums largest as they are multiplied (8 bits:
-    w = -128, and +32, which is 64 once biased by the largest |w|; 4 bits: 15), so that an input of
-    one sign puts each at its bound."""
+    w = -128, and +`q6_worst` in the 16-input layout, which is twice that once biased by the largest
+    |w|; 4 bits: 15), so that an input of one sign puts each at its bound."""
     from attar.runtime.quants import BlockQuant
 
     rng = np.random.default_rng(3)
@@ -185,7 +185,7 @@ def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = Fal
     graph = GraphWriter(tmp_path / "q8.data")
     builder = DecoderBuilder(None, None, graph, rope_interleaved=False, int8=False)
     layouts = {"q8": BlockQuant(8, 32, codes(0, 256, 0), rng.random((n, k // 32), np.float32) / 50, None),
-               "q6": BlockQuant(8, 16, codes(96, 160, 160), rng.random((n, k // 16), np.float32) / 9, None),
+               "q6": BlockQuant(8, 16, codes(96, 160, 128 + q6_worst), rng.random((n, k // 16), np.float32) / 9, None),
                "q4": BlockQuant(4, 32, codes(0, 16, 15), rng.random((n, k // 32), np.float32) / 5,
                                 rng.standard_normal((n, k // 32)).astype(np.float32))}
     outputs = [builder.block_matmul("x", w, key, *builder._quant_inputs(key, w)) for key, w in layouts.items()]
@@ -263,18 +263,20 @@ def test_the_q8_products_answer_as_matmulnbits_and_a_row_alone_as_beside_others(
             assert np.array_equal(alone, together[:, rows], equal_nan=True)
 
 
-def test_the_q8_products_sums_hold_at_their_16_bit_bound(packing, tmp_path):
+@pytest.mark.parametrize("q6_worst", [32, 64, 65])
+def test_the_q8_products_sums_hold_at_their_16_bit_bound(packing, tmp_path, q6_worst):
     """Products of small weights add up in 16 bits before they are widened, as many as the
     matrix's largest |w| allows (4-bit codes: a group of 32): with every code at its worst and
     every input of one sign, each 16-bit sum is at its bound (32,512 and 30,480 of 32,767), and
-    the outputs are still exact."""
+    the outputs are still exact. Weights up to 64 are multiplied biased (64 + 64 = 128 at the
+    bound alone), 65 and over signed."""
     library = packing
     if not q8_packs():
         pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
-    plain, packed = q8_projections(tmp_path, extreme=True), q8_projections(tmp_path, extreme=True)
+    plain, packed = (q8_projections(tmp_path, extreme=True, q6_worst=q6_worst) for _ in range(2))
     options, keep = ort.SessionOptions(), []
     assert kernels.use_q8_matmul(packed, tmp_path, options, keep) == 3
-    assert [a.i for n in packed.graph.node for a in n.attribute if a.name == "peak"] == [128, 32, 7]
+    assert [a.i for n in packed.graph.node for a in n.attribute if a.name == "peak"] == [128, q6_worst, 7]
     x = -np.random.default_rng(5).random((1, 9, 96)).astype(np.float32) - 0.5  # codes of -64 to -127
     x[0, 0] = -1.0  # every code -127
     for got, ours in zip(session(packed, library, options).run(None, {"x": x}), q8_reference(x, plain)):
