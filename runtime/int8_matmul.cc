@@ -480,8 +480,11 @@ struct Q8MatMul {
 
   // The input as the products read it (Q8Rows), written a row at a time: codes and a scale a group,
   // the bias times each group's sum of codes, and each 32 inputs' sum where the weights have offsets
-  // (totals, sums: nullptr where not needed). On the step's threads: on one, it had been 15% of a
-  // 256-row product's time.
+  // (totals, sums: nullptr where not needed). On the step's threads where there is enough of it:
+  // on one, it had been 15% of a 256-row product's time; below PREPARE_ALONE inputs, waking the
+  // other thread costs more (SmolLM2's 8-row step ×1.04).
+  static constexpr int64_t PREPARE_ALONE = 1 << 16;
+
   struct Input {
     const float* x;
     int64_t k, group;
@@ -571,8 +574,10 @@ struct Q8MatMul {
     totals.resize(kind == SIGNED ? 0 : rows * k / group);
     Input in{data<float>(a), k, group, bias, codes.data(), steps.data(), totals.empty() ? nullptr : totals.data(),
              sums.empty() ? nullptr : sums.data()};
-    if (rows == 1) prepare(&in, 0);
-    else check(g_api->KernelContext_ParallelFor(context, prepare, static_cast<size_t>(rows), 0, &in));
+    if (rows * k < PREPARE_ALONE)
+      for (int64_t row = 0; row < rows; ++row) prepare(&in, static_cast<size_t>(row));
+    else
+      check(g_api->KernelContext_ParallelFor(context, prepare, static_cast<size_t>(rows), 0, &in));
     Work w{{codes.data(), steps.data(), offsets ? sums.data() : nullptr, totals.empty() ? nullptr : totals.data(), k}, group,
            span, kind, data<int8_t>(input(context, 1)),
            data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, data<float>(out), rows, n};
