@@ -744,7 +744,8 @@ class KVPool:
 def add_top(model, logits: str) -> None:
     """Give an onnx.ModelProto two more outputs (TOP_NAMES): each position's CANDIDATES largest
     `logits` (all of them in a smaller vocabulary), largest first, and their ids. onnx's TopK
-    puts equal values in the order of their ids, as np.argmax picks the first."""
+    puts equal values in the order of their ids, as np.argmax picks the first. The logits are
+    written by the node that computes them, not copied (`_write_directly`)."""
     from onnx import TensorProto, helper, numpy_helper
 
     out = next(o for o in model.graph.output if o.name == logits)
@@ -764,7 +765,8 @@ def _write_directly(model, name: str) -> None:
     copy = next((n for n in nodes if n.op_type == "Identity" and n.output[0] == name), None)
     source = copy.input[0] if copy is not None else None
     producer = next((n for n in nodes if source in n.output), None)
-    if producer is None or sum(list(n.input).count(source) for n in nodes) > 1 or any(o.name == source for o in model.graph.output):
+    read_elsewhere = sum(list(n.input).count(source) for n in nodes) > 1 or any(o.name == source for o in model.graph.output)
+    if producer is None or read_elsewhere:
         return
     producer.output[list(producer.output).index(source)] = name
     nodes.remove(copy)
