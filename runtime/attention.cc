@@ -240,7 +240,7 @@ __attribute__((noinline)) void visit(const Call& c, int64_t r, const float* keys
   top = high;
   // All 16 rows: past `sees` the weights are 0 and the rows real numbers (or the padding's
   // zeros), so a query adds exact zeros there, whatever the step's width. The head's chunks
-  // accumulate side by side (independent chains, in registers when HEAD is known). The block's
+  // accumulate SIDE at a time, side by side (independent chains, in registers). The block's
   // weighted values are summed from zero, then added to the running output scaled by shrink: one
   // multiply-add, `a * shrink + part`, so no choice of the compiler's about which product to fuse
   // changes the bits.

@@ -226,6 +226,7 @@ class Engine:
         def edit(graph) -> bool:
             if speculate is not False:
                 keep_last_positions(graph, LOOKAHEAD + 1)
+            write_directly(graph, self.shape.names["logits"])
             add_top(graph, self.shape.names["logits"])
             return True
 
@@ -744,12 +745,10 @@ class KVPool:
 def add_top(model, logits: str) -> None:
     """Give an onnx.ModelProto two more outputs (TOP_NAMES): each position's CANDIDATES largest
     `logits` (all of them in a smaller vocabulary), largest first, and their ids. onnx's TopK
-    puts equal values in the order of their ids, as np.argmax picks the first. The logits are
-    written by the node that computes them, not copied (`_write_directly`)."""
+    puts equal values in the order of their ids, as np.argmax picks the first."""
     from onnx import TensorProto, helper, numpy_helper
 
     out = next(o for o in model.graph.output if o.name == logits)
-    _write_directly(model, logits)
     vocabulary = out.type.tensor_type.shape.dim[-1].dim_value  # 0 where the file does not say
     k = min(CANDIDATES, vocabulary or CANDIDATES)
     model.graph.initializer.append(numpy_helper.from_array(np.array([k], np.int64), "attar/top_k"))
@@ -758,7 +757,7 @@ def add_top(model, logits: str) -> None:
                                helper.make_tensor_value_info(TOP_NAMES[1], TensorProto.INT64, None)])
 
 
-def _write_directly(model, name: str) -> None:
+def write_directly(model, name: str) -> None:
     """Where graph output `name` is an Identity's copy of what one node computes (attar's exports
     name their logits so), have that node write it: the copy took 1% of a decode step."""
     nodes = model.graph.node

@@ -578,8 +578,7 @@ struct Q8MatMul {
       for (int64_t row = 0; row < rows; ++row) prepare(&in, static_cast<size_t>(row));
     else
       check(g_api->KernelContext_ParallelFor(context, prepare, static_cast<size_t>(rows), 0, &in));
-    Work w{{codes.data(), steps.data(), offsets ? sums.data() : nullptr, totals.empty() ? nullptr : totals.data(), k}, group,
-           span, kind, data<int8_t>(input(context, 1)),
+    Work w{{in.codes, in.steps, in.sums, in.totals, k}, group, span, kind, data<int8_t>(input(context, 1)),
            data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, data<float>(out), rows, n};
     check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
 #endif
