@@ -444,13 +444,32 @@ struct Int8MatMulOp : Ort::CustomOpBase<Int8MatMulOp, Int8MatMul> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+#ifdef ATTAR_AVX2
+// A gated projection's outputs from its two halves, row by row: silu(gate) × up, as the graph
+// wrote it, (gate × sigmoid(gate)) × up, with sigmoid(g) = 1 / (1 + e) where g >= 0 and
+// e / (1 + e) where not, e = exp(-|g|). `both` holds a row's 16 gate then its 16 up values.
+inline void gate(const float* both, int64_t rows, float* y, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int h = 0; h < BLOCK; h += LANES) {
+      const vec g = load_vec(both + r * 2 * BLOCK + h), up = load_vec(both + r * 2 * BLOCK + BLOCK + h);
+      const vec e = exp_nonpositive(g < 0.0f ? g : -g);
+      const vec sigmoid = (g < 0.0f ? e : vec{} + 1.0f) / (e + 1.0f);
+      store_vec(y + r * n + h, g * sigmoid * up);
+    }
+}
+#endif
+
 // Q8MatMul(a float (..., K), weights int8 (N/16, K/4, 64; 4-bit codes: 32), scales float (N/16, K/G, 16)
-//          [, offsets float (N/16, K/32, 16)]) -> float (..., N), attribute peak (the weights' largest |w|)
+//          [, offsets float (N/16, K/32, 16)]) -> float (..., N), attributes peak (the weights' largest
+//          |w|) and gated (0 or 1)
 // The exact graph's MatMulNBits (8 or 4 bits, G = 32 or 16 inputs a scale, accuracy level 4: GGUF's
 // Q8_0, Q5_0, Q6_K, Q4_K... weights), with its offset term where the weights have one: the input
 // quantized to int8 per row and G inputs (times 127 / max|a|, to nearest even; scale max|a| / 127)
 // as that op's int8 path does, y = Σ over the groups of float(Σ codes·w) × (column scale × row scale), plus Σ over
 // each 32 inputs of their sum times the column's offset, added in float in the inputs' order.
+// Gated (1): the weights are a gate's and an up projection's, their blocks of 16 columns
+// interleaved (gate, up, gate, up...), and y is (..., N/2), silu(gate) × up (`gate`): the graph's
+// Split, Sigmoid and two Muls done on each tile's sums while they are in cache.
 //
 // On AVX2 without VNNI onnxruntime's MatMulNBits and MatMul computed a row alone otherwise than
 // beside others (README, "On AVX2 without VNNI"), and a step of 8 rows cost 3.5 of one. Here the
@@ -459,11 +478,13 @@ struct Int8MatMulOp : Ort::CustomOpBase<Int8MatMulOp, Int8MatMul> {
 // makes its row's outputs NaN.
 struct Q8MatMul {
   int64_t peak;
+  bool gated;
 
   // `peak`: the largest |w| of the packed weights (`attar_pack_q8` measures it); 128 where not
   // said. It says how they were packed and how many products add up in 16 bits: a wrong one gives
   // wrong numbers, never a read out of bounds.
-  explicit Q8MatMul(const OrtKernelInfo* info) : peak(attribute(info, "peak", int64_t{128})) {
+  explicit Q8MatMul(const OrtKernelInfo* info)
+      : peak(attribute(info, "peak", int64_t{128})), gated(attribute(info, "gated", int64_t{0}) != 0) {
     if (peak < 0 || peak > 128) fail("Q8MatMul", "peak must be a weight's largest magnitude, 0 to 128");
   }
 
@@ -475,7 +496,8 @@ struct Q8MatMul {
     const int8_t* weights;
     const float *column_scale, *column_offset;  // (N/16, K/G, 16), (N/16, K/32, 16) or nullptr
     float* y;
-    int64_t rows, n;
+    int64_t rows, n;  // n: the product's columns (y has n / 2 where gated)
+    bool gated;
   };
 
   // The input as the products read it (Q8Rows), written a row at a time: codes and a scale a group,
@@ -524,9 +546,12 @@ struct Q8MatMul {
     const int64_t k = w.a.k, stride = w.kind == NIBBLES ? k * BLOCK / 2 : k * BLOCK;
     each_tile(item, w.rows, w.n, [&](int64_t r, int64_t rows, int64_t block, bool two) {
       const float* offsets = w.column_offset ? w.column_offset + block * (k / Q8_OFFSETS) * BLOCK : nullptr;
+      float both[TILE_ROWS * 2 * BLOCK];  // gated: the tile's gate and up sums, rows of 32
+      float* y = w.gated ? both : w.y + r * w.n + block * BLOCK;
       (two ? q8_tile_for<2> : q8_tile_for<1>)(static_cast<int>(rows), w.group, w.span, w.kind)(
           w.a.skip(r, w.group), w.weights + block * stride, stride, w.column_scale + block * (k / w.group) * BLOCK, offsets,
-          w.y + r * w.n + block * BLOCK, w.n);
+          y, w.gated ? 2 * BLOCK : w.n);
+      if (w.gated) gate(both, rows, w.y + r * (w.n / 2) + block / 2 * BLOCK, w.n / 2);
     });
 #else
     (void)data, (void)item;
@@ -551,9 +576,10 @@ struct Q8MatMul {
     const int64_t group = k / scales[1];
     if (offsets != nullptr && dims(offsets) != std::vector<int64_t>{packed[0], k / Q8_OFFSETS, BLOCK})
       fail("Q8MatMul", "the offsets must be packed (N/16, K/32, 16)");
+    if (gated && packed[0] % 2 != 0) fail("Q8MatMul", "a gated product's columns must be blocks of 16, gate and up in pairs");
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
-    shape.back() = n;
+    shape.back() = gated ? n / 2 : n;
     OrtValue* out = nullptr;
     check(g_api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &out));
     if (rows == 0 || n == 0) return;
@@ -579,7 +605,7 @@ struct Q8MatMul {
     else
       check(g_api->KernelContext_ParallelFor(context, prepare, static_cast<size_t>(rows), 0, &in));
     Work w{{in.codes, in.steps, in.sums, in.totals, k}, group, span, kind, data<int8_t>(input(context, 1)),
-           data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, data<float>(out), rows, n};
+           data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, data<float>(out), rows, n, gated};
     check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
 #endif
   }

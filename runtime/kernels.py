@@ -282,7 +282,8 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
     """Edit an onnx.ModelProto so that each MatMulNBits of GGUF's block weights (8 or 4 bits, 32 or
     16 inputs a scale, accuracy level 4, neither zero points nor bias: an exact graph's,
     `gguf_import`), with the offset term after it where the weights have one (`offset_term`: the
-    input's sums of 32, times the offsets, added), runs as one Q8MatMul node, on the codes, scales
+    input's sums of 32, times the offsets, added), and where it is a gate's and an up projection's
+    the SwiGLU after it (`_gate`), runs as one Q8MatMul node, on the codes, scales
     and offsets packed for it (`attar_pack_q8`) and handed to onnxruntime as `use_int8_matmul`
     hands its weights. Returns how many it put in (0: none; and none where the library has no Q8
     products: they are for AVX2 without VNNI, where onnxruntime's MatMulNBits and MatMul computed
@@ -309,20 +310,30 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
         packed, peak = np.empty((n // 16, k // 4, 64 if bits == 8 else 32), np.int8), np.zeros(1, np.int32)
         if pack(_initializer_values(codes, folder, np.uint8, n * k * bits // 8), k, n, bits, packed, peak) != 0:
             raise KernelError(f"{codes.name}: attar_pack_q8 refused a {k} × {n} matrix")
-        columns = _initializer_values(scales, folder, np.float32, n * k // block).reshape(n // 16, 16, k // block)
-        inputs = [node.input[0], _hand_over(model, options, keep, codes, packed),
-                  _hand_over(model, options, keep, scales, np.ascontiguousarray(columns.transpose(0, 2, 1)))]
-        replaced.update((codes.name, scales.name))
+        blocks = [packed, _initializer_values(scales, folder, np.float32, n * k // block).reshape(n // 16, 16, k // block)
+                  .transpose(0, 2, 1)]  # each (N/16, ...): a block of 16 columns at a time
+        names = [codes.name, scales.name]
+        dropped.add(graph.position[id(node)])
         last, output = node, node.output[0]
         offset = _offset_term(graph, node, folder, k, n)
         if offset is not None:
             last, output, offsets, pattern = offset
-            inputs.append(_hand_over(model, options, keep, graph.constants[offsets],
-                                     _initializer_values(graph.constants[offsets], folder, np.float32, k // 32 * n)
-                                     .reshape(k // 32, n // 16, 16).transpose(1, 0, 2).copy()))
-            replaced.add(offsets)
-            dropped.update(graph.position[id(m)] for m in [node, *pattern])
-        fused[graph.position[id(last)]] = _node("Q8MatMul", inputs, [output], node.name, peak=int(peak[0]))
+            blocks.append(_initializer_values(graph.constants[offsets], folder, np.float32, k // 32 * n)
+                          .reshape(k // 32, n // 16, 16).transpose(1, 0, 2))
+            names.append(offsets)
+            dropped.update(graph.position[id(m)] for m in pattern)
+        gated = _gate(graph, output, n)
+        if gated is not None:  # the gate's and the up projection's blocks in pairs (Q8MatMul's `gated`)
+            last, output, pattern = gated
+            order = np.arange(n // 16).reshape(2, -1).T.reshape(-1)
+            blocks = [b[order] for b in blocks]
+            dropped.update(graph.position[id(m)] for m in pattern)
+            replaced.add(pattern[0].input[1])  # the Split's sizes
+        replaced.update(names)
+        inputs = [node.input[0]] + [_hand_over(model, options, keep, graph.constants[name], np.ascontiguousarray(b))
+                                    for name, b in zip(names, blocks)]
+        fused[graph.position[id(last)]] = _node("Q8MatMul", inputs, [output], node.name, peak=int(peak[0]),
+                                                gated=int(gated is not None))
     return _replace(model, fused, dropped, replaced)
 
 
@@ -351,6 +362,27 @@ def _offset_term(graph: "_Graph", node, folder: Path, k: int, n: int) -> tuple |
         return None
     pattern = [term, add] + ([sums] if graph.uses.get(sums.output[0]) == 1 else [])
     return add, add.output[0], offsets.name, pattern
+
+
+def _gate(graph: "_Graph", out: str, n: int) -> tuple | None:
+    """Where the product `out` of a gate's and an up projection's weights (`gguf_import`: their rows
+    concatenated) is split in halves, x = the first, and y = (x × Sigmoid(x)) × the second, read by
+    nothing else: the last Mul, its output and the nodes a gated Q8MatMul replaces."""
+    split = next(iter(graph.readers.get(out, [])), None)
+    if split is None or graph.uses.get(out) != 1 or split.op_type != "Split" or split.domain not in ("", "ai.onnx") \
+            or len(split.output) != 2 or len(split.input) != 2 or graph.attribute(split, "axis") not in (-1, 2) \
+            or graph.value(split.input[1]) != [n // 2, n // 2] or n % 32:
+        return None
+    gate, up = split.output
+    sigmoid = next((m for m in graph.readers.get(gate, []) if m.op_type == "Sigmoid" and m.domain in ("", "ai.onnx")), None)
+    silu = sigmoid and graph.uses.get(sigmoid.output[0]) == 1 and graph.readers[sigmoid.output[0]][0]
+    if not (silu and silu.op_type == "Mul" and sorted(silu.input) == sorted([gate, sigmoid.output[0]])
+            and graph.uses.get(gate) == 2 and graph.uses.get(silu.output[0]) == 1 and graph.uses.get(up) == 1):
+        return None
+    times = graph.readers[silu.output[0]][0]
+    if times.op_type != "Mul" or times.domain not in ("", "ai.onnx") or sorted(times.input) != sorted([silu.output[0], up]):
+        return None
+    return times, times.output[0], [split, sigmoid, silu]
 
 
 def _hand_over(model, options, keep: list, like, array: np.ndarray) -> str:
