@@ -460,13 +460,14 @@ inline void gate(const float* both, int64_t rows, float* y, int64_t n) {
 #endif
 
 // Q8MatMul(a float (..., K), weights int8 (N/16, K/4, 64; 4-bit codes: 32), scales float (N/16, K/G, 16)
-//          [, offsets float (N/16, K/32, 16)]) -> float (..., N), attributes peak (the weights' largest
-//          |w|) and gated (0 or 1)
+//          [, offsets float (N/16, K/32, 16)][, bias float (N/16, 16)]) -> float (..., N), attributes
+//          peak (the weights' largest |w|) and gated (0 or 1)
 // The exact graph's MatMulNBits (8 or 4 bits, G = 32 or 16 inputs a scale, accuracy level 4: GGUF's
 // Q8_0, Q5_0, Q6_K, Q4_K... weights), with its offset term where the weights have one: the input
 // quantized to int8 per row and G inputs (times 127 / max|a|, to nearest even; scale max|a| / 127)
 // as that op's int8 path does, y = Σ over the groups of float(Σ codes·w) × (column scale × row scale), plus Σ over
-// each 32 inputs of their sum times the column's offset, added in float in the inputs' order.
+// each 32 inputs of their sum times the column's offset, added in float in the inputs' order; then
+// the column's bias, where there is one (the graph's Add: the same bits).
 // Gated (1): the weights are a gate's and an up projection's, their blocks of 16 columns
 // interleaved (gate, up, gate, up...), and y is (..., N/2), silu(gate) × up (`gate`): the graph's
 // Split, Sigmoid and two Muls done on each tile's sums while they are in cache.
@@ -494,7 +495,7 @@ struct Q8MatMul {
     int span;
     Weights kind;
     const int8_t* weights;
-    const float *column_scale, *column_offset;  // (N/16, K/G, 16), (N/16, K/32, 16) or nullptr
+    const float *column_scale, *column_offset, *bias;  // (N/16, K/G, 16), (N/16, K/32, 16) or nullptr, N or nullptr
     float* y;
     int64_t rows, n;  // n: the product's columns (y has n / 2 where gated)
     bool gated;
@@ -551,6 +552,8 @@ struct Q8MatMul {
       (two ? q8_tile_for<2> : q8_tile_for<1>)(static_cast<int>(rows), w.group, w.span, w.kind)(
           w.a.skip(r, w.group), w.weights + block * stride, stride, w.column_scale + block * (k / w.group) * BLOCK, offsets,
           y, w.gated ? 2 * BLOCK : w.n);
+      for (int64_t i = 0; w.bias != nullptr && i < rows; ++i)
+        for (int64_t c = 0; c < (two ? 2 : 1) * BLOCK; ++c) y[i * (w.gated ? 2 * BLOCK : w.n) + c] += w.bias[block * BLOCK + c];
       if (w.gated) gate(both, rows, w.y + r * (w.n / 2) + block / 2 * BLOCK, w.n / 2);
     });
 #else
@@ -564,6 +567,7 @@ struct Q8MatMul {
 #else
     const OrtValue* a = input(context, 0);
     const OrtValue* offsets = input(context, 3);
+    const OrtValue* column_bias = input(context, 4);
     std::vector<int64_t> shape = dims(a);
     const std::vector<int64_t> packed = dims(input(context, 1)), scales = dims(input(context, 2));
     if (shape.empty() || shape.back() % Q8_OFFSETS != 0 || packed.size() != 3 || (packed[2] != 64 && packed[2] != 32) ||
@@ -576,6 +580,8 @@ struct Q8MatMul {
     const int64_t group = k / scales[1];
     if (offsets != nullptr && dims(offsets) != std::vector<int64_t>{packed[0], k / Q8_OFFSETS, BLOCK})
       fail("Q8MatMul", "the offsets must be packed (N/16, K/32, 16)");
+    if (column_bias != nullptr && dims(column_bias) != std::vector<int64_t>{packed[0], BLOCK})
+      fail("Q8MatMul", "the bias must be packed (N/16, 16)");
     if (gated && packed[0] % 2 != 0) fail("Q8MatMul", "a gated product's columns must be blocks of 16, gate and up in pairs");
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
@@ -605,7 +611,7 @@ struct Q8MatMul {
     else
       check(g_api->KernelContext_ParallelFor(context, prepare, static_cast<size_t>(rows), 0, &in));
     Work w{{in.codes, in.steps, in.sums, in.totals, k}, group, span, kind, data<int8_t>(input(context, 1)),
-           data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, data<float>(out), rows, n, gated};
+           data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, column_bias ? data<float>(column_bias) : nullptr, data<float>(out), rows, n, gated};
     check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
 #endif
   }
@@ -615,14 +621,12 @@ struct Q8MatMulOp : Ort::CustomOpBase<Q8MatMulOp, Q8MatMul> {
   void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new Q8MatMul(info); }
   const char* GetName() const { return "Q8MatMul"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 4; }
+  size_t GetInputTypeCount() const { return 5; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    static const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
-                                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-    return types[i];
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return i >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }

@@ -312,26 +312,34 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
             raise KernelError(f"{codes.name}: attar_pack_q8 refused a {k} × {n} matrix")
         blocks = [packed, _initializer_values(scales, folder, np.float32, n * k // block).reshape(n // 16, 16, k // block)
                   .transpose(0, 2, 1)]  # each (N/16, ...): a block of 16 columns at a time
-        names = [codes.name, scales.name]
-        dropped.add(graph.position[id(node)])
+        names: list[str | None] = [codes.name, scales.name, None, None]  # inputs 1-4; offsets, bias: none yet
+        dropped.add(graph.position[id(node)])  # with each node the fused one replaces: it takes the last's place
         last, output = node, node.output[0]
         offset = _offset_term(graph, node, folder, k, n)
         if offset is not None:
-            last, output, offsets, pattern = offset
-            blocks.append(_initializer_values(graph.constants[offsets], folder, np.float32, k // 32 * n)
+            last, output, names[2], pattern = offset
+            blocks.append(_initializer_values(graph.constants[names[2]], folder, np.float32, k // 32 * n)
                           .reshape(k // 32, n // 16, 16).transpose(1, 0, 2))
-            names.append(offsets)
             dropped.update(graph.position[id(m)] for m in pattern)
+            replaced.update(m.input[1] for m in pattern if m.op_type == "MatMul")  # the block sums' ones too
+        add = _bias(graph, output, n)
+        if add is not None:
+            last, output, names[3] = add
+            dropped.add(graph.position[id(last)])
+            blocks.append(_initializer_values(graph.constants[names[3]], folder, np.float32, n).reshape(n // 16, 16))
         gated = _gate(graph, output, n)
         if gated is not None:  # the gate's and the up projection's blocks in pairs (Q8MatMul's `gated`)
             last, output, pattern = gated
             order = np.arange(n // 16).reshape(2, -1).T.reshape(-1)
             blocks = [b[order] for b in blocks]
-            dropped.update(graph.position[id(m)] for m in pattern)
+            dropped.update(graph.position[id(m)] for m in [*pattern, last])
             replaced.add(pattern[0].input[1])  # the Split's sizes
-        replaced.update(names)
-        inputs = [node.input[0]] + [_hand_over(model, options, keep, graph.constants[name], np.ascontiguousarray(b))
-                                    for name, b in zip(names, blocks)]
+        while names[-1] is None:
+            names.pop()
+        replaced.update(name for name in names if name)
+        arrays = iter(blocks)
+        inputs = [node.input[0]] + [_hand_over(model, options, keep, graph.constants[name], np.ascontiguousarray(next(arrays)))
+                                    if name else "" for name in names]
         fused[graph.position[id(last)]] = _node("Q8MatMul", inputs, [output], node.name, peak=int(peak[0]),
                                                 gated=int(gated is not None))
     return _replace(model, fused, dropped, replaced)
@@ -362,6 +370,19 @@ def _offset_term(graph: "_Graph", node, folder: Path, k: int, n: int) -> tuple |
         return None
     pattern = [term, add] + ([sums] if graph.uses.get(sums.output[0]) == 1 else [])
     return add, add.output[0], offsets.name, pattern
+
+
+def _bias(graph: "_Graph", out: str, n: int) -> tuple | None:
+    """Where the product `out` has a bias added (`gguf_import`: an Add of it and a constant of N
+    floats) and nothing else reads it: the Add, its output and the bias's name."""
+    add = next(iter(graph.readers.get(out, [])), None)
+    if add is None or graph.uses.get(out) != 1 or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None
+    other = add.input[1] if add.input[0] == out else add.input[0]
+    bias = graph.constants.get(other)
+    if bias is None or bias.data_type != 1 or list(bias.dims) != [n]:  # float
+        return None
+    return add, add.output[0], other
 
 
 def _gate(graph: "_Graph", out: str, n: int) -> tuple | None:

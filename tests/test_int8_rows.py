@@ -300,6 +300,84 @@ def test_an_offset_term_that_is_not_the_importers_stays_on_onnxruntimes_ops(tmp_
     assert kernels.use_q8_matmul(level, tmp_path, ort.SessionOptions(), []) == 0
 
 
+def gated_projections(tmp_path) -> onnx.ModelProto:
+    """The importer's MLP and attention input, as `DecoderBuilder.linear` writes them: x (rows ×
+    96) times a gate's and an up projection's 4-bit weights (with offsets, as Q4_K has), their rows
+    concatenated, a bias added, split in halves and joined by silu(gate) × up; and x times 8-bit
+    weights with a bias (Qwen's packed Q, K, V)."""
+    from attar.runtime.quants import BlockQuant
+
+    rng = np.random.default_rng(6)
+    k, n = 96, 64
+    graph = GraphWriter(tmp_path / "gated.data")
+    builder = DecoderBuilder(None, None, graph, rope_interleaved=False, int8=False)
+    g = builder.g
+    gate_up = BlockQuant(4, 32, rng.integers(0, 16, (n, k), dtype=np.uint8), rng.random((n, k // 32), np.float32) / 5,
+                         rng.standard_normal((n, k // 32)).astype(np.float32))
+    y = builder.block_matmul("x", gate_up, "gate+up", *builder._quant_inputs("gate+up", gate_up))
+    y = g.one("Add", [y, g.const("gate+up.bias", rng.standard_normal(n).astype(np.float32))])
+    gate, up = g.node("Split", [y, g.small("gate+up/sizes", np.array([n // 2, n // 2]))], n_out=2, axis=-1)
+    mlp = g.one("Mul", [g.one("Mul", [gate, g.one("Sigmoid", [gate])]), up])
+    qkv = BlockQuant(8, 32, rng.integers(96, 160, (n, k), dtype=np.uint8), rng.random((n, k // 32), np.float32) / 9, None)
+    attention = g.one("Add", [builder.block_matmul("x", qkv, "qkv", *builder._quant_inputs("qkv", qkv)),
+                              g.const("qkv.bias", rng.standard_normal(n).astype(np.float32))])
+    graph.close()
+    model = helper.make_model(
+        helper.make_graph(graph.nodes, "gated", [helper.make_tensor_value_info("x", T.FLOAT, ["b", "s", k])],
+                          [helper.make_tensor_value_info(o, T.FLOAT, None) for o in (mlp, attention)], graph.initializers),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, tmp_path / "gated.onnx")
+    return onnx.load(tmp_path / "gated.onnx")
+
+
+def test_a_gate_and_up_product_and_a_bias_run_inside_q8matmul(packing, tmp_path, monkeypatch):
+    """The SwiGLU after a gate-up product (Split, Sigmoid, two Muls) runs on each tile's sums, and
+    a bias Add is added there too: one node a projection. The bias gives the bits the graph's Add
+    gives; silu(gate) × up is onnxruntime's to float rounding (its logistic is an approximation of
+    its own: at gates below about -18 it gives exactly 0, where silu is about -3e-7), and a row's
+    outputs are the same bits alone and beside others."""
+    library = packing
+    if not q8_packs():
+        pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
+    plain, fused, apart = (gated_projections(tmp_path) for _ in range(3))
+    options, keep = ort.SessionOptions(), []
+    assert kernels.use_q8_matmul(fused, tmp_path, options, keep) == 2
+    assert [n.op_type for n in fused.graph.node] == ["Q8MatMul"] * 2
+    assert [a.i for n in fused.graph.node for a in n.attribute if a.name == "gated"] == [1, 0]
+    assert not any(t.name.endswith(("/sizes", ".bias")) for t in fused.graph.initializer)
+    monkeypatch.setattr(kernels, "_gate", lambda *a: None)
+    monkeypatch.setattr(kernels, "_bias", lambda *a: None)
+    apart_options = ort.SessionOptions()
+    assert kernels.use_q8_matmul(apart, tmp_path, apart_options, keep) == 2  # the Adds, Split and silu on onnxruntime
+    assert sorted(n.op_type for n in apart.graph.node) == ["Add", "Add", "Mul", "Mul", "Q8MatMul", "Q8MatMul", "Sigmoid",
+                                                           "Split"]
+    x = np.random.default_rng(7).standard_normal((1, 40, 96)).astype(np.float32) * 3
+    x[0, 0] = 0.0
+    fast = session(fused, library, options)
+    (mlp, attention), (mlp_apart, attention_apart) = fast.run(None, {"x": x}), \
+        session(apart, library, apart_options).run(None, {"x": x})
+    assert np.array_equal(attention, attention_apart)
+    assert mlp.shape == (1, 40, 32)
+    assert np.abs(mlp - mlp_apart).max() <= 1e-6 * np.abs(mlp_apart).max()  # measured: 1e-8
+    theirs = session(plain, library).run(None, {"x": x})[0]
+    assert np.abs(mlp - theirs).max() <= 1e-3 * np.abs(theirs).max()
+    for rows in (slice(5, 6), slice(3, 11)):
+        for alone, together in zip(fast.run(None, {"x": x[:, rows]}), (mlp, attention)):
+            assert np.array_equal(alone, together[:, rows])
+
+
+def test_a_split_read_by_anything_else_stays_on_onnxruntimes_ops(tmp_path):
+    """The gate fused only where nothing else reads its halves or the sums: here the up half is
+    also an output of the graph, so Split and silu stay (the bias still goes in)."""
+    if not q8_packs():
+        pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
+    model = gated_projections(tmp_path)
+    split = next(n for n in model.graph.node if n.op_type == "Split")
+    model.graph.output.append(helper.make_tensor_value_info(split.output[1], T.FLOAT, None))
+    assert kernels.use_q8_matmul(model, tmp_path, ort.SessionOptions(), []) == 2
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Split") == 1 and ops.count("Sigmoid") == 1 and ops.count("Add") == 0
+
 def test_weights_outside_the_model_folder_or_of_the_wrong_size_are_refused(library, tmp_path):
     if not packs():
         pytest.skip("the kernels were built for a CPU they pack nothing for: nothing is read")
