@@ -495,7 +495,7 @@ struct Q8MatMul {
     int span;
     Weights kind;
     const int8_t* weights;
-    const float *column_scale, *column_offset, *bias;  // (N/16, K/G, 16), (N/16, K/32, 16) or nullptr, N or nullptr
+    const float *column_scale, *column_offset, *bias;  // (N/16, K/G, 16); (N/16, K/32, 16), (N/16, 16) or nullptr
     float* y;
     int64_t rows, n;  // n: the product's columns (y has n / 2 where gated)
     bool gated;
@@ -549,11 +549,12 @@ struct Q8MatMul {
       const float* offsets = w.column_offset ? w.column_offset + block * (k / Q8_OFFSETS) * BLOCK : nullptr;
       float both[TILE_ROWS * 2 * BLOCK];  // gated: the tile's gate and up sums, rows of 32
       float* y = w.gated ? both : w.y + r * w.n + block * BLOCK;
+      const int64_t row = w.gated ? 2 * BLOCK : w.n;  // floats from one of y's rows to the next
       (two ? q8_tile_for<2> : q8_tile_for<1>)(static_cast<int>(rows), w.group, w.span, w.kind)(
           w.a.skip(r, w.group), w.weights + block * stride, stride, w.column_scale + block * (k / w.group) * BLOCK, offsets,
-          y, w.gated ? 2 * BLOCK : w.n);
+          y, row);
       for (int64_t i = 0; w.bias != nullptr && i < rows; ++i)
-        for (int64_t c = 0; c < (two ? 2 : 1) * BLOCK; ++c) y[i * (w.gated ? 2 * BLOCK : w.n) + c] += w.bias[block * BLOCK + c];
+        for (int64_t c = 0; c < (two ? 2 : 1) * BLOCK; ++c) y[i * row + c] += w.bias[block * BLOCK + c];
       if (w.gated) gate(both, rows, w.y + r * (w.n / 2) + block / 2 * BLOCK, w.n / 2);
     });
 #else
@@ -611,7 +612,8 @@ struct Q8MatMul {
     else
       check(g_api->KernelContext_ParallelFor(context, prepare, static_cast<size_t>(rows), 0, &in));
     Work w{{in.codes, in.steps, in.sums, in.totals, k}, group, span, kind, data<int8_t>(input(context, 1)),
-           data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr, column_bias ? data<float>(column_bias) : nullptr, data<float>(out), rows, n, gated};
+           data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr,
+           column_bias ? data<float>(column_bias) : nullptr, data<float>(out), rows, n, gated};
     check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
 #endif
   }

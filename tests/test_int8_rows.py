@@ -431,6 +431,9 @@ def test_what_is_not_the_importers_pattern_stays_on_onnxruntimes_ops(tmp_path):
      "attar Q8MatMul: the scales must be packed (N/16, K/32 or K/16, 16)"),
     ("Q8MatMul", {"a": np.zeros((2, 24), np.float32), "b": np.zeros((1, 6, 64), np.int8), "c": np.ones((1, 1, 16), np.float32)},
      "attar Q8MatMul: the weights must be packed (N/16, K/4, 64 or 32) for an input of K (a multiple of 32)"),
+    ("Q8MatMul", {"a": np.zeros((2, 32), np.float32), "b": np.zeros((1, 8, 64), np.int8), "c": np.ones((1, 1, 16), np.float32),
+                  "d": np.ones((1, 1, 16), np.float32), "e": np.ones(16, np.float32)},
+     "attar Q8MatMul: the bias must be packed (N/16, 16)"),
 ])
 def test_inputs_of_the_wrong_shape_are_refused_with_one_line(library, op, feeds, message):
     if op == "Int8MatMul" and not packs() or op == "Q8MatMul" and not q8_packs():
