@@ -307,12 +307,11 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
         if codes.data_type != 2 or list(codes.dims) != [n, k // block, block * bits // 8] or scales.data_type != 1 \
                 or list(scales.dims) not in ([n, k // block], [n * k // block]):  # uint8 codes, float scales
             continue
-        packed, peak = np.empty((n // 16, k // 4, 64 if bits == 8 else 32), np.int8), np.zeros(1, np.int32)
-        if pack(_initializer_values(codes, folder, np.uint8, n * k * bits // 8), k, n, bits, packed, peak) != 0:
-            raise KernelError(f"{codes.name}: attar_pack_q8 refused a {k} × {n} matrix")
-        blocks = [packed, _initializer_values(scales, folder, np.float32, n * k // block).reshape(n // 16, 16, k // block)
-                  .transpose(0, 2, 1)]  # each (N/16, ...): a block of 16 columns at a time
-        names: list[str | None] = [codes.name, scales.name, None, None]  # inputs 1-4; offsets, bias: none yet
+        # What the product takes in with it, each where the graph has it: the offset term, a bias,
+        # the SwiGLU (names: inputs 1-4; blocks: their arrays, a block of 16 columns at a time).
+        names: list[str | None] = [codes.name, scales.name, None, None]
+        blocks = [_initializer_values(scales, folder, np.float32, n * k // block).reshape(n // 16, 16, k // block)
+                  .transpose(0, 2, 1)]
         dropped.add(graph.position[id(node)])  # with each node the fused one replaces: it takes the last's place
         last, output = node, node.output[0]
         offset = _offset_term(graph, node, folder, k, n)
@@ -328,16 +327,20 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
             dropped.add(graph.position[id(last)])
             blocks.append(_initializer_values(graph.constants[names[3]], folder, np.float32, n).reshape(n // 16, 16))
         gated = _gate(graph, output, n)
-        if gated is not None:  # the gate's and the up projection's blocks in pairs (Q8MatMul's `gated`)
+        if gated is not None:  # the gate's and the up projection's blocks in pairs, as the packer puts the codes
             last, output, pattern = gated
             order = np.arange(n // 16).reshape(2, -1).T.reshape(-1)
             blocks = [b[order] for b in blocks]
             dropped.update(graph.position[id(m)] for m in [*pattern, last])
             replaced.add(pattern[0].input[1])  # the Split's sizes
+        packed, peak = np.empty((n // 16, k // 4, 64 if bits == 8 else 32), np.int8), np.zeros(1, np.int32)
+        if pack(_initializer_values(codes, folder, np.uint8, n * k * bits // 8), k, n, bits, int(gated is not None),
+                packed, peak) != 0:
+            raise KernelError(f"{codes.name}: attar_pack_q8 refused a {k} × {n} matrix")
         while names[-1] is None:
             names.pop()
         replaced.update(name for name in names if name)
-        arrays = iter(blocks)
+        arrays = iter([packed, *blocks])
         inputs = [node.input[0]] + [_hand_over(model, options, keep, graph.constants[name], np.ascontiguousarray(next(arrays)))
                                     if name else "" for name in names]
         fused[graph.position[id(last)]] = _node("Q8MatMul", inputs, [output], node.name, peak=int(peak[0]),
@@ -474,8 +477,8 @@ def _q8_packer() -> Callable | None:
 
 @functools.cache
 def _q8_packer_in(path: str) -> Callable | None:
-    pack = _c_function(path, "attar_pack_q8", "p", "i64", "i64", "i32", "p", "p")  # codes, k, n, bits, packed, peak
-    return pack if pack(np.zeros(512, np.uint8), 32, 16, 8, np.empty(512, np.int8), np.zeros(1, np.int32)) == 0 else None
+    pack = _c_function(path, "attar_pack_q8", "p", "i64", "i64", "i32", "i32", "p", "p")  # codes, k, n, bits, gated, packed, peak
+    return pack if pack(np.zeros(512, np.uint8), 32, 16, 8, 0, np.empty(512, np.int8), np.zeros(1, np.int32)) == 0 else None
 
 
 def _c_function(path: str, name: str, *kinds: str) -> Callable[..., int]:
