@@ -7,7 +7,7 @@ they leave parity as it is). One JSON line a figure.
 
 Engines per graph, their steps interleaved: onnxruntime's ops; attar's attention alone; on the
 exact graph, on AVX2 without VNNI, attar's attention with the Q8 products (MatMulNBits as
-Q8MatMul); and on the int8 graph attar's attention with the int8 rows, then with the int8 products
+Q8MatMul), then with the biases and the MLP's SwiGLU inside them too; and on the int8 graph attar's attention with the int8 rows, then with the int8 products
 on packed weights too (what `attar kernel build` gives, on a CPU with AVX-512 VNNI or AVX2). Needs the kernels
 built; a catalog model is pulled with its int8 graph."""
 
@@ -36,10 +36,11 @@ def emit(**row) -> None:
 
 
 @contextlib.contextmanager
-def without(edit: str):
-    """Engines made inside leave out one of `kernels`' graph edits (e.g. "use_int8_rows")."""
+def without(edit: str, none: object = 0):
+    """Engines made inside leave out one of `kernels`' graph edits (e.g. "use_int8_rows"; a pattern
+    a fused node takes in, such as "_gate", finds `none`)."""
     real = getattr(kernels, edit)
-    setattr(kernels, edit, lambda *args: 0)
+    setattr(kernels, edit, lambda *args: none)
     try:
         yield
     finally:
@@ -70,7 +71,9 @@ def main() -> None:
         with without("use_int8_rows"), without("use_q8_matmul"):  # attention alone: the rest onnxruntime's ops
             engines["attention"] = engine(True)
         if not int8 and kernels._q8_packer() is not None:  # AVX2 without VNNI: MatMulNBits as Q8MatMul
-            engines["attention+q8 products"] = engine(True)
+            with without("_bias", None), without("_gate", None):  # the biases and the SwiGLU on onnxruntime's ops
+                engines["attention+q8 products"] = engine(True)
+            engines["attention+q8 products+bias+swiglu"] = engine(True)
         if int8:
             with without("use_int8_matmul"):
                 engines["attention+int8 rows"] = engine(True)
