@@ -282,9 +282,9 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
     """Edit an onnx.ModelProto so that each MatMulNBits of GGUF's block weights (8 or 4 bits, 32 or
     16 inputs a scale, accuracy level 4, neither zero points nor bias: an exact graph's,
     `gguf_import`), with the offset term after it where the weights have one (`offset_term`: the
-    input's sums of 32, times the offsets, added), and where it is a gate's and an up projection's
-    the SwiGLU after it (`_gate`), runs as one Q8MatMul node, on the codes, scales
-    and offsets packed for it (`attar_pack_q8`) and handed to onnxruntime as `use_int8_matmul`
+    input's sums of 32, times the offsets, added), then a bias (`_bias`), and where it is a gate's
+    and an up projection's the SwiGLU after it (`_gate`), runs as one Q8MatMul node, on the codes,
+    scales, offsets and bias packed for it (`attar_pack_q8`) and handed to onnxruntime as `use_int8_matmul`
     hands its weights. Returns how many it put in (0: none; and none where the library has no Q8
     products: they are for AVX2 without VNNI, where onnxruntime's MatMulNBits and MatMul computed
     a row alone otherwise than beside others)."""
@@ -307,42 +307,40 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
         if codes.data_type != 2 or list(codes.dims) != [n, k // block, block * bits // 8] or scales.data_type != 1 \
                 or list(scales.dims) not in ([n, k // block], [n * k // block]):  # uint8 codes, float scales
             continue
-        # What the product takes in with it, each where the graph has it: the offset term, a bias,
-        # the SwiGLU (names: inputs 1-4; blocks: their arrays, a block of 16 columns at a time).
-        names: list[str | None] = [codes.name, scales.name, None, None]
-        blocks = [_initializer_values(scales, folder, np.float32, n * k // block).reshape(n // 16, 16, k // block)
-                  .transpose(0, 2, 1)]
+        # Q8MatMul's inputs 2-4 (1: the packed codes, below): each initializer the graph has and its
+        # values, a block of 16 columns at a time; the offsets, a bias and the SwiGLU where it has them.
+        given = {2: (scales.name, _initializer_values(scales, folder, np.float32, n * k // block)
+                     .reshape(n // 16, 16, k // block).transpose(0, 2, 1))}
         dropped.add(graph.position[id(node)])  # with each node the fused one replaces: it takes the last's place
         last, output = node, node.output[0]
         offset = _offset_term(graph, node, folder, k, n)
         if offset is not None:
-            last, output, names[2], pattern = offset
-            blocks.append(_initializer_values(graph.constants[names[2]], folder, np.float32, k // 32 * n)
-                          .reshape(k // 32, n // 16, 16).transpose(1, 0, 2))
+            last, output, offsets, pattern = offset
+            given[3] = offsets, _initializer_values(graph.constants[offsets], folder, np.float32, k // 32 * n) \
+                .reshape(k // 32, n // 16, 16).transpose(1, 0, 2)
             dropped.update(graph.position[id(m)] for m in pattern)
             replaced.update(m.input[1] for m in pattern if m.op_type == "MatMul")  # the block sums' ones too
         add = _bias(graph, output, n)
         if add is not None:
-            last, output, names[3] = add
+            last, output, bias = add
+            given[4] = bias, _initializer_values(graph.constants[bias], folder, np.float32, n).reshape(n // 16, 16)
             dropped.add(graph.position[id(last)])
-            blocks.append(_initializer_values(graph.constants[names[3]], folder, np.float32, n).reshape(n // 16, 16))
         gated = _gate(graph, output, n)
         if gated is not None:  # the gate's and the up projection's blocks in pairs, as the packer puts the codes
             last, output, pattern = gated
             order = np.arange(n // 16).reshape(2, -1).T.reshape(-1)
-            blocks = [b[order] for b in blocks]
+            given = {i: (name, values[order]) for i, (name, values) in given.items()}
             dropped.update(graph.position[id(m)] for m in [*pattern, last])
             replaced.add(pattern[0].input[1])  # the Split's sizes
         packed, peak = np.empty((n // 16, k // 4, 64 if bits == 8 else 32), np.int8), np.zeros(1, np.int32)
         if pack(_initializer_values(codes, folder, np.uint8, n * k * bits // 8), k, n, bits, int(gated is not None),
                 packed, peak) != 0:
             raise KernelError(f"{codes.name}: attar_pack_q8 refused a {k} × {n} matrix")
-        while names[-1] is None:
-            names.pop()
-        replaced.update(name for name in names if name)
-        arrays = iter([packed, *blocks])
-        inputs = [node.input[0]] + [_hand_over(model, options, keep, graph.constants[name], np.ascontiguousarray(next(arrays)))
-                                    if name else "" for name in names]
+        given[1] = codes.name, packed
+        replaced.update(name for name, _ in given.values())
+        inputs = [node.input[0]] + [_hand_over(model, options, keep, graph.constants[given[i][0]],
+                                               np.ascontiguousarray(given[i][1])) if i in given else ""
+                                    for i in range(1, max(given) + 1)]
         fused[graph.position[id(last)]] = _node("Q8MatMul", inputs, [output], node.name, peak=int(peak[0]),
                                                 gated=int(gated is not None))
     return _replace(model, fused, dropped, replaced)
