@@ -53,8 +53,9 @@ constexpr int64_t ITEM_ROWS = 64;  // rows a work item: its weights stay in cach
 constexpr int64_t Q8_OFFSETS = 32;  // Q8MatMul: inputs that share an offset (GGUF's k-quants with a minimum)
 
 // How Q8MatMul's weights are packed (`attar_pack_q8`): 8 bits, as they are (SIGNED) or plus the
-// matrix's largest |w| where that is at most BIASED_UP_TO (BIASED: unsigned); 4 bits plus 8 (NIBBLES).
-enum Weights { SIGNED, BIASED, NIBBLES };
+// matrix's largest |w| where that is at most BIASED_UP_TO (BIASED: unsigned); 4 bits plus 8
+// (NIBBLES); 8-bit codes of -16 to 15 (Q5_0's) as 5 bits plus 16 (FIVE: nibbles and a bit plane).
+enum Weights { SIGNED, BIASED, NIBBLES, FIVE };
 constexpr int BIASED_UP_TO = 64;
 
 #ifdef ATTAR_AVX2
@@ -189,6 +190,27 @@ inline __m256i broadcast_quad(const int8_t* codes, int64_t q) {
   std::memcpy(&four, codes + q * 4, sizeof four);
   return _mm256_set1_epi32(four);
 }
+// Bit t of each byte of a FIVE plane, as 16 (bit 4): a code's fifth bit (t = 2 × quad + half).
+inline __m256i fifth(__m256i plane, int t) {
+  const __m256i bit = _mm256_and_si256(plane, _mm256_set1_epi8(static_cast<char>(1 << t)));
+  return t < 4 ? _mm256_slli_epi16(bit, 4 - t) : _mm256_srli_epi16(bit, t - 4);  // within the byte either way
+}
+
+// One block of FIVE weights (k inputs) as BIASED ones, c = w + 16 a byte (64 bytes a quad): what a
+// pass of FIVE weights unpacks, done once for all the passes of an item of many rows.
+inline void unpack_five(const int8_t* w, int64_t k, int8_t* out) {
+  const __m256i low = _mm256_set1_epi8(15);
+  for (int64_t q = 0; q < k / 4; ++q) {
+    const int8_t* four = w + q / 4 * 160;
+    const int i = static_cast<int>(q % 4);
+    const __m256i plane = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(four)),
+                  both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(four + 32 + i * 32));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64), _mm256_or_si256(_mm256_and_si256(both, low), fifth(plane, 2 * i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64 + 32),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(both, 4), low), fifth(plane, 2 * i + 1)));
+  }
+}
+
 // Q8MatMul's rows [0, R) × one block of 16 columns: per group of G inputs (16 or 32) the exact
 // sums of the codes' products, scaled by the row's and the columns' scales of those inputs and
 // added in float, in the inputs' order, into y; where there are offsets, after each 32 inputs
@@ -203,7 +225,9 @@ inline __m256i broadcast_quad(const int8_t* codes, int64_t q) {
 //   SPAN groups of 4 inputs add up in 16 bits before one `vpmaddwd` by ones widens them to 32:
 //   SPAN × 2 × 127 × max c <= 32,767, max c being 2 × the node's `peak` (15 for 4 bits).
 // - 4-bit weights stay 4 bits in memory, columns 0-7 in the low nibbles and 8-15 in the high ones,
-//   half the bytes a one-row step reads.
+//   half the bytes a one-row step reads. Q5_0's (-16 to 15) are 5 bits: the same nibbles, and
+//   before each 4 quads a plane of their fifth bits (bit 2q + h of byte b: quad q, half h), 40
+//   bytes a quad instead of 64.
 // - Larger weights (Q8_0: up to 128) stay signed: `vpmaddubsw` takes |w| and the codes given w's
 //   signs (`vpsignb`), a pair at most 2 × 127 × 128 = 32,512, widened at once.
 // Zen 2 runs one multiply a cycle, and the other vector instructions beside it (the adds, the
@@ -212,7 +236,7 @@ inline __m256i broadcast_quad(const int8_t* codes, int64_t q) {
 template <int R, int G, int SPAN, Weights KIND>
 void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const float* w_offset, float* y, int64_t n) {
   static_assert(KIND != SIGNED || SPAN == 1, "signed pairs reach 32,512: widened at once");
-  constexpr int QUADS = G / 4, QUAD_BYTES = KIND == NIBBLES ? 32 : 64;
+  constexpr int QUADS = G / 4, QUAD_BYTES = KIND == NIBBLES ? 32 : KIND == FIVE ? 40 : 64;
   // The next block's weights are fetched meanwhile where a pass has rows to hide it behind; one
   // row streams them as fast without (the hardware's prefetch: one of these a line cost ×1.04).
   const int64_t k = a.k, groups = k / G, next = k / 4 * QUAD_BYTES;
@@ -249,6 +273,13 @@ void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const floa
           if constexpr (KIND == NIBBLES) {
             const __m256i low = _mm256_set1_epi8(15), both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 32));
             c0 = _mm256_and_si256(both, low), c1 = _mm256_and_si256(_mm256_srli_epi16(both, 4), low);
+          } else if constexpr (KIND == FIVE) {  // 4 quads: their fifth bits (a plane), then their nibbles
+            static_assert(SPAN == 4, "a plane holds 4 quads' fifth bits: q % 4 is i");
+            const int8_t* four = w + q / 4 * 160;
+            const __m256i low = _mm256_set1_epi8(15), plane = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(four)),
+                          both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(four + 32 + i * 32));
+            c0 = _mm256_or_si256(_mm256_and_si256(both, low), fifth(plane, 2 * i));
+            c1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(both, 4), low), fifth(plane, 2 * i + 1));
           } else {
             c0 = load_quads(w, q, 0), c1 = load_quads(w, q, 1);
           }
@@ -319,6 +350,7 @@ template <int B>
 Q8Tile q8_tile_for(int rows, int64_t group, int span, Weights kind) {
   if (kind == SIGNED) return group == 16 ? Q8_TILES<B, 16, 1, SIGNED>[rows] : Q8_TILES<B, 32, 1, SIGNED>[rows];
   if (kind == NIBBLES) return group == 16 ? Q8_TILES<B, 16, 4, NIBBLES>[rows] : Q8_TILES<B, 32, 8, NIBBLES>[rows];
+  if (kind == FIVE) return group == 16 ? Q8_TILES<B, 16, 4, FIVE>[rows] : Q8_TILES<B, 32, 4, FIVE>[rows];  // 4 × 2 × 127 × 31
   if (group == 16)
     return span >= 4 ? Q8_TILES<B, 16, 4, BIASED>[rows] : span == 2 ? Q8_TILES<B, 16, 2, BIASED>[rows] : Q8_TILES<B, 16, 1, BIASED>[rows];
   return span >= 8 ? Q8_TILES<B, 32, 8, BIASED>[rows] : span == 4 ? Q8_TILES<B, 32, 4, BIASED>[rows]
@@ -507,6 +539,7 @@ struct Q8MatMul {
   // on one, it had been 15% of a 256-row product's time; below PREPARE_ALONE inputs, waking the
   // other thread costs more (SmolLM2's 8-row step ×1.04).
   static constexpr int64_t PREPARE_ALONE = 1 << 16;
+  static constexpr int64_t UNPACK_FROM = 32;  // rows an item has where it unpacks FIVE weights first (16: ×1.05)
 
   struct Input {
     const float* x;
@@ -544,15 +577,24 @@ struct Q8MatMul {
   static void part(void* data, size_t item) {  // a strip of 32 columns × up to ITEM_ROWS rows
 #ifdef ATTAR_AVX2
     const Work& w = *static_cast<const Work*>(data);
-    const int64_t k = w.a.k, stride = w.kind == NIBBLES ? k * BLOCK / 2 : k * BLOCK;
+    const int64_t k = w.a.k, stride = k * BLOCK * (w.kind == NIBBLES ? 4 : w.kind == FIVE ? 5 : 8) / 8;  // a block's bytes
+    // An item of many rows (a prefill's) unpacks its FIVE blocks once (`unpack_five`), not in each
+    // pass of 3 rows: the same codes, so the same sums; a 512-token prefill had been ×1.04-1.08.
+    thread_local std::vector<int8_t> unpacked;
+    bool wide = false;
     each_tile(item, w.rows, w.n, [&](int64_t r, int64_t rows, int64_t block, bool two) {
+      if (r % ITEM_ROWS == 0 && w.kind == FIVE && std::min(ITEM_ROWS, w.rows - r) >= UNPACK_FROM) {  // the item's first tile
+        unpacked.resize(2 * k * BLOCK);
+        for (int b = 0; b < (two ? 2 : 1); ++b) unpack_five(w.weights + (block + b) * stride, k, unpacked.data() + b * k * BLOCK);
+        wide = true;
+      }
       const float* offsets = w.column_offset ? w.column_offset + block * (k / Q8_OFFSETS) * BLOCK : nullptr;
       float both[TILE_ROWS * 2 * BLOCK];  // gated: the tile's gate and up sums, rows of 32
       float* y = w.gated ? both : w.y + r * w.n + block * BLOCK;
       const int64_t row = w.gated ? 2 * BLOCK : w.n;  // floats from one of y's rows to the next
-      (two ? q8_tile_for<2> : q8_tile_for<1>)(static_cast<int>(rows), w.group, w.span, w.kind)(
-          w.a.skip(r, w.group), w.weights + block * stride, stride, w.column_scale + block * (k / w.group) * BLOCK, offsets,
-          y, row);
+      (two ? q8_tile_for<2> : q8_tile_for<1>)(static_cast<int>(rows), w.group, wide ? 4 : w.span, wide ? BIASED : w.kind)(
+          w.a.skip(r, w.group), wide ? unpacked.data() : w.weights + block * stride, wide ? k * BLOCK : stride,
+          w.column_scale + block * (k / w.group) * BLOCK, offsets, y, row);
       for (int64_t i = 0; w.bias != nullptr && i < rows; ++i)
         for (int64_t c = 0; c < (two ? 2 : 1) * BLOCK; ++c) y[i * row + c] += w.bias[block * BLOCK + c];
       if (w.gated) gate(both, rows, w.y + r * (w.n / 2) + block / 2 * BLOCK, w.n / 2);
@@ -571,10 +613,10 @@ struct Q8MatMul {
     const OrtValue* column_bias = input(context, 4);
     std::vector<int64_t> shape = dims(a);
     const std::vector<int64_t> packed = dims(input(context, 1)), scales = dims(input(context, 2));
-    if (shape.empty() || shape.back() % Q8_OFFSETS != 0 || packed.size() != 3 || (packed[2] != 64 && packed[2] != 32) ||
+    if (shape.empty() || shape.back() % Q8_OFFSETS != 0 || packed.size() != 3 || (packed[2] != 64 && packed[2] != 40 && packed[2] != 32) ||
         packed[1] * GROUP != shape.back())
-      fail("Q8MatMul", "the weights must be packed (N/16, K/4, 64 or 32) for an input of K (a multiple of 32)");
-    const bool nibbles = packed[2] == 32;
+      fail("Q8MatMul", "the weights must be packed (N/16, K/4, 64, 40 or 32) for an input of K (a multiple of 32)");
+    const bool nibbles = packed[2] == 32, five = packed[2] == 40;
     const int64_t k = shape.back(), n = packed[0] * BLOCK;
     if (scales.size() != 3 || scales[0] != packed[0] || scales[2] != BLOCK || (scales[1] != k / 32 && scales[1] != k / 16))
       fail("Q8MatMul", "the scales must be packed (N/16, K/32 or K/16, 16)");
@@ -600,8 +642,8 @@ struct Q8MatMul {
     sums.resize(offsets ? rows * k / Q8_OFFSETS : 0);
     // How the weights were packed (`attar_pack_q8`), the bias the codes' sums are multiplied by,
     // and how many groups of 4 inputs add up in 16 bits (q8_block): span × 2 × 127 × max c <= 32,767.
-    const Weights kind = nibbles ? NIBBLES : peak <= BIASED_UP_TO ? BIASED : SIGNED;
-    const int32_t bias = nibbles ? 8 : static_cast<int32_t>(peak);
+    const Weights kind = nibbles ? NIBBLES : five ? FIVE : peak <= BIASED_UP_TO ? BIASED : SIGNED;
+    const int32_t bias = nibbles ? 8 : five ? 16 : static_cast<int32_t>(peak);
     int span = 1;
     while (kind == BIASED && span < 8 && 2 * span * 2 * 127 * std::max<int64_t>(2 * peak, 1) <= 32767) span *= 2;
     totals.resize(kind == SIGNED ? 0 : rows * k / group);
@@ -699,9 +741,12 @@ extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n,
 // 64 bytes a group, packed[j][g][c][i] = w[16j + c][4g + i], w being a code less its zero point,
 // plus *peak where that is at most BIASED_UP_TO (unsigned then). 4 bits: 32 bytes a group, the
 // codes as they are (w + 8), byte 4c + i holding column c's in its low nibble and column 8 + c's in
-// its high one. *peak = the largest |w| (the node's `peak`). `gated`: the first n/2 columns are a
-// gate's and the rest an up projection's, and their blocks of 16 go in pairs (Q8MatMul's `gated`):
-// block j to place 2j, block n/32 + j to place 2j + 1.
+// its high one. 5 (8-bit codes whose w are -16 to 15, Q5_0's; refused otherwise): w + 16's low 4
+// bits in the 4 bits' layout, each 4 groups after a plane of their fifth bits (bit 2 × group of
+// byte b: its low nibble's, bit 2 × group + 1: its high one's), 160 bytes. *peak = the largest |w|
+// (the node's `peak`). `gated`: the first n/2 columns are a gate's and the rest an up
+// projection's, and their blocks of 16 go in pairs (Q8MatMul's `gated`): block j to place 2j,
+// block n/32 + j to place 2j + 1.
 // Each column's codes are read front to back, 4 inputs (2 bytes of nibbles) at a time: a matrix
 // packs at about the rate it is read (the 1.5B's 1.3 G weights had taken 1.9 s one code at a time).
 // Returns 0, or 1 where this build has no Q8 products (only AVX2 without VNNI has them) or the
@@ -710,15 +755,21 @@ extern "C" int attar_pack_q8(const uint8_t* __restrict codes, int64_t k, int64_t
                              int8_t* __restrict packed, int32_t* peak) {
 #ifdef ATTAR_AVX2
   using attar::BLOCK;
-  if (k <= 0 || n <= 0 || k % attar::Q8_OFFSETS != 0 || n % (gated ? 2 * BLOCK : BLOCK) != 0 || (bits != 8 && bits != 4))
+  if (k <= 0 || n <= 0 || k % attar::Q8_OFFSETS != 0 || n % (gated ? 2 * BLOCK : BLOCK) != 0 ||
+      (bits != 8 && bits != 5 && bits != 4))
     return 1;
-  const int64_t row = k * bits / 8, blocks = n / BLOCK, group = bits == 8 ? 64 : 32;  // bytes: a column's, a group's
+  // bytes: a column's codes, a packed group's
+  const int64_t row = bits == 4 ? k / 2 : k, blocks = n / BLOCK, group = bits == 8 ? 64 : bits == 5 ? 40 : 32;
   int32_t largest = 0;  // |w|, from the codes as stored (a nibble's w: -8 to 7); one loop each, vectorized
-  if (bits == 8)
-    for (int64_t at = 0; at < n * row; ++at) largest = std::max(largest, std::abs(codes[at] - 128));
-  else
+  if (bits == 4) {
     for (int64_t at = 0; at < n * row; ++at)
       largest = std::max({largest, std::abs((codes[at] & 15) - 8), std::abs((codes[at] >> 4) - 8)});
+  } else {
+    uint8_t least = 255, most = 0;
+    for (int64_t at = 0; at < n * row; ++at) least = std::min(least, codes[at]), most = std::max(most, codes[at]);
+    if (bits == 5 && (least < 128 - 16 || most > 128 + 15)) return 1;
+    largest = std::max(128 - least, most - 128);
+  }
   for (int64_t j = 0; j < blocks; ++j) {
     const int64_t place = gated ? (j < blocks / 2 ? 2 * j : 2 * (j - blocks / 2) + 1) : j;
     int8_t* out = packed + place * (k / 4) * group;
@@ -730,6 +781,20 @@ extern "C" int attar_pack_q8(const uint8_t* __restrict codes, int64_t k, int64_t
           std::memcpy(&four, column + 4 * g, 4);
           four ^= 0x80808080u;  // less the zero point 128, as int8
           std::memcpy(out + g * group + 4 * c, &four, 4);
+        }
+      }
+    } else if (bits == 5) {
+      std::memset(out, 0, k / 4 * group);  // the planes' bits are set one by one
+      for (int64_t c = 0; c < BLOCK / 2; ++c) {  // as 4 bits: columns c and 8 + c share bytes
+        const uint8_t *low = codes + (j * BLOCK + c) * row, *high = codes + (j * BLOCK + c + BLOCK / 2) * row;
+        for (int64_t g = 0; g < k / 4; ++g) {
+          int8_t* four = out + g / 4 * 160;  // 4 groups: their plane, then their nibbles
+          const int q = static_cast<int>(g % 4);
+          for (int i = 0; i < 4; ++i) {
+            const int a = low[4 * g + i] - (128 - 16), b = high[4 * g + i] - (128 - 16);  // w + 16: 0 to 31
+            four[32 + 32 * q + 4 * c + i] = static_cast<int8_t>((a & 15) | (b & 15) << 4);
+            four[4 * c + i] = static_cast<int8_t>(four[4 * c + i] | (a >> 4) << (2 * q) | (b >> 4) << (2 * q + 1));
+          }
         }
       }
     } else {

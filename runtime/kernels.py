@@ -332,9 +332,11 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
             given = {i: (name, values[order]) for i, (name, values) in given.items()}
             dropped.update(graph.position[id(m)] for m in [*pattern, last])
             replaced.add(pattern[0].input[1])  # the Split's sizes
-        packed, peak = np.empty((n // 16, k // 4, 64 if bits == 8 else 32), np.int8), np.zeros(1, np.int32)
-        if pack(_initializer_values(codes, folder, np.uint8, n * k * bits // 8), k, n, bits, int(gated is not None),
-                packed, peak) != 0:
+        values = _initializer_values(codes, folder, np.uint8, n * k * bits // 8)
+        if bits == 8 and values.min() >= 128 - 16 and values.max() <= 128 + 15:
+            bits = 5  # Q5_0's codes: packed as 5 bits, 40 bytes a group of 4 inputs instead of 64
+        packed, peak = np.empty((n // 16, k // 4, {8: 64, 5: 40, 4: 32}[bits]), np.int8), np.zeros(1, np.int32)
+        if pack(values, k, n, bits, int(gated is not None), packed, peak) != 0:
             raise KernelError(f"{codes.name}: attar_pack_q8 refused a {k} × {n} matrix")
         given[1] = codes.name, packed
         replaced.update(name for name, _ in given.values())

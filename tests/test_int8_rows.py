@@ -169,10 +169,11 @@ def test_the_packed_products_do_not_saturate(packing, tmp_path):
 
 def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = False, q6_worst: int = 32) -> onnx.ModelProto:
     """x (rows × 96) times block weights through the importer's exact path, one of each layout the
-    Q8 products take: 8 bits a scale per 32 inputs (Q8_0, Q5_0), per 16 (Q6_K), and 4 bits with
-    offsets (Q4_K: MatMulNBits, then the offset term). `ones`: another block-sums matrix. `extreme`:
-    every code the one that makes the products' 16-bit sums largest as they are multiplied (8 bits:
-    w = -128, and +`q6_worst` in the 16-input layout, which is twice that once biased by the largest
+    Q8 products take: 8 bits a scale per 32 inputs (Q8_0), the same with codes of -16 to 15 (Q5_0:
+    packed as 5 bits), 8 bits per 16 (Q6_K), and 4 bits with offsets (Q4_K: MatMulNBits, then the
+    offset term). `ones`: another block-sums matrix. `extreme`: every code the one that makes the
+    products' 16-bit sums largest as they are multiplied (8 bits: w = -128; 5 bits: +15, which is 31
+    once biased by 16; +`q6_worst` in the 16-input layout, twice that once biased by the largest
     |w|; 4 bits: 15), so that an input of one sign puts each at its bound."""
     from attar.runtime.quants import BlockQuant
 
@@ -185,6 +186,7 @@ def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = Fal
     graph = GraphWriter(tmp_path / "q8.data")
     builder = DecoderBuilder(None, None, graph, rope_interleaved=False, int8=False)
     layouts = {"q8": BlockQuant(8, 32, codes(0, 256, 0), rng.random((n, k // 32), np.float32) / 50, None),
+               "q5": BlockQuant(8, 32, codes(112, 144, 143), rng.random((n, k // 32), np.float32) / 20, None),
                "q6": BlockQuant(8, 16, codes(96, 160, 128 + q6_worst), rng.random((n, k // 16), np.float32) / 9, None),
                "q4": BlockQuant(4, 32, codes(0, 16, 15), rng.random((n, k // 32), np.float32) / 5,
                                 rng.standard_normal((n, k // 32)).astype(np.float32))}
@@ -239,8 +241,10 @@ def test_the_q8_products_answer_as_matmulnbits_and_a_row_alone_as_beside_others(
     plain, packed = q8_projections(tmp_path), q8_projections(tmp_path)
     reference = q8_reference  # float64, from the untouched graph's weights
     options, keep = ort.SessionOptions(), []
-    assert kernels.use_q8_matmul(packed, tmp_path, options, keep) == 3
-    assert sorted(n.op_type for n in packed.graph.node) == ["Q8MatMul"] * 3  # the offset term folded in
+    assert kernels.use_q8_matmul(packed, tmp_path, options, keep) == 4
+    assert sorted(n.op_type for n in packed.graph.node) == ["Q8MatMul"] * 4  # the offset term folded in
+    weights = {t.name: t for t in packed.graph.initializer}
+    assert [weights[n.input[1]].dims[2] for n in packed.graph.node] == [64, 40, 64, 32]  # bytes a group of 4 inputs
     assert not any(t.name.endswith((".codes", ".scales", ".offsets")) for t in packed.graph.initializer)
     fast, onnxruntime_ops = session(packed, library, options), session(plain, library)
     rng = np.random.default_rng(4)
@@ -266,17 +270,17 @@ def test_the_q8_products_answer_as_matmulnbits_and_a_row_alone_as_beside_others(
 @pytest.mark.parametrize("q6_worst", [32, 64, 65])
 def test_the_q8_products_sums_hold_at_their_16_bit_bound(packing, tmp_path, q6_worst):
     """Products of small weights add up in 16 bits before they are widened, as many as the
-    matrix's largest |w| allows (4-bit codes: a group of 32): with every code at its worst and
-    every input of one sign, each 16-bit sum is at its bound (32,512 and 30,480 of 32,767), and
-    the outputs are still exact. Weights up to 64 are multiplied biased (64 + 64 = 128 at the
-    bound alone), 65 and over signed."""
+    matrix's largest |w| allows (4-bit codes: a group of 32; 5-bit: 4 groups of 4 inputs): with
+    every code at its worst and every input of one sign, each 16-bit sum is at its bound (32,512,
+    31,496 and 30,480 of 32,767), and the outputs are still exact. Weights up to 64 are multiplied
+    biased (64 + 64 = 128 at the bound alone), 65 and over signed."""
     library = packing
     if not q8_packs():
         pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
     plain, packed = (q8_projections(tmp_path, extreme=True, q6_worst=q6_worst) for _ in range(2))
     options, keep = ort.SessionOptions(), []
-    assert kernels.use_q8_matmul(packed, tmp_path, options, keep) == 3
-    assert [a.i for n in packed.graph.node for a in n.attribute if a.name == "peak"] == [128, q6_worst, 7]
+    assert kernels.use_q8_matmul(packed, tmp_path, options, keep) == 4
+    assert [a.i for n in packed.graph.node for a in n.attribute if a.name == "peak"] == [128, 15, q6_worst, 7]
     x = -np.random.default_rng(5).random((1, 9, 96)).astype(np.float32) - 0.5  # codes of -64 to -127
     x[0, 0] = -1.0  # every code -127
     for got, ours in zip(session(packed, library, options).run(None, {"x": x}), q8_reference(x, plain)):
@@ -289,9 +293,9 @@ def test_an_offset_term_that_is_not_the_importers_stays_on_onnxruntimes_ops(tmp_
     ones = np.kron(np.eye(3, dtype=np.float32), np.ones((32, 1), np.float32))
     ones[5, 0] = 2.0  # not the sums of 32 inputs: folding it into Q8MatMul would change the answer
     model = q8_projections(tmp_path, ones)
-    assert kernels.use_q8_matmul(model, tmp_path, ort.SessionOptions(), []) == 3
+    assert kernels.use_q8_matmul(model, tmp_path, ort.SessionOptions(), []) == 4
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("Q8MatMul") == 3 and ops.count("MatMul") == 2 and ops.count("Add") == 1
+    assert ops.count("Q8MatMul") == 4 and ops.count("MatMul") == 2 and ops.count("Add") == 1
     level = q8_projections(tmp_path)
     for node in level.graph.node:
         for a in node.attribute:
@@ -300,11 +304,12 @@ def test_an_offset_term_that_is_not_the_importers_stays_on_onnxruntimes_ops(tmp_
     assert kernels.use_q8_matmul(level, tmp_path, ort.SessionOptions(), []) == 0
 
 
-def gated_projections(tmp_path) -> onnx.ModelProto:
+def gated_projections(tmp_path, bits: int = 4) -> onnx.ModelProto:
     """The importer's MLP and attention input, as `DecoderBuilder.linear` writes them: x (rows ×
-    96) times a gate's and an up projection's 4-bit weights (with offsets, as Q4_K has), their rows
-    concatenated, a bias added, split in halves and joined by silu(gate) × up; and x times 8-bit
-    weights with a bias (Qwen's packed Q, K, V)."""
+    96) times a gate's and an up projection's weights (4 bits with offsets, as Q4_K has; or 8-bit
+    codes of -16 to 15, Q5_0's, which pack as 5 bits), their rows concatenated, a bias added, split
+    in halves and joined by silu(gate) × up; and x times 8-bit weights with a bias (Qwen's packed
+    Q, K, V)."""
     from attar.runtime.quants import BlockQuant
 
     rng = np.random.default_rng(6)
@@ -313,7 +318,8 @@ def gated_projections(tmp_path) -> onnx.ModelProto:
     builder = DecoderBuilder(None, None, graph, rope_interleaved=False, int8=False)
     g = builder.g
     gate_up = BlockQuant(4, 32, rng.integers(0, 16, (n, k), dtype=np.uint8), rng.random((n, k // 32), np.float32) / 5,
-                         rng.standard_normal((n, k // 32)).astype(np.float32))
+                         rng.standard_normal((n, k // 32)).astype(np.float32)) if bits == 4 else \
+        BlockQuant(8, 32, rng.integers(112, 144, (n, k), dtype=np.uint8), rng.random((n, k // 32), np.float32) / 20, None)
     y = builder.block_matmul("x", gate_up, "gate+up", *builder._quant_inputs("gate+up", gate_up))
     y = g.one("Add", [y, g.const("gate+up.bias", rng.standard_normal(n).astype(np.float32))])
     gate, up = g.node("Split", [y, g.small("gate+up/sizes", np.array([n // 2, n // 2]))], n_out=2, axis=-1)
@@ -330,7 +336,8 @@ def gated_projections(tmp_path) -> onnx.ModelProto:
     return onnx.load(tmp_path / "gated.onnx")
 
 
-def test_a_gate_and_up_product_and_a_bias_run_inside_q8matmul(packing, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bits", [4, 5])
+def test_a_gate_and_up_product_and_a_bias_run_inside_q8matmul(packing, tmp_path, monkeypatch, bits):
     """The SwiGLU after a gate-up product (Split, Sigmoid, two Muls) runs on each tile's sums, and
     a bias Add is added there too: one node a projection. The bias gives the bits the graph's Add
     gives; silu(gate) × up is onnxruntime's to float rounding (its logistic is an approximation of
@@ -339,7 +346,7 @@ def test_a_gate_and_up_product_and_a_bias_run_inside_q8matmul(packing, tmp_path,
     library = packing
     if not q8_packs():
         pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
-    plain, fused, apart = (gated_projections(tmp_path) for _ in range(3))
+    plain, fused, apart = (gated_projections(tmp_path, bits) for _ in range(3))
     options, keep = ort.SessionOptions(), []
     assert kernels.use_q8_matmul(fused, tmp_path, options, keep) == 2
     assert [n.op_type for n in fused.graph.node] == ["Q8MatMul"] * 2
@@ -430,7 +437,7 @@ def test_what_is_not_the_importers_pattern_stays_on_onnxruntimes_ops(tmp_path):
     ("Q8MatMul", {"a": np.zeros((2, 32), np.float32), "b": np.zeros((1, 8, 64), np.int8), "c": np.ones((1, 3, 16), np.float32)},
      "attar Q8MatMul: the scales must be packed (N/16, K/32 or K/16, 16)"),
     ("Q8MatMul", {"a": np.zeros((2, 24), np.float32), "b": np.zeros((1, 6, 64), np.int8), "c": np.ones((1, 1, 16), np.float32)},
-     "attar Q8MatMul: the weights must be packed (N/16, K/4, 64 or 32) for an input of K (a multiple of 32)"),
+     "attar Q8MatMul: the weights must be packed (N/16, K/4, 64, 40 or 32) for an input of K (a multiple of 32)"),
     ("Q8MatMul", {"a": np.zeros((2, 32), np.float32), "b": np.zeros((1, 8, 64), np.int8), "c": np.ones((1, 1, 16), np.float32),
                   "d": np.ones((1, 1, 16), np.float32), "e": np.ones(16, np.float32)},
      "attar Q8MatMul: the bias must be packed (N/16, 16)"),
