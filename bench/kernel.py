@@ -7,9 +7,10 @@ they leave parity as it is). One JSON line a figure.
 
 Engines per graph, their steps interleaved: onnxruntime's ops; attar's attention alone; on the
 exact graph, on AVX2 without VNNI, attar's attention with the Q8 products (MatMulNBits as
-Q8MatMul), then with the biases and the MLP's SwiGLU inside them too; and on the int8 graph attar's attention with the int8 rows, then with the int8 products
-on packed weights too (what `attar kernel build` gives, on a CPU with AVX-512 VNNI or AVX2). Needs the kernels
-built; a catalog model is pulled with its int8 graph."""
+Q8MatMul), then with the biases and the MLP's SwiGLU inside them too; and on the int8 graph
+attar's attention with the int8 rows, then with the int8 products on packed weights too (what
+`attar kernel build` gives, on a CPU with AVX-512 VNNI or AVX2). Needs the kernels built; a catalog
+model is pulled with its int8 graph."""
 
 from __future__ import annotations
 

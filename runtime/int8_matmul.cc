@@ -196,18 +196,24 @@ inline __m256i fifth(__m256i plane, int t) {
   return t < 4 ? _mm256_slli_epi16(bit, 4 - t) : _mm256_srli_epi16(bit, t - 4);  // within the byte either way
 }
 
+// Quad q of FIVE weights as bytes c = w + 16, columns 0-7 in c0 and 8-15 in c1; i = q % 4, its
+// place among the 4 quads that share a plane (a constant where the caller's loop is unrolled).
+inline void five_quads(const int8_t* w, int64_t q, int i, __m256i& c0, __m256i& c1) {
+  const int8_t* four = w + q / 4 * 160;  // 4 quads: their fifth bits (a plane), then their nibbles
+  const __m256i low = _mm256_set1_epi8(15), plane = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(four)),
+                both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(four + 32 + i * 32));
+  c0 = _mm256_or_si256(_mm256_and_si256(both, low), fifth(plane, 2 * i));
+  c1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(both, 4), low), fifth(plane, 2 * i + 1));
+}
+
 // One block of FIVE weights (k inputs) as BIASED ones, c = w + 16 a byte (64 bytes a quad): what a
 // pass of FIVE weights unpacks, done once for all the passes of an item of many rows.
 inline void unpack_five(const int8_t* w, int64_t k, int8_t* out) {
-  const __m256i low = _mm256_set1_epi8(15);
   for (int64_t q = 0; q < k / 4; ++q) {
-    const int8_t* four = w + q / 4 * 160;
-    const int i = static_cast<int>(q % 4);
-    const __m256i plane = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(four)),
-                  both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(four + 32 + i * 32));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64), _mm256_or_si256(_mm256_and_si256(both, low), fifth(plane, 2 * i)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64 + 32),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(both, 4), low), fifth(plane, 2 * i + 1)));
+    __m256i c0, c1;
+    five_quads(w, q, static_cast<int>(q % 4), c0, c1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64), c0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64 + 32), c1);
   }
 }
 
@@ -273,13 +279,9 @@ void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const floa
           if constexpr (KIND == NIBBLES) {
             const __m256i low = _mm256_set1_epi8(15), both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 32));
             c0 = _mm256_and_si256(both, low), c1 = _mm256_and_si256(_mm256_srli_epi16(both, 4), low);
-          } else if constexpr (KIND == FIVE) {  // 4 quads: their fifth bits (a plane), then their nibbles
+          } else if constexpr (KIND == FIVE) {
             static_assert(SPAN == 4, "a plane holds 4 quads' fifth bits: q % 4 is i");
-            const int8_t* four = w + q / 4 * 160;
-            const __m256i low = _mm256_set1_epi8(15), plane = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(four)),
-                          both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(four + 32 + i * 32));
-            c0 = _mm256_or_si256(_mm256_and_si256(both, low), fifth(plane, 2 * i));
-            c1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(both, 4), low), fifth(plane, 2 * i + 1));
+            five_quads(w, q, i, c0, c1);
           } else {
             c0 = load_quads(w, q, 0), c1 = load_quads(w, q, 1);
           }
@@ -741,7 +743,7 @@ extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n,
 // 64 bytes a group, packed[j][g][c][i] = w[16j + c][4g + i], w being a code less its zero point,
 // plus *peak where that is at most BIASED_UP_TO (unsigned then). 4 bits: 32 bytes a group, the
 // codes as they are (w + 8), byte 4c + i holding column c's in its low nibble and column 8 + c's in
-// its high one. 5 (8-bit codes whose w are -16 to 15, Q5_0's; refused otherwise): w + 16's low 4
+// its high one. 5 (8-bit codes whose w are -16 to 15, Q5_0's; otherwise 2, nothing written): w + 16's low 4
 // bits in the 4 bits' layout, each 4 groups after a plane of their fifth bits (bit 2 × group of
 // byte b: its low nibble's, bit 2 × group + 1: its high one's), 160 bytes. *peak = the largest |w|
 // (the node's `peak`). `gated`: the first n/2 columns are a gate's and the rest an up
@@ -749,8 +751,8 @@ extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n,
 // block n/32 + j to place 2j + 1.
 // Each column's codes are read front to back, 4 inputs (2 bytes of nibbles) at a time: a matrix
 // packs at about the rate it is read (the 1.5B's 1.3 G weights had taken 1.9 s one code at a time).
-// Returns 0, or 1 where this build has no Q8 products (only AVX2 without VNNI has them) or the
-// shape does not pack (k % 32, n % 16 or, gated, n % 32; bits).
+// Returns 0; 1 where this build has no Q8 products (only AVX2 without VNNI has them) or the shape
+// does not pack (k % 32, n % 16 or, gated, n % 32; bits); 2 where 5 bits do not hold the codes.
 extern "C" int attar_pack_q8(const uint8_t* __restrict codes, int64_t k, int64_t n, int32_t bits, int32_t gated,
                              int8_t* __restrict packed, int32_t* peak) {
 #ifdef ATTAR_AVX2
@@ -767,7 +769,7 @@ extern "C" int attar_pack_q8(const uint8_t* __restrict codes, int64_t k, int64_t
   } else {
     uint8_t least = 255, most = 0;
     for (int64_t at = 0; at < n * row; ++at) least = std::min(least, codes[at]), most = std::max(most, codes[at]);
-    if (bits == 5 && (least < 128 - 16 || most > 128 + 15)) return 1;
+    if (bits == 5 && (least < 128 - 16 || most > 128 + 15)) return 2;
     largest = std::max(128 - least, most - 128);
   }
   for (int64_t j = 0; j < blocks; ++j) {

@@ -332,11 +332,13 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
             given = {i: (name, values[order]) for i, (name, values) in given.items()}
             dropped.update(graph.position[id(m)] for m in [*pattern, last])
             replaced.add(pattern[0].input[1])  # the Split's sizes
-        values = _initializer_values(codes, folder, np.uint8, n * k * bits // 8)
-        if bits == 8 and values.min() >= 128 - 16 and values.max() <= 128 + 15:
-            bits = 5  # Q5_0's codes: packed as 5 bits, 40 bytes a group of 4 inputs instead of 64
-        packed, peak = np.empty((n // 16, k // 4, {8: 64, 5: 40, 4: 32}[bits]), np.int8), np.zeros(1, np.int32)
-        if pack(values, k, n, bits, int(gated is not None), packed, peak) != 0:
+        values, peak = _initializer_values(codes, folder, np.uint8, n * k * bits // 8), np.zeros(1, np.int32)
+        for layout in (5, 8) if bits == 8 else (4,):  # 8-bit codes as 5 bits where they fit (Q5_0's): 40 bytes a
+            packed = np.empty((n // 16, k // 4, {8: 64, 5: 40, 4: 32}[layout]), np.int8)  # group of 4, not 64
+            status = pack(values, k, n, layout, int(gated is not None), packed, peak)
+            if status != 2:  # 2: the codes do not fit 5 bits (nothing written)
+                break
+        if status != 0:
             raise KernelError(f"{codes.name}: attar_pack_q8 refused a {k} × {n} matrix")
         given[1] = codes.name, packed
         replaced.update(name for name, _ in given.values())
