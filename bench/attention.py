@@ -1,7 +1,8 @@
 """One decode step's attention, alone, at a model's shape: onnxruntime's GroupQueryAttention against
 attar's kernel (`attar kernel build`; each KV head read once for its group of query heads), the
 same attention as batched MatMuls over the KV pool, GroupQueryAttention over an int8 cache, and
-reading those bytes with numpy. One JSON line per figure; `gb_s` is the KV cache read per second.
+reading those bytes with numpy. One JSON line per figure; `gb_s` is the KV cache read per second
+(attar's kernel keeps it in float16: half the bytes of the others).
 It is where a multi-row step's time goes at long rows (README, "The int8 graph"), and what a
 better kernel would have to beat.
 
@@ -56,8 +57,8 @@ def median_ms(run, repeat: int = 15) -> float:
 def gqa_ms(rows, heads, kv, head, cached, capacity, threads, rng, int8_cache: bool = False, kernel: bool = False) -> float:
     """GroupQueryAttention on one new token a row, past and present sharing one buffer (as the
     engine runs it); `int8_cache`: the cache in int8 with a scale per channel (onnxruntime 1.32's
-    quantized KV cache), a quarter of the bytes; `kernel`: on attar's kernel."""
-    inputs, attrs, kv_type = ["q", "k", "v", "past_k", "past_v", "seqlens", "total"], {}, F
+    quantized KV cache), a quarter of the bytes; `kernel`: on attar's kernel, whose cache is float16."""
+    inputs, attrs, kv_type = ["q", "k", "v", "past_k", "past_v", "seqlens", "total"], {}, TensorProto.FLOAT16 if kernel else F
     if int8_cache:
         inputs += ["", "", "", "", "", "k_scale", "v_scale"]
         attrs = dict(kv_cache_bit_width=8, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
@@ -78,7 +79,8 @@ def gqa_ms(rows, heads, kv, head, cached, capacity, threads, rng, int8_cache: bo
     for name in ("k_scale", "v_scale") if int8_cache else ():
         io.bind_cpu_input(name, np.full((kv, 1, head), 0.02, np.float32))
     for kind in ("k", "v"):
-        cache = rng.integers(-100, 100, pool[0]).astype(np.int8) if int8_cache else rng.standard_normal(pool[0], dtype=np.float32)
+        cache = rng.integers(-100, 100, pool[0]).astype(np.int8) if int8_cache else \
+            rng.standard_normal(pool[0], dtype=np.float32).astype(np.float16 if kernel else np.float32)
         buffer = ort.OrtValue.ortvalue_from_numpy(cache)
         io.bind_ortvalue_input(f"past_{kind}", buffer)
         io.bind_ortvalue_output(f"present_{kind}", buffer)
@@ -131,7 +133,7 @@ def main() -> None:
             gb_s = lambda ms: round(kv_bytes / ms / 1e6, 1)  # noqa: E731
             emit(figure="attention ms a layer, one decode step", model=folder.name, rows=rows, cached=cached,
                  heads=heads, kv_heads=kv, head=head, gqa_ms=round(gqa, 2), gqa_gb_s=gb_s(gqa),
-                 kernel_ms=round(kernel, 2), kernel_gb_s=gb_s(kernel), kernel_vs_gqa=round(gqa / kernel, 2),
+                 kernel_ms=round(kernel, 2), kernel_gb_s=round(gb_s(kernel) / 2, 1), kernel_vs_gqa=round(gqa / kernel, 2),
                  gqa_int8_cache_ms=round(int8, 2), int8_cache_vs_gqa=round(gqa / int8, 2), grouped_ms=round(tight, 2), grouped_vs_gqa=round(gqa / tight, 2),
                  grouped_pool_twice_ms=round(loose, 2), grouped_pool_twice_vs_gqa=round(gqa / loose, 2),
                  numpy_read_gb_s=gb_s(numpy_ms), gqa_all_layers_ms=round(gqa * layers, 1))

@@ -80,7 +80,6 @@ LOOKAHEAD = 5
 # prompt with 4 rows decoding: their longest wait 0.82 s instead of 3.93 s on the 0.5B, and the
 # newcomer's first token no later: `bench/engine.py --only mixed`).
 PREFILL_CHUNK = 256
-KV_DTYPE = np.float32  # the graphs' past/present type: GroupQueryAttention's fp16 CPU kernel is slower (README)
 # Sampling reads each position's CANDIDATES largest logits, which the graph picks with a TopK node
 # the engine adds in memory (on onnxruntime's threads, ~0.1 ms a row): numpy took ~0.35 ms a row to
 # find them among the default's 151,936, a fifteenth of a SAG step of 8 rows. A request asking for
@@ -95,7 +94,7 @@ SHARE_MIN = 16
 def memory_budget() -> int:
     """The KV pool's default ceiling in bytes: half the machine's memory. The pool holds every row
     at the capacity of the longest, so one long conversation among the teacher's 16 rows would
-    otherwise grow it to 16 × that length: the 1.5B's 32,768-token context is 29 GB."""
+    otherwise grow it to 16 × that length: the 1.5B's 32,768-token context is 15 GB in float16."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume a 16 GB laptop
@@ -239,12 +238,15 @@ class Engine:
         # LoRA inputs of an export (rank 0 unless an adapter is fed) and their values.
         self.extra = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in (extra_inputs or {}).items()}
         self.max_rows = max_rows
-        per_token = 2 * model.layers * model.kv_heads * model.head * np.dtype(KV_DTYPE).itemsize  # K and V, every layer
+        # The cache's type is the graph's: float16 on attar's attention, else float32 (onnxruntime's
+        # float16 GroupQueryAttention is slower: README).
+        dtype = kernels.cache_dtype(self.session, self.shape.names["past_key_names"] % 0)
+        per_token = 2 * model.layers * model.kv_heads * model.head * np.dtype(dtype).itemsize  # K and V, every layer
         budget = kv_budget or memory_budget()
         self.context = min(model.context, budget // (max_rows * per_token))
         if self.context < 2 * LOOKAHEAD:
             raise ValueError(f"a KV budget of {budget} bytes leaves {self.context} tokens a row for {max_rows} rows")
-        self.pool = KVPool(self.shape, max_rows, self.context)
+        self.pool = KVPool(self.shape, max_rows, self.context, dtype)
         self.one_token_exact = speculate is not False and self._one_token_exact()
         self.speculate = (speculate or (speculate is None and self.one_token_exact)) and logits.shape[1] != 1
         self.active: list[Request] = []  # the request in row i
@@ -585,8 +587,8 @@ class KVPool:
     request that was (what the scheduler evicts by). It grows in rows and in capacity as requests
     need, up to `max_rows` and `context`."""
 
-    def __init__(self, shape: Shape, max_rows: int, context: int):
-        self.shape, self.max_rows, self.context = shape, max_rows, context
+    def __init__(self, shape: Shape, max_rows: int, context: int, dtype: type = np.float32):
+        self.shape, self.max_rows, self.context, self.dtype = shape, max_rows, context, dtype
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self.rows = self.capacity = 0
@@ -705,7 +707,7 @@ class KVPool:
         # not rows × the longest (the teacher's 16 rows at 9,000 tokens are 8 GB).
         for pool in (self.keys, self.values):
             for i in range(s.layers):
-                buf = np.zeros(shape, KV_DTYPE)
+                buf = np.zeros(shape, self.dtype)
                 if i < len(pool):
                     for r, held in enumerate(self.held):
                         buf[r, :, :len(held)] = pool[i][r, :, :len(held)]

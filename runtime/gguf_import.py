@@ -650,9 +650,11 @@ def activation_ranges(model_file: Path, inputs: dict[str, str], h: Hyper, sequen
     return {key: peak[x] for key, x in inputs.items()}
 
 
-def whole_sequence_feeds(ids: list[int], layers: int, kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
-    """The inputs that run one whole sequence through a decoder graph with an empty KV cache."""
-    empty = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
+def whole_sequence_feeds(ids: list[int], layers: int, kv_heads: int, head_dim: int,
+                         cache: type = np.float32) -> dict[str, np.ndarray]:
+    """The inputs that run one whole sequence through a decoder graph with an empty KV cache (of
+    numpy type `cache`: `kernels.cache_dtype`)."""
+    empty = np.zeros((1, kv_heads, 0, head_dim), dtype=cache)
     feeds = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
     for i in range(layers):
         feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty

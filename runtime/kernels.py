@@ -180,27 +180,51 @@ def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], 
 
 
 def use_attention(model) -> bool:
-    """Edit an onnx.ModelProto so that its GroupQueryAttention nodes run on attar's kernel; False
-    when it has none, or one whose attributes the kernel does not compute."""
+    """Edit an onnx.ModelProto so that its GroupQueryAttention nodes run on attar's kernel, their
+    caches (the graph's past inputs and present outputs) in float16; False when it has none, or one
+    whose attributes the kernel does not compute or whose cache another node reads."""
     nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
     supported = {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved", "local_window_size"}
     if not nodes:
         return False
+    from onnx import TensorProto, helper
+
+    # The kernel keeps the cache in float16: each node's past must be the graph's inputs and its
+    # present the graph's outputs, read by nothing else, so that only the caller sees the type.
+    inputs = {i.name: i for i in model.graph.input}
+    outputs = {o.name: o for o in model.graph.output}
+    read = [name for n in model.graph.node for name in n.input]
     for node in nodes:
         if any(a.name not in supported or (a.name == "local_window_size" and a.i != -1) for a in node.attribute):
             return False
         if len(node.input) > 9:  # position ids, attention bias, quantized-cache scales
             return False
+        cache, present = node.input[3:5], node.output[1:3]
+        if len(cache) < 2 or len(present) < 2 or not all(n in inputs and read.count(n) == 1 for n in cache) \
+                or not all(n in outputs and n not in read for n in present):
+            return False
     for node in nodes:
         node.domain = DOMAIN
         node.input.extend([""] * (9 - len(node.input)) + [SHARED])
+        for name in node.input[3:5]:
+            inputs[name].type.tensor_type.elem_type = TensorProto.FLOAT16
+        for name in node.output[1:3]:
+            outputs[name].type.tensor_type.elem_type = TensorProto.FLOAT16
+    for info in model.graph.value_info:
+        if info.name in outputs and any(info.name in n.output[1:3] for n in nodes):
+            info.type.tensor_type.elem_type = TensorProto.FLOAT16
     # Which rows hold another's prefix (attention.cc), fed with every run: NO_SHARES for none. (An
     # initializer would make it optional, but an IO binding cannot override one.)
-    from onnx import TensorProto, helper
-
     model.graph.input.append(helper.make_tensor_value_info(SHARED, TensorProto.INT32, ["share_rows", 2]))
     _import_domain(model)
     return True
+
+
+def cache_dtype(session, name: str) -> type:
+    """The numpy type of a session's KV cache input `name`: float16 on attar's attention, else
+    float32."""
+    kind = next(i.type for i in session.get_inputs() if i.name == name)
+    return {"tensor(float16)": np.float16, "tensor(float)": np.float32}[kind]
 
 
 def use_int8_rows(model) -> int:

@@ -69,12 +69,13 @@ class OnnxScorer:
         self.session, self.kernel = kernels.session(graph or model.decoder, options, kernel,
                                                     lambda m: keep_last_positions(m, None))
         self.inputs = {i.name for i in self.session.get_inputs()}
+        self.cache = kernels.cache_dtype(self.session, model.io_names["past_key_names"] % 0)
 
     def logits(self, sequences, progress=lambda i, n: None, positions=None):
         out = []
         for n, ids in enumerate(sequences):
             progress(n, len(sequences))
-            feeds = {**whole_sequence_feeds(ids, self.layers, self.kv_heads, self.head), **self.extra}
+            feeds = {**whole_sequence_feeds(ids, self.layers, self.kv_heads, self.head, self.cache), **self.extra}
             if "position_ids" in self.inputs:
                 feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
             if self.kernel:
