@@ -26,6 +26,7 @@ the built library everything runs as before, on onnxruntime's own ops.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import io
@@ -193,15 +194,15 @@ def use_attention(model) -> bool:
     # present the graph's outputs, read by nothing else, so that only the caller sees the type.
     inputs = {i.name: i for i in model.graph.input}
     outputs = {o.name: o for o in model.graph.output}
-    read = [name for n in model.graph.node for name in n.input]
+    read = collections.Counter(name for n in model.graph.node for name in n.input)
     for node in nodes:
         if any(a.name not in supported or (a.name == "local_window_size" and a.i != -1) for a in node.attribute):
             return False
         if len(node.input) > 9:  # position ids, attention bias, quantized-cache scales
             return False
         cache, present = node.input[3:5], node.output[1:3]
-        if len(cache) < 2 or len(present) < 2 or not all(n in inputs and read.count(n) == 1 for n in cache) \
-                or not all(n in outputs and n not in read for n in present):
+        if len(cache) < 2 or len(present) < 2 or not all(n in inputs and read[n] == 1 for n in cache) \
+                or not all(n in outputs and read[n] == 0 for n in present):
             return False
     for node in nodes:
         node.domain = DOMAIN
@@ -210,8 +211,9 @@ def use_attention(model) -> bool:
             inputs[name].type.tensor_type.elem_type = TensorProto.FLOAT16
         for name in node.output[1:3]:
             outputs[name].type.tensor_type.elem_type = TensorProto.FLOAT16
+    presents = {name for node in nodes for name in node.output[1:3]}
     for info in model.graph.value_info:
-        if info.name in outputs and any(info.name in n.output[1:3] for n in nodes):
+        if info.name in presents:
             info.type.tensor_type.elem_type = TensorProto.FLOAT16
     # Which rows hold another's prefix (attention.cc), fed with every run: NO_SHARES for none. (An
     # initializer would make it optional, but an IO binding cannot override one.)
@@ -223,8 +225,11 @@ def use_attention(model) -> bool:
 def cache_dtype(session, name: str) -> type:
     """The numpy type of a session's KV cache input `name`: float16 on attar's attention, else
     float32."""
-    kind = next(i.type for i in session.get_inputs() if i.name == name)
-    return {"tensor(float16)": np.float16, "tensor(float)": np.float32}[kind]
+    kind = {i.name: i.type for i in session.get_inputs()}.get(name)
+    types = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
+    if kind not in types:
+        raise ModelError(f"the graph's KV cache input {name} is {kind}: attar runs float16 or float32 caches")
+    return types[kind]
 
 
 def use_int8_rows(model) -> int:
