@@ -238,6 +238,18 @@ def test_a_cache_that_another_node_reads_stays_on_onnxruntime():
     assert len(caches) == 4 and all(i.type.tensor_type.elem_type == T.FLOAT16 for i in caches)
 
 
+def test_a_cache_of_another_type_is_a_one_line_model_error():
+    from attar.runtime.modeldir import ModelError
+
+    graph = helper.make_graph([helper.make_node("Identity", ["past"], ["present"])], "cache",
+                              [helper.make_tensor_value_info("past", T.BFLOAT16, [1, 2, None, 64])],
+                              [helper.make_tensor_value_info("present", T.BFLOAT16, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(ModelError, match=r"KV cache input past is tensor\(bfloat16\)"):
+        kernels.cache_dtype(session, "past")
+
+
 def test_the_engines_cache_is_float16_on_the_kernel_and_holds_twice_the_context(library):
     from attar.runtime.engine import Engine, Request
     from attar.runtime.modeldir import ExportDir
