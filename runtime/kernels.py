@@ -26,7 +26,6 @@ the built library everything runs as before, on onnxruntime's own ops.
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
 import io
@@ -192,29 +191,25 @@ def use_attention(model) -> bool:
 
     # The kernel keeps the cache in float16: each node's past must be the graph's inputs and its
     # present the graph's outputs, read by nothing else, so that only the caller sees the type.
-    inputs = {i.name: i for i in model.graph.input}
-    outputs = {o.name: o for o in model.graph.output}
-    read = collections.Counter(name for n in model.graph.node for name in n.input)
+    inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    readers = _Graph(model).readers
     for node in nodes:
         if any(a.name not in supported or (a.name == "local_window_size" and a.i != -1) for a in node.attribute):
             return False
         if len(node.input) > 9:  # position ids, attention bias, quantized-cache scales
             return False
         cache, present = node.input[3:5], node.output[1:3]
-        if len(cache) < 2 or len(present) < 2 or not all(n in inputs and read[n] == 1 for n in cache) \
-                or not all(n in outputs and read[n] == 0 for n in present):
+        if len(cache) < 2 or len(present) < 2 or not all(n in inputs and len(readers[n]) == 1 for n in cache) \
+                or not all(n in outputs and n not in readers for n in present):
             return False
+    caches = {name for node in nodes for name in [*node.input[3:5], *node.output[1:3]]}
+    for info in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if info.name in caches:
+            info.type.tensor_type.elem_type = TensorProto.FLOAT16
     for node in nodes:
         node.domain = DOMAIN
         node.input.extend([""] * (9 - len(node.input)) + [SHARED])
-        for name in node.input[3:5]:
-            inputs[name].type.tensor_type.elem_type = TensorProto.FLOAT16
-        for name in node.output[1:3]:
-            outputs[name].type.tensor_type.elem_type = TensorProto.FLOAT16
-    presents = {name for node in nodes for name in node.output[1:3]}
-    for info in model.graph.value_info:
-        if info.name in presents:
-            info.type.tensor_type.elem_type = TensorProto.FLOAT16
     # Which rows hold another's prefix (attention.cc), fed with every run: NO_SHARES for none. (An
     # initializer would make it optional, but an IO binding cannot override one.)
     model.graph.input.append(helper.make_tensor_value_info(SHARED, TensorProto.INT32, ["share_rows", 2]))
