@@ -1,5 +1,7 @@
-// Int8MatMul: one projection of an int8 graph (MatMulInteger and the RowDequantize after it) in
-// one node, on weights packed for the CPU's integer dot products (AVX-512 VNNI, or AVX2).
+// Int8MatMul: one projection of an int8 graph in one node (its input's row quantization, the
+// MatMulInteger, the dequantization of its sums, and where the graph has them a bias and the MLP's
+// SwiGLU), on weights packed for the CPU's integer dot products (AVX-512 VNNI, or AVX2). At 97
+// projections a step, the nodes around each product were ~8% of a decode step of the default.
 //
 // onnxruntime's quantized GEMM spends a decode step of 8 rows mostly on arithmetic it cannot
 // overlap with reading the weights (README, "What 8 rows cost"). Here a tile of 8 rows by 32
@@ -50,6 +52,7 @@ constexpr int64_t BLOCK = 16;     // columns a block: one AVX-512 register of in
 constexpr int64_t GROUP = 4;      // inputs a block's packed 64 bytes hold for each of its columns
 constexpr int TILE_ROWS = 8;      // rows a tile: 8 rows × 2 blocks = 16 accumulators (AVX2: in passes of PASS)
 constexpr int64_t ITEM_ROWS = 64;  // rows a work item: its weights stay in cache across its tiles
+constexpr int64_t QUANTIZE_ROWS = 32;  // rows of an input a thread quantizes at a time (a prefill's)
 constexpr int64_t Q8_OFFSETS = 32;  // Q8MatMul: inputs that share an offset (GGUF's k-quants with a minimum)
 
 // How Q8MatMul's weights are packed (`attar_pack_q8`): 8 bits, as they are (SIGNED) or plus the
@@ -396,89 +399,6 @@ constexpr Tile<B> TILES[TILE_ROWS + 1] = {nullptr,      tile<1, B>, tile<2, B>, 
                                           tile<5, B>,   tile<6, B>, tile<7, B>, tile<8, B>};
 #endif
 
-// Int8MatMul(codes uint8 (..., K), weights int8 (N/16, K/4, 64), offsets int32 (N),
-//            row_scale float (..., 1), column_scale float (N)) -> float (..., N)
-// = (float(Σ_k codes·w - offsets) * row_scale) * column_scale, offsets being the codes' zero
-// point times each column's sum of weights (MatMulInteger's a_zero_point, folded in by the packing).
-struct Int8MatMul {
-  explicit Int8MatMul(const OrtKernelInfo*) {}
-
-  struct Work {
-    const Code* codes;
-    const int8_t* weights;
-    const int32_t* offsets;
-    const float *row_scale, *column_scale;
-    float* y;
-    int64_t rows, k, n;
-  };
-
-  static void part(void* data, size_t item) {  // a strip of 32 columns × up to ITEM_ROWS rows
-#ifdef ATTAR_PACKS
-    const Work& w = *static_cast<const Work*>(data);
-    const int64_t stride = w.k * BLOCK;
-    each_tile(item, w.rows, w.n, [&](int64_t r, int64_t rows, int64_t block, bool two) {
-      const int64_t column = block * BLOCK;
-      (two ? TILES<2>[rows] : TILES<1>[rows])(w.codes + r * w.k, w.k, w.weights + block * stride, stride,
-                                              w.offsets + column, w.row_scale + r, w.column_scale + column,
-                                              w.y + r * w.n + column, w.n);
-    });
-#else
-    (void)data, (void)item;
-#endif
-  }
-
-  void Compute(OrtKernelContext* context) {
-#ifndef ATTAR_PACKS
-    fail("Int8MatMul", "this build packs no weights (a CPU with AMX, AVX-VNNI or neither VNNI nor AVX2)");
-#endif
-    const OrtValue* codes = input(context, 0);
-    std::vector<int64_t> shape = dims(codes);
-    const std::vector<int64_t> packed = dims(input(context, 1));
-    if (shape.empty() || packed.size() != 3 || packed[2] != BLOCK * GROUP || packed[1] * GROUP != shape.back())
-      fail("Int8MatMul", "the weights must be packed (N/16, K/4, 64) for codes of K inputs");
-    const int64_t k = shape.back(), n = packed[0] * BLOCK;
-    int64_t rows = 1;
-    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
-    std::vector<int64_t> per_row = shape;
-    per_row.back() = 1;
-    if (dims(input(context, 3)) != per_row) fail("Int8MatMul", "the row scale must hold one scale a row");
-    if (dims(input(context, 2)) != std::vector<int64_t>{n} || dims(input(context, 4)) != std::vector<int64_t>{n})
-      fail("Int8MatMul", "the offsets and column scale must hold one value a column");
-    shape.back() = n;
-    OrtValue* out = nullptr;
-    check(g_api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &out));
-#ifdef ATTAR_AVX2
-    // Widened once for all the strips; kept by the thread, so a step allocates nothing.
-    thread_local std::vector<Code> wide;
-    const uint8_t* narrow = data<uint8_t>(codes);
-    wide.assign(narrow, narrow + rows * k);
-    const Code* a = wide.data();
-#else
-    const Code* a = data<uint8_t>(codes);
-#endif
-    Work w{a, data<int8_t>(input(context, 1)), data<int32_t>(input(context, 2)),
-           data<float>(input(context, 3)), data<float>(input(context, 4)), data<float>(out), rows, k, n};
-    if (rows == 0 || n == 0) return;
-    check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
-  }
-};
-
-struct Int8MatMulOp : Ort::CustomOpBase<Int8MatMulOp, Int8MatMul> {
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new Int8MatMul(info); }
-  const char* GetName() const { return "Int8MatMul"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 5; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    static const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
-                                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-                                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-    return types[i];
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
-
-#ifdef ATTAR_AVX2
 // A gated projection's outputs from its two halves, row by row: silu(gate) × up, as the graph
 // wrote it, (gate × sigmoid(gate)) × up, with sigmoid(g) = 1 / (1 + e) where g >= 0 and
 // e / (1 + e) where not, e = exp(-|g|). `both` holds a row's 16 gate then its 16 up values.
@@ -491,7 +411,128 @@ inline void gate(const float* both, int64_t rows, float* y, int64_t n) {
       store_vec(y + r * n + h, g * sigmoid * up);
     }
 }
+
+// Int8MatMul(x float (..., K), weights int8 (N/16, K/4, 64), offsets int32 (N), column_scale float (N)
+//            [, smooth float (K)][, bias float (N)]) -> float (..., N), attribute gated (0 or 1)
+// The int8 graph's projection from its float input to its float output, the nodes between them in
+// one: each row of x quantized as RowQuantize quantizes it (`quantize_row`: codes around 128, a
+// step a row), then (float(Σ_k codes·w - offsets) * step) * column_scale, RowDequantize's
+// expression in its order, offsets being the codes' zero point times each column's sum of weights
+// (MatMulInteger's a_zero_point, folded in by the packing); plus the column's bias where there is
+// one (the graph's Add). So far the same bits as the graph's nodes. `gated`: the columns are a
+// gate's and an up projection's blocks of 16 in pairs (`attar_pack_int8`), and the output is
+// silu(gate) × up, N/2 columns: the SwiGLU after the product (onnxruntime's Split, Sigmoid and two
+// Muls) on each tile's sums while they are in cache, to float rounding.
+struct Int8MatMul {
+  bool gated;
+  explicit Int8MatMul(const OrtKernelInfo* info) : gated(attribute(info, "gated", int64_t{0}) != 0) {}
+
+  struct Work {
+    const Code* codes;
+    const int8_t* weights;
+    const int32_t* offsets;
+    const float *row_scale, *column_scale, *bias;  // bias: (N) or nullptr
+    float* y;
+    int64_t rows, k, n;  // n: the product's columns (y has n / 2 where gated)
+    bool gated;
+  };
+
+  struct Rows {  // the input and its codes
+    const float *x, *smooth;
+    uint8_t* codes;
+    float* steps;
+    int64_t rows, k;
+  };
+
+  static void quantize(void* data, size_t item) {  // rows [item × QUANTIZE_ROWS, +QUANTIZE_ROWS)
+    const Rows& q = *static_cast<const Rows*>(data);
+    thread_local std::vector<float> scratch;
+    scratch.resize(q.k);
+    const int64_t first = static_cast<int64_t>(item) * QUANTIZE_ROWS;
+    for (int64_t r = first; r < std::min(q.rows, first + QUANTIZE_ROWS); ++r)
+      q.steps[r] = quantize_row(q.x + r * q.k, q.smooth, q.k, scratch.data(), q.codes + r * q.k);
+  }
+
+  static void part(void* data, size_t item) {  // a strip of 32 columns × up to ITEM_ROWS rows
+#ifdef ATTAR_PACKS
+    const Work& w = *static_cast<const Work*>(data);
+    const int64_t stride = w.k * BLOCK;
+    each_tile(item, w.rows, w.n, [&](int64_t r, int64_t rows, int64_t block, bool two) {
+      const int64_t column = block * BLOCK;
+      float both[TILE_ROWS * 2 * BLOCK];  // gated: the tile's gate and up outputs, rows of 2 blocks
+      float* y = w.gated ? both : w.y + r * w.n + column;
+      const int64_t row = w.gated ? 2 * BLOCK : w.n;  // floats from one of y's rows to the next
+      (two ? TILES<2>[rows] : TILES<1>[rows])(w.codes + r * w.k, w.k, w.weights + block * stride, stride,
+                                              w.offsets + column, w.row_scale + r, w.column_scale + column, y, row);
+      for (int64_t i = 0; w.bias != nullptr && i < rows; ++i)
+        for (int64_t c = 0; c < (two ? 2 : 1) * BLOCK; ++c) y[i * row + c] += w.bias[column + c];
+      if (w.gated) gate(both, rows, w.y + r * (w.n / 2) + block / 2 * BLOCK, w.n / 2);
+    });
+#else
+    (void)data, (void)item;
 #endif
+  }
+
+  void Compute(OrtKernelContext* context) {
+#ifndef ATTAR_PACKS
+    fail("Int8MatMul", "this build packs no weights (a CPU with AMX, AVX-VNNI or neither VNNI nor AVX2)");
+#endif
+    const OrtValue* x = input(context, 0);
+    std::vector<int64_t> shape = dims(x);
+    const std::vector<int64_t> packed = dims(input(context, 1));
+    if (shape.empty() || packed.size() != 3 || packed[2] != BLOCK * GROUP || packed[1] * GROUP != shape.back())
+      fail("Int8MatMul", "the weights must be packed (N/16, K/4, 64) for an input of K");
+    const int64_t k = shape.back(), n = packed[0] * BLOCK;
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+    const OrtValue *smooth = input(context, 4), *bias = input(context, 5);
+    if (dims(input(context, 2)) != std::vector<int64_t>{n} || dims(input(context, 3)) != std::vector<int64_t>{n} ||
+        (bias != nullptr && dims(bias) != std::vector<int64_t>{n}))
+      fail("Int8MatMul", "the offsets, column scale and bias must hold one value a column");
+    if (smooth != nullptr && dims(smooth) != std::vector<int64_t>{k}) fail("Int8MatMul", "smooth must hold one factor an input");
+    if (gated && n % (2 * BLOCK) != 0) fail("Int8MatMul", "a gated product's columns must be blocks of 16, gate and up in pairs");
+    shape.back() = gated ? n / 2 : n;
+    OrtValue* out = nullptr;
+    check(g_api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &out));
+    if (rows == 0 || n == 0) return;
+    // The rows quantized once for all the strips (a prefill's on every thread); kept by the
+    // thread, so a step allocates nothing.
+    thread_local std::vector<uint8_t> codes;
+    thread_local std::vector<float> steps;
+    codes.resize(rows * k), steps.resize(rows);
+    Rows q{data<float>(x), smooth ? data<float>(smooth) : nullptr, codes.data(), steps.data(), rows, k};
+    const size_t parts = static_cast<size_t>((rows + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS);
+    if (parts == 1) quantize(&q, 0); else check(g_api->KernelContext_ParallelFor(context, quantize, parts, 0, &q));
+#ifdef ATTAR_AVX2
+    thread_local std::vector<Code> wide;  // `vpmaddwd` multiplies 16-bit codes
+    wide.assign(codes.begin(), codes.end());
+    const Code* a = wide.data();
+#else
+    const Code* a = codes.data();
+#endif
+    Work w{a, data<int8_t>(input(context, 1)), data<int32_t>(input(context, 2)), steps.data(),
+           data<float>(input(context, 3)), bias ? data<float>(bias) : nullptr, data<float>(out), rows, k, n, gated};
+    check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
+  }
+};
+
+struct Int8MatMulOp : Ort::CustomOpBase<Int8MatMulOp, Int8MatMul> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new Int8MatMul(info); }
+  const char* GetName() const { return "Int8MatMul"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 6; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    static const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
+                                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    return types[i];
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i >= 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
 
 // Q8MatMul(a float (..., K), weights int8 (N/16, K/4, 64; 4-bit codes: 32), scales float (N/16, K/G, 16)
 //          [, offsets float (N/16, K/32, 16)][, bias float (N/16, 16)]) -> float (..., N), attributes
@@ -692,24 +733,27 @@ void add_int8_matmul(Ort::CustomOpDomain& domain) {
 // Pack MatMulInteger's weights w (k × n, int8, row-major) for Int8MatMul, and offsets[c] = zero ×
 // Σ_k w[k][c]. Block j's group g (64 bytes) holds w[4g .. 4g+3][16j .. 16j+15]: for VNNI as
 // packed[j][g][c][i] = w[4g + i][16j + c], for AVX2 as packed[j][g][p][c][i] = w[4g + 2p + i][16j + c].
-// Returns 0, or 1 where this build packs nothing (the graph then keeps MatMulInteger) or the shape
-// does not pack (k % 4, n % 16).
-extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n, int32_t zero, int8_t* __restrict packed,
-                               int32_t* __restrict offsets) {
+// `gated`: the first n/2 columns are a gate's and the rest an up projection's, and their blocks of
+// 16 go in pairs (Int8MatMul's `gated`): block j to place 2j, block n/32 + j to place 2j + 1
+// (offsets stay in the columns' order). Returns 0, or 1 where this build packs nothing (the graph
+// then keeps MatMulInteger) or the shape does not pack (k % 4, n % 16 or, gated, n % 32).
+extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n, int32_t zero, int32_t gated,
+                               int8_t* __restrict packed, int32_t* __restrict offsets) {
 #ifdef ATTAR_PACKS
   using attar::BLOCK, attar::GROUP;
-  if (k <= 0 || n <= 0 || k % GROUP != 0 || n % BLOCK != 0) return 1;
+  if (k <= 0 || n <= 0 || k % GROUP != 0 || n % (gated ? 2 * BLOCK : BLOCK) != 0) return 1;
   for (int64_t c = 0; c < n; ++c) offsets[c] = 0;
   for (int64_t row = 0; row < k; ++row)
     for (int64_t c = 0; c < n; ++c) offsets[c] += w[row * n + c];
   for (int64_t c = 0; c < n; ++c) offsets[c] *= zero;
+  const int64_t blocks = n / BLOCK;
   // Each block's 4 × 16 bytes interleaved, a band of blocks at a time: the band's
   // packed bytes (~512 KB) stay in cache while four rows at a time are read across it.
   const int64_t band = std::max<int64_t>(1, (512 << 10) / (k * BLOCK));
-  for (int64_t first = 0; first < n / BLOCK; first += band)
+  for (int64_t first = 0; first < blocks; first += band)
   for (int64_t g = 0; g < k / GROUP; ++g) {
     const int8_t* row = w + g * GROUP * n;
-    for (int64_t j = first; j < std::min(n / BLOCK, first + band); ++j) {
+    for (int64_t j = first; j < std::min(blocks, first + band); ++j) {
       const int8_t* at = row + j * BLOCK;
       const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
       const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at + n));
@@ -717,7 +761,8 @@ extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n,
       const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at + 3 * n));
       const __m128i low01 = _mm_unpacklo_epi8(r0, r1), high01 = _mm_unpackhi_epi8(r0, r1);
       const __m128i low23 = _mm_unpacklo_epi8(r2, r3), high23 = _mm_unpackhi_epi8(r2, r3);
-      __m128i* out = reinterpret_cast<__m128i*>(packed + (j * (k / GROUP) + g) * BLOCK * GROUP);
+      const int64_t place = gated ? (j < blocks / 2 ? 2 * j : 2 * (j - blocks / 2) + 1) : j;
+      __m128i* out = reinterpret_cast<__m128i*>(packed + (place * (k / GROUP) + g) * BLOCK * GROUP);
 #ifdef ATTAR_VNNI
       _mm_storeu_si128(out, _mm_unpacklo_epi16(low01, low23));      // columns 0-3, 4 inputs each
       _mm_storeu_si128(out + 1, _mm_unpackhi_epi16(low01, low23));  // columns 4-7
@@ -733,7 +778,7 @@ extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n,
   }
   return 0;
 #else
-  (void)w, (void)k, (void)n, (void)zero, (void)packed, (void)offsets;
+  (void)w, (void)k, (void)n, (void)zero, (void)gated, (void)packed, (void)offsets;
   return 1;
 #endif
 }

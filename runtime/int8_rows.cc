@@ -7,7 +7,8 @@
 // sums back by the row's scale and the weight column's. In onnxruntime's own ops that is eight
 // nodes before the product and three after it, each a pass over memory and a dispatch. These ops
 // compute the same expressions in the same order, so the graph's outputs are the same bits
-// (tests/test_attention_kernel.py checks it): `kernels.use_int8_rows` swaps them in, in memory.
+// (tests/test_int8_rows.py checks it): `kernels.use_int8_rows` swaps them in, in memory. Where the
+// weights pack, Int8MatMul (int8_matmul.cc) then takes in both, with `quantize_row`.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,9 +41,24 @@ float largest_magnitude(const float* x, int64_t n) {
   return peak;
 }
 
-// RowQuantize(x[, smooth]) -> (codes uint8, scale float (..., 1)): per row of x (x times smooth,
-// one factor a channel, when given: SmoothQuant's division, folded into the weights),
-// scale = max(max|x|, 1e-8) / 127 and codes = round_half_to_even(x / scale) + 128.
+}  // namespace
+
+float quantize_row(const float* x, const float* smooth, int64_t width, float* scratch, uint8_t* codes) {
+  if (smooth != nullptr) {
+    for (int64_t i = 0; i < width; ++i) scratch[i] = x[i] * smooth[i];
+    x = scratch;
+  }
+  const float peak = largest_magnitude(x, width);
+  const float step = std::max(peak, 1e-8f) / 127.0f;
+  // In [-127, 127] after rounding, so +128 and the conversion are exact.
+  for (int64_t i = 0; i < width; ++i) codes[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(x[i] / step)) + 128);
+  return step;
+}
+
+namespace {
+
+// RowQuantize(x[, smooth]) -> (codes uint8, scale float (..., 1)): `quantize_row` for each row of
+// x. (Where the products pack, `Int8MatMul` quantizes its own input and this node is not used.)
 struct RowQuantize {
   explicit RowQuantize(const OrtKernelInfo*) {}
 
@@ -65,19 +81,7 @@ struct RowQuantize {
     uint8_t* out = data<uint8_t>(codes);
     float* scale = data<float>(scales);
     std::vector<float> row(static_cast<size_t>(width));
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = in + r * width;
-      if (s != nullptr) {
-        for (int64_t i = 0; i < width; ++i) row[i] = xr[i] * s[i];
-        xr = row.data();
-      }
-      const float peak = largest_magnitude(xr, width);
-      const float step = std::max(peak, 1e-8f) / 127.0f;
-      scale[r] = step;
-      uint8_t* o = out + r * width;
-      // In [-127, 127] after rounding, so +128 and the conversion are exact.
-      for (int64_t i = 0; i < width; ++i) o[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(xr[i] / step)) + 128);
-    }
+    for (int64_t r = 0; r < rows; ++r) scale[r] = quantize_row(in + r * width, s, width, row.data(), out + r * width);
   }
 };
 

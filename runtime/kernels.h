@@ -170,6 +170,12 @@ inline vec exp_nonpositive(vec x) {
   return p * (vec)bits;  // the bits as floats: 2^n
 }
 
+// The int8 graph's quantization of one row (int8_rows.cc): x (times smooth, one factor a channel,
+// when given: SmoothQuant's division, folded into the weights) to uint8 codes around 128,
+// round_half_to_even(x / step) + 128, step = max(max|x|, 1e-8) / 127, which it returns. `scratch`
+// holds `width` floats.
+float quantize_row(const float* x, const float* smooth, int64_t width, float* scratch, uint8_t* codes);
+
 // Each source file adds its ops to the library's one domain, "attar".
 void add_attention(Ort::CustomOpDomain& domain);
 void add_int8_rows(Ort::CustomOpDomain& domain);

@@ -8,10 +8,10 @@ Two sets of ops in one native library, the `attar` domain:
   Putting it in a graph is renaming the domain of its attention nodes.
 * `int8_rows.cc`: the int8 graph's per-row quantization and dequantization around each
   MatMulInteger, one node each instead of eight and three, the same bits.
-* `int8_matmul.cc`: each MatMulInteger and the dequantization after it as one node, on weights
-  packed (when the session is made) for the CPU's integer dot products (AVX-512 VNNI, or AVX2);
-  the bits of the exact integer sums, which onnxruntime's MatMulInteger does not give on AVX2
-  without VNNI (its 16-bit pair sums saturate).
+* `int8_matmul.cc`: each projection (its row quantization, the MatMulInteger, the dequantization,
+  a bias and the MLP's SwiGLU) as one node, on weights packed (when the session is made) for the
+  CPU's integer dot products (AVX-512 VNNI, or AVX2); the bits of the exact integer sums, which
+  onnxruntime's MatMulInteger does not give on AVX2 without VNNI (its 16-bit pair sums saturate).
 
 Both go in when a session is made (`session`), in memory; the files on disk keep onnxruntime's own
 ops, which every other runtime (onnxruntime-genai) reads.
@@ -262,9 +262,11 @@ def use_int8_rows(model) -> int:
 
 
 def use_int8_matmul(model, folder: Path, options, keep: list) -> int:
-    """Edit an onnx.ModelProto whose dequantizations are RowDequantize nodes (`use_int8_rows`) so
-    that each MatMulInteger and the RowDequantize of its sums run as one Int8MatMul node, on the
-    weights packed for it (`attar_pack_int8`). The packed weights are handed to onnxruntime through
+    """Edit an onnx.ModelProto whose row quantizations and dequantizations are attar's nodes
+    (`use_int8_rows`) so that each projection from the float input of its RowQuantize to the float
+    output of its RowDequantize, with a bias after it (`_bias`) and, where it is a gate's and an up
+    projection's, the SwiGLU after that (`_gate`), runs as one Int8MatMul node, on the weights
+    packed for it (`attar_pack_int8`). The packed weights are handed to onnxruntime through
     `options` in place of the graph's (no second copy in memory); `keep` holds them, and must live
     as long as the session. Returns how many products it put in (0: none; and none where the
     library packs nothing: a CPU with AMX or AVX-VNNI, whose MatMulInteger is exact and faster,
@@ -285,20 +287,50 @@ def use_int8_matmul(model, folder: Path, options, keep: list) -> int:
         weights = product is not None and product.op_type == "MatMulInteger" and graph.uses[node.input[0]] == 1 \
             and len(product.input) == 3 and graph.constants.get(product.input[1])
         zero = weights and graph.value(product.input[2])
-        if not weights or weights.data_type != 3 or len(weights.dims) != 2 or not (zero and len(zero) == 1):  # int8
+        quantize = weights and graph.producer.get(product.input[0])
+        if not weights or weights.data_type != 3 or len(weights.dims) != 2 or not (zero and len(zero) == 1) \
+                or not (quantize and quantize.op_type == "RowQuantize" and quantize.domain == DOMAIN
+                        and list(quantize.output) == [product.input[0], node.input[1]]):  # int8 weights, its codes
             continue
         k, n = weights.dims
-        if n % 16 or k % 4 or k > 1 << 16:
+        scale = graph.constants.get(node.input[2])
+        if n % 16 or k % 4 or k > 1 << 16 or scale is None:
             continue  # a shape that does not pack (or whose sums could overflow): MatMulInteger stays
-        packed, offsets = np.empty((n // 16, k // 4, 64), np.int8), np.empty(n, np.int32)
-        if pack(_initializer_values(weights, folder, np.int8, k * n), k, n, int(zero[0]), packed, offsets) != 0:
+        # The column scale, offsets and a bias, by column; the SwiGLU's pairs of blocks reorder them.
+        columns = {"scale": _initializer_values(scale, folder, np.float32, n)}
+        last, output = node, node.output[0]
+        add = _bias(graph, output, n)
+        if add is not None:
+            last, output, bias = add
+            columns["bias"] = _initializer_values(graph.constants[bias], folder, np.float32, n)
+            dropped.add(graph.position[id(last)])
+            replaced.add(bias)
+        gated = _gate(graph, output, n)
+        if gated is not None:
+            last, output, pattern = gated
+            dropped.update(graph.position[id(m)] for m in pattern)
+            replaced.add(pattern[0].input[1])  # the Split's sizes
+        packed, columns["offsets"] = np.empty((n // 16, k // 4, 64), np.int8), np.empty(n, np.int32)
+        if pack(_initializer_values(weights, folder, np.int8, k * n), k, n, int(zero[0]), int(gated is not None),
+                packed, columns["offsets"]) != 0:
             raise KernelError(f"{weights.name}: attar_pack_int8 refused a {k} × {n} matrix")
-        name = _hand_over(model, options, keep, weights, packed)
-        model.graph.initializer.append(numpy_helper.from_array(offsets, f"{weights.name}/offsets"))
-        replaced.add(weights.name)
-        fused[graph.position[id(node)]] = _node("Int8MatMul", [product.input[0], name, f"{weights.name}/offsets",
-                                                               node.input[1], node.input[2]], [node.output[0]], node.name)
-        dropped.add(graph.position[id(product)])
+        if gated is not None:  # the gate's and the up projection's blocks of 16 in pairs, as packed
+            order = np.arange(n // 16).reshape(2, -1).T.reshape(-1)
+            columns = {key: values.reshape(n // 16, 16)[order].reshape(-1) for key, values in columns.items()}
+        for key, values in columns.items():
+            model.graph.initializer.append(numpy_helper.from_array(values, f"{weights.name}/{key}"))
+        smooth = quantize.input[1] if len(quantize.input) > 1 else ""
+        inputs = [quantize.input[0], _hand_over(model, options, keep, weights, packed), f"{weights.name}/offsets",
+                  f"{weights.name}/scale", smooth, f"{weights.name}/bias" if add is not None else ""]
+        replaced.update((weights.name, scale.name, product.input[2]))  # the zero point: folded into the offsets
+        dropped.update(graph.position[id(m)] for m in (product, node))
+        fused[graph.position[id(last)]] = _node("Int8MatMul", inputs[:6 if add is not None else 5 if smooth else 4],
+                                                [output], node.name, gated=int(gated is not None))
+    for node in model.graph.node:  # a RowQuantize read only by products that now quantize for themselves
+        readers = [m for out in node.output for m in graph.readers.get(out, [])]
+        if node.op_type == "RowQuantize" and node.domain == DOMAIN and len(readers) == sum(map(graph.uses.get, node.output)) \
+                and all(graph.position[id(m)] in dropped for m in readers):
+            dropped.add(graph.position[id(node)])
     return _replace(model, fused, dropped, replaced)
 
 
@@ -490,9 +522,9 @@ def _packer() -> Callable | None:
 
 @functools.cache  # an engine asks twice as it starts (`int8_sums_exact`, `use_int8_matmul`)
 def _packer_in(path: str) -> Callable | None:
-    pack = _c_function(path, "attar_pack_int8", "p", "i64", "i64", "i32", "p", "p")  # w, k, n, zero, packed, offsets
+    pack = _c_function(path, "attar_pack_int8", "p", "i64", "i64", "i32", "i32", "p", "p")  # w, k, n, zero, gated, packed, offsets
     probe = np.zeros(64, np.int8)
-    return pack if pack(probe, 4, 16, 0, np.empty(64, np.int8), np.empty(16, np.int32)) == 0 else None
+    return pack if pack(probe, 4, 16, 0, 0, np.empty(64, np.int8), np.empty(16, np.int32)) == 0 else None
 
 
 def _q8_packer() -> Callable | None:

@@ -182,9 +182,11 @@ def test_a_prompt_asked_again_starts_its_answer_the_same_on_the_int8_graph(int8_
 
 
 def test_the_int8_graph_on_attars_ops_gives_the_bits_of_onnxruntimes_ops(int8_dir, monkeypatch):
-    """The int8 graph's row quantization and products run as attar's RowQuantize and Int8MatMul
-    where the kernels are built: every logit the same as on onnxruntime's eight and three nodes
-    around each product, with the product's exact integer sums, prefill and step."""
+    """The int8 graph's projections run as attar's Int8MatMul where the kernels are built (each
+    with its row quantization, dequantization and bias inside; RowQuantize and RowDequantize where
+    they do not pack): every logit the same as on onnxruntime's nodes around each product, with the
+    product's exact integer sums, prefill and step. With the MLP's SwiGLU inside too (attar's own
+    exp), each product's outputs are onnxruntime's to float rounding (tests/test_int8_rows.py)."""
     from test_int8_rows import exact_sums
 
     from attar.runtime import kernels
@@ -193,6 +195,8 @@ def test_the_int8_graph_on_attars_ops_gives_the_bits_of_onnxruntimes_ops(int8_di
     if kernels.library() is None:
         pytest.skip("attar's kernels are not built")
     engines = [Engine(ExportDir.open(int8_dir), max_rows=3)]
+    monkeypatch.setattr(kernels, "_gate", lambda *a: None)
+    engines.append(Engine(ExportDir.open(int8_dir), max_rows=3))
     monkeypatch.setattr(kernels, "use_int8_rows", lambda model: exact_sums(model) and 0)
     engines.append(Engine(ExportDir.open(int8_dir), max_rows=3))
     ids = np.random.default_rng(0).integers(300, 40000, (3, 30))
@@ -201,8 +205,12 @@ def test_the_int8_graph_on_attars_ops_gives_the_bits_of_onnxruntimes_ops(int8_di
         engine.pool.reserve(3, 64)
         logits.append([engine._forward(0, 3, ids, [0, 0, 0]).logits, engine._forward(0, 3, ids[:, :1], [30, 30, 30]).logits,
                        engine._forward(0, 1, ids[:1, :2], [31]).logits])
-    for fused, plain in zip(*logits):
+    for gated, fused, plain in zip(*logits):
         assert np.array_equal(fused, plain)
+        # The int8 graph rounds every projection's input to 255 levels: a last-bit difference moves
+        # a code now and then, and random tokens through SmolLM2 carry that far (measured: mean
+        # |Δ| 0.35 on logits of mean size 14.6). A wrong gate would be far off.
+        assert np.abs(gated - plain).mean() <= 0.05 * np.abs(plain).mean()
 
 
 @pytest.mark.parametrize("flags, int8", [({"avx2"}, False), ({"avx2", "avx512_vnni"}, True), ({"avx2", "avx_vnni"}, True),

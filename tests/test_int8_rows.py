@@ -121,7 +121,7 @@ def test_the_packed_products_give_the_bits_of_the_exact_sums(packing, tmp_path, 
     options, keep = ort.SessionOptions(), []
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tmp_path))
     assert kernels.use_int8_matmul(packed, tmp_path, options, keep) == 2
-    assert sorted(n.op_type for n in packed.graph.node) == ["Int8MatMul"] * 2 + ["RowQuantize"] * 2
+    assert sorted(n.op_type for n in packed.graph.node) == ["Int8MatMul"] * 2  # each quantizes its own input
     assert not any(t.name.endswith(".int8") for t in packed.graph.initializer)  # only the packed copy is held
     fast, reference = session(packed, library, options), session(plain, library)
     rng = np.random.default_rng(1)
@@ -136,9 +136,10 @@ def test_the_packed_products_give_the_bits_of_the_exact_sums(packing, tmp_path, 
 
 
 def test_the_packed_products_do_not_saturate(packing, tmp_path):
-    """Codes and weights over their whole range, and every code 255 against every weight 127: two
-    products a pair (255 × 127 × 2) overflow the 16-bit sums of `vpmaddubsw`, which onnxruntime's
-    MatMulInteger uses on AVX2. Int8MatMul's sums are the exact ones, on every CPU it packs for."""
+    """Codes and weights over their whole range, and every code 255 (a row of one positive value)
+    against every weight 127: two products a pair (255 × 127 × 2) overflow the 16-bit sums of
+    `vpmaddubsw`, which onnxruntime's MatMulInteger uses on AVX2. Int8MatMul's sums are the exact
+    ones, on every CPU it packs for."""
     if not packs():
         pytest.skip("the kernels were built for a CPU they pack nothing for (AMX, AVX-VNNI, no AVX2)")
     rng = np.random.default_rng(2)
@@ -146,25 +147,89 @@ def test_the_packed_products_do_not_saturate(packing, tmp_path):
     weights[:, 0] = 127
     column_scale = rng.random(N, dtype=np.float32)
     model = helper.make_model(helper.make_graph(
-        [helper.make_node("MatMulInteger", ["codes", "w", "zero"], ["sums"]),
+        [helper.make_node("RowQuantize", ["x"], ["codes", "row_scale"], domain="attar"),
+         helper.make_node("MatMulInteger", ["codes", "w", "zero"], ["sums"]),
          helper.make_node("RowDequantize", ["sums", "row_scale", "column_scale"], ["y"], domain="attar")],
-        "products", [helper.make_tensor_value_info("codes", T.UINT8, ["rows", K]),
-                     helper.make_tensor_value_info("row_scale", T.FLOAT, ["rows", 1])],
+        "products", [helper.make_tensor_value_info("x", T.FLOAT, ["rows", K])],
         [helper.make_tensor_value_info("y", T.FLOAT, None)],
         [onnx.numpy_helper.from_array(weights, "w"), onnx.numpy_helper.from_array(np.array(128, np.uint8), "zero"),
          onnx.numpy_helper.from_array(column_scale, "column_scale")]),
         opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("attar", 1)])
     options, keep = ort.SessionOptions(), []
     assert kernels.use_int8_matmul(model, tmp_path, options, keep) == 1
+    assert [n.op_type for n in model.graph.node] == ["Int8MatMul"]
     fast = session(model, packing, options)
     for rows in (1, 4, 8, 13):
-        codes = rng.integers(0, 256, (rows, K), dtype=np.uint8)
-        codes[0] = 255
-        row_scale = rng.random((rows, 1), dtype=np.float32)
-        sums = (codes.astype(np.int64) - 128) @ weights.astype(np.int64)
-        expected = (sums.astype(np.float32) * row_scale) * column_scale  # RowDequantize's order
-        assert np.array_equal(fast.run(None, {"codes": codes, "row_scale": row_scale})[0], expected)
-        assert expected[0, 0] == np.float32(127 * 127 * K) * row_scale[0, 0] * column_scale[0]
+        x = rng.standard_normal((rows, K)).astype(np.float32) * 5
+        x[0] = 3.0  # every code 255
+        step = np.maximum(np.abs(x).max(-1, keepdims=True), np.float32(1e-8)) / np.float32(127)  # RowQuantize's
+        codes = np.rint(x / step).astype(np.int64) + 128
+        sums = (codes - 128) @ weights.astype(np.int64)
+        expected = (sums.astype(np.float32) * step) * column_scale  # RowDequantize's order
+        assert codes[0].min() == 255 and (rows == 1 or codes[1:].min() < 16 and codes[1:].max() > 240)
+        assert np.array_equal(fast.run(None, {"x": x})[0], expected)
+        assert expected[0, 0] == np.float32(127 * 127 * K) * step[0, 0] * column_scale[0]
+
+
+def int8_gated_projections(tmp_path) -> onnx.ModelProto:
+    """The int8 graph's MLP and attention input, as the importer writes them: x (rows × 96) times a
+    gate's and an up projection's int8 weights (rows concatenated), a bias added, split in halves
+    and joined by silu(gate) × up; and x times the Q, K, V weights with a bias. Their int8 rows
+    and products already attar's (`use_int8_rows`)."""
+    rng = np.random.default_rng(8)
+    k, n = 96, 64
+    graph = GraphWriter(tmp_path / "int8_gated.data")
+    builder = DecoderBuilder(None, None, graph, rope_interleaved=False, int8=True, ranges={})
+    g = builder.g
+    y = builder.int8_matmul("x", rng.standard_normal((n, k)).astype(np.float32), "gate+up")
+    y = g.one("Add", [y, g.const("gate+up.bias", rng.standard_normal(n).astype(np.float32))])
+    gate, up = g.node("Split", [y, g.small("gate+up/sizes", np.array([n // 2, n // 2]))], n_out=2, axis=-1)
+    mlp = g.one("Mul", [g.one("Mul", [gate, g.one("Sigmoid", [gate])]), up])
+    attention = g.one("Add", [builder.int8_matmul("x", rng.standard_normal((n, k)).astype(np.float32), "qkv"),
+                              g.const("qkv.bias", rng.standard_normal(n).astype(np.float32))])
+    graph.close()
+    model = helper.make_model(
+        helper.make_graph(graph.nodes, "int8_gated", [helper.make_tensor_value_info("x", T.FLOAT, ["b", "s", k])],
+                          [helper.make_tensor_value_info(o, T.FLOAT, None) for o in (mlp, attention)], graph.initializers),
+        opset_imports=[helper.make_opsetid("", 21)])
+    onnx.save(model, tmp_path / "int8_gated.onnx")
+    model = onnx.load(tmp_path / "int8_gated.onnx")
+    assert kernels.use_int8_rows(model) == 3
+    return model
+
+
+def test_a_gate_and_up_product_and_a_bias_run_inside_int8matmul(packing, tmp_path, monkeypatch):
+    """As in Q8MatMul (below): the int8 graph's bias Add and the SwiGLU after its gate-up product run
+    on each tile's outputs, one node a projection. The bias gives the bits the graph's Add gives on
+    the exact sums; silu(gate) × up is onnxruntime's to float rounding; a row's outputs are the same
+    bits alone and beside others."""
+    library = packing
+    if not packs():
+        pytest.skip("the kernels were built for a CPU they pack nothing for (AMX, AVX-VNNI, no AVX2)")
+    fused, apart = int8_gated_projections(tmp_path), int8_gated_projections(tmp_path)
+    options, keep = ort.SessionOptions(), []
+    assert kernels.use_int8_matmul(fused, tmp_path, options, keep) == 2
+    assert [n.op_type for n in fused.graph.node] == ["Int8MatMul", "Int8MatMul"]
+    assert [a.i for n in fused.graph.node for a in n.attribute if a.name == "gated"] == [1, 0]
+    assert not any(t.name.endswith(("/sizes", ".bias", ".int8", ".int8_scale")) for t in fused.graph.initializer)
+    monkeypatch.setattr(kernels, "_gate", lambda *a: None)
+    monkeypatch.setattr(kernels, "_bias", lambda *a: None)
+    apart_options = ort.SessionOptions()
+    assert kernels.use_int8_matmul(apart, tmp_path, apart_options, keep) == 2  # the Adds, Split and silu on onnxruntime
+    assert sorted(n.op_type for n in apart.graph.node) == ["Add", "Add", "Int8MatMul", "Int8MatMul", "Mul", "Mul",
+                                                           "Sigmoid", "Split"]
+    rng = np.random.default_rng(9)
+    fast, slow = session(fused, library, options), session(apart, library, apart_options)
+    for rows in (1, 3, 8, 9, 40):  # a tile and its tails (AVX2: passes of 3), two tiles, several
+        x = rng.standard_normal((1, rows, 96)).astype(np.float32) * 3
+        x[0, 0] = 0.0
+        (mlp, attention), (mlp_apart, attention_apart) = fast.run(None, {"x": x}), slow.run(None, {"x": x})
+        assert np.array_equal(attention, attention_apart)
+        assert mlp.shape == (1, rows, 32)
+        assert np.abs(mlp - mlp_apart).max() <= 1e-6 * np.abs(mlp_apart).max()  # measured: 1e-8
+        for part in (slice(0, 1), slice(rows // 2, rows)):
+            for alone, together in zip(fast.run(None, {"x": x[:, part]}), (mlp, attention)):
+                assert np.array_equal(alone, together[:, part])
 
 
 def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = False, q6_worst: int = 32) -> onnx.ModelProto:
@@ -425,15 +490,18 @@ def test_what_is_not_the_importers_pattern_stays_on_onnxruntimes_ops(tmp_path):
      "attar RowDequantize: the row scale must hold one scale a row"),
     ("RowQuantize", {"a": np.zeros((2, 8), np.float32), "b": np.ones(9, np.float32)},
      "attar RowQuantize: smooth must hold one factor a channel"),
-    ("Int8MatMul", {"a": np.zeros((2, 8), np.uint8), "b": np.zeros((1, 3, 64), np.int8), "c": np.zeros(16, np.int32),
-                    "d": np.ones((2, 1), np.float32), "e": np.ones(16, np.float32)},
-     "attar Int8MatMul: the weights must be packed (N/16, K/4, 64) for codes of K inputs"),
-    ("Int8MatMul", {"a": np.zeros((2, 8), np.uint8), "b": np.zeros((1, 2, 64), np.int8), "c": np.zeros(16, np.int32),
-                    "d": np.ones((1, 1), np.float32), "e": np.ones(16, np.float32)},
-     "attar Int8MatMul: the row scale must hold one scale a row"),
-    ("Int8MatMul", {"a": np.zeros((2, 8), np.uint8), "b": np.zeros((1, 2, 64), np.int8), "c": np.zeros(15, np.int32),
-                    "d": np.ones((2, 1), np.float32), "e": np.ones(16, np.float32)},
-     "attar Int8MatMul: the offsets and column scale must hold one value a column"),
+    ("Int8MatMul", {"a": np.zeros((2, 8), np.float32), "b": np.zeros((1, 3, 64), np.int8), "c": np.zeros(16, np.int32),
+                    "d": np.ones(16, np.float32)},
+     "attar Int8MatMul: the weights must be packed (N/16, K/4, 64) for an input of K"),
+    ("Int8MatMul", {"a": np.zeros((2, 8), np.float32), "b": np.zeros((1, 2, 64), np.int8), "c": np.zeros(15, np.int32),
+                    "d": np.ones(16, np.float32)},
+     "attar Int8MatMul: the offsets, column scale and bias must hold one value a column"),
+    ("Int8MatMul", {"a": np.zeros((2, 8), np.float32), "b": np.zeros((1, 2, 64), np.int8), "c": np.zeros(16, np.int32),
+                    "d": np.ones(16, np.float32), "e": np.ones(8, np.float32), "f": np.ones(17, np.float32)},
+     "attar Int8MatMul: the offsets, column scale and bias must hold one value a column"),
+    ("Int8MatMul", {"a": np.zeros((2, 8), np.float32), "b": np.zeros((1, 2, 64), np.int8), "c": np.zeros(16, np.int32),
+                    "d": np.ones(16, np.float32), "e": np.ones(9, np.float32)},
+     "attar Int8MatMul: smooth must hold one factor an input"),
     ("Q8MatMul", {"a": np.zeros((2, 32), np.float32), "b": np.zeros((1, 8, 64), np.int8), "c": np.ones((1, 3, 16), np.float32)},
      "attar Q8MatMul: the scales must be packed (N/16, K/32 or K/16, 16)"),
     ("Q8MatMul", {"a": np.zeros((2, 24), np.float32), "b": np.zeros((1, 6, 64), np.int8), "c": np.ones((1, 1, 16), np.float32)},
