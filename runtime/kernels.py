@@ -324,11 +324,14 @@ def use_int8_matmul(model, folder: Path, options, keep: list) -> int:
                   f"{weights.name}/scale", smooth, f"{weights.name}/bias" if add is not None else ""]
         replaced.update((weights.name, scale.name, product.input[2]))  # the zero point: folded into the offsets
         dropped.update(graph.position[id(m)] for m in (product, node))
-        fused[graph.position[id(last)]] = _node("Int8MatMul", inputs[:6 if add is not None else 5 if smooth else 4],
-                                                [output], node.name, gated=int(gated is not None))
+        while not inputs[-1]:  # optional inputs left out at the end
+            inputs.pop()
+        fused[graph.position[id(last)]] = _node("Int8MatMul", inputs, [output], node.name, gated=int(gated is not None))
     for node in model.graph.node:  # a RowQuantize read only by products that now quantize for themselves
+        if node.op_type != "RowQuantize" or node.domain != DOMAIN:
+            continue
         readers = [m for out in node.output for m in graph.readers.get(out, [])]
-        if node.op_type == "RowQuantize" and node.domain == DOMAIN and len(readers) == sum(map(graph.uses.get, node.output)) \
+        if len(readers) == sum(graph.uses.get(out, 0) for out in node.output) \
                 and all(graph.position[id(m)] in dropped for m in readers):
             dropped.add(graph.position[id(node)])
     return _replace(model, fused, dropped, replaced)
