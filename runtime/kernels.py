@@ -135,10 +135,12 @@ def int8_sums_exact(kernel: bool | None = None) -> bool:
 
 def int8_graph_pays(kernel: bool | None = None) -> bool:
     """Whether batched work (a catalog teacher) should build and run a model's int8 graph here:
-    where its sums are exact, and not where the exact graph runs on attar's Q8 products (AVX2
-    without VNNI), which measured as fast at 8-16 rows on the default and faster at every width on
-    the 1.5B teacher, whose 4-bit codes it reads as 4 bits (README, "On AVX2 without VNNI")."""
-    if _wanted(kernel) is not None and _q8_packer() is not None:
+    where its sums are exact, and not where the exact graph runs on attar's Q8 products while the
+    int8 products have no VNNI (AVX2 without it): there the exact graph measured as fast at 8-16
+    rows on the default and faster at every width on the 1.5B teacher, whose 4-bit codes it reads
+    as 4 bits (README, "On AVX2 without VNNI"). With AVX-512 VNNI the int8 graph is the faster
+    from a few rows on."""
+    if _wanted(kernel) is not None and _q8_packer() is not None and "avx512_vnni" not in cpu_flags():
         return False
     return int8_sums_exact(kernel)
 
@@ -156,7 +158,7 @@ def cpu_flags() -> set[str]:
 def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], bool]):
     """An onnxruntime session of `graph` as `edit` changes it (`modeldir.edited_session`), on
     attar's kernels where `register` says so (its attention, an int8 graph's row quantization and
-    products, and on AVX2 without VNNI an exact graph's Q8 products); and whether its attention
+    products, and an exact graph's Q8 products); and whether its attention
     runs on the kernel, in which case every run feeds SHARED. The session holds the packed weights
     (`attar_packed`) for as long as it lives."""
     registered = register(options, kernel)
@@ -345,8 +347,9 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
     and an up projection's the SwiGLU after it (`_gate`), runs as one Q8MatMul node, on the codes,
     scales, offsets and bias packed for it (`attar_pack_q8`) and handed to onnxruntime as `use_int8_matmul`
     hands its weights. Returns how many it put in (0: none; and none where the library has no Q8
-    products: they are for AVX2 without VNNI, where onnxruntime's MatMulNBits and MatMul computed
-    a row alone otherwise than beside others)."""
+    products: a CPU with AMX or AVX-VNNI, where they were not measured, or without AVX2). On AVX2
+    without VNNI onnxruntime's MatMulNBits and MatMul computed a row alone otherwise than beside
+    others; with AVX-512 VNNI they were slower (README)."""
     pack = _q8_packer()
     if pack is None:
         return 0
@@ -532,7 +535,7 @@ def _packer_in(path: str) -> Callable | None:
 
 def _q8_packer() -> Callable | None:
     """The library's `attar_pack_q8`, called with numpy arrays; None where the library was built
-    without Q8 products (anything but AVX2 without VNNI: a 32 × 16 matrix is refused)."""
+    without Q8 products (a CPU with AMX or AVX-VNNI, or without AVX2: a 32 × 16 matrix is refused)."""
     return _q8_packer_in(str(library()))
 
 
