@@ -6,11 +6,12 @@ they leave parity as it is). One JSON line a figure.
     python bench/kernel.py [--model qwen2.5-coder-0.5b | FOLDER] [--rows 1,8,16] [--past 600,1500] [--no-parity]
 
 Engines per graph, their steps interleaved: onnxruntime's ops; attar's attention alone; on the
-exact graph, on AVX2 without VNNI, attar's attention with the Q8 products (MatMulNBits as
-Q8MatMul), then with the biases and the MLP's SwiGLU inside them too; and on the int8 graph
-attar's attention with the int8 rows, then with the int8 products on packed weights too (what
-`attar kernel build` gives, on a CPU with AVX-512 VNNI or AVX2). Needs the kernels built; a catalog
-model is pulled with its int8 graph."""
+exact graph, where the library has them (AVX2, with AVX-512 VNNI or without VNNI), attar's
+attention with the Q8 products (MatMulNBits as Q8MatMul), then with the biases and the MLP's
+SwiGLU inside them too; and on the int8 graph attar's attention with the int8 rows, then with
+the int8 products on packed weights too, each with its quantization, bias and SwiGLU inside (what
+`attar kernel build` gives, on a CPU with AVX-512 VNNI or AVX2). Needs the kernels built; a
+catalog model is pulled with its int8 graph."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def main() -> None:
         engines = {"onnxruntime": engine(False)}
         with without("use_int8_rows"), without("use_q8_matmul"):  # attention alone: the rest onnxruntime's ops
             engines["attention"] = engine(True)
-        if not int8 and kernels._q8_packer() is not None:  # AVX2 without VNNI: MatMulNBits as Q8MatMul
+        if not int8 and kernels._q8_packer() is not None:  # MatMulNBits as Q8MatMul
             with without("_bias", None), without("_gate", None):  # the biases and the SwiGLU on onnxruntime's ops
                 engines["attention+q8 products"] = engine(True)
             engines["attention+q8 products+bias+swiglu"] = engine(True)

@@ -390,7 +390,7 @@ def test_the_avx2_lane_trees_give_the_bits_of_the_portable_ones(tmp_path, avx2_b
 @pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "icelake-server", "sapphirerapids"])
 def test_the_kernels_compile_for_each_x86_level(avx2_build, target):
     """`attar kernel build` compiles for the CPU at hand, and each level takes other code paths (SSE
-    only; AVX2 without VNNI, with Q8MatMul; AVX-512 VNNI; AMX): a suite builds only its machine's,
+    only; AVX2 without VNNI; AVX-512 VNNI, both with Q8MatMul; AMX): a suite builds only its machine's,
     so the others are compiled here (not run)."""
     import subprocess
 

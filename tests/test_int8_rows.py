@@ -5,9 +5,9 @@ and each MatMulInteger with its dequantization as one Int8MatMul on packed weigh
 ops give on the graph the importer writes (with the products' exact integer sums, which
 onnxruntime's MatMulInteger does not give on every CPU), ties and an all-zero row included, read a model's
 weights only from inside its folder, and refuse inputs of the wrong shape with one line.
-On AVX2 without VNNI the exact graph's MatMulNBits (and offset terms) run as Q8MatMul
-(`kernels.use_q8_matmul`): what MatMulNBits answers, to float rounding, and a row's outputs the
-same bits alone or beside others."""
+On AVX2 (with AVX-512 VNNI or without VNNI) the exact graph's MatMulNBits (and offset terms) run as
+Q8MatMul (`kernels.use_q8_matmul`): what MatMulNBits answers, to float rounding, and a row's
+outputs the same bits alone or beside others."""
 
 import numpy as np
 import onnx
@@ -302,7 +302,7 @@ def q8_packs() -> bool:
 def test_the_q8_products_answer_as_matmulnbits_and_a_row_alone_as_beside_others(packing, tmp_path):
     library = packing
     if not q8_packs():
-        pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
+        pytest.skip("the kernels were built for a CPU with AMX or AVX-VNNI (or without AVX2): MatMulNBits stays")
     plain, packed = q8_projections(tmp_path), q8_projections(tmp_path)
     reference = q8_reference  # float64, from the untouched graph's weights
     options, keep = ort.SessionOptions(), []
@@ -341,7 +341,7 @@ def test_the_q8_products_sums_hold_at_their_16_bit_bound(packing, tmp_path, q6_w
     biased (64 + 64 = 128 at the bound alone), 65 and over signed."""
     library = packing
     if not q8_packs():
-        pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
+        pytest.skip("the kernels were built for a CPU with AMX or AVX-VNNI (or without AVX2): MatMulNBits stays")
     plain, packed = (q8_projections(tmp_path, extreme=True, q6_worst=q6_worst) for _ in range(2))
     options, keep = ort.SessionOptions(), []
     assert kernels.use_q8_matmul(packed, tmp_path, options, keep) == 4
@@ -354,7 +354,7 @@ def test_the_q8_products_sums_hold_at_their_16_bit_bound(packing, tmp_path, q6_w
 
 def test_an_offset_term_that_is_not_the_importers_stays_on_onnxruntimes_ops(tmp_path):
     if not q8_packs():
-        pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
+        pytest.skip("the kernels were built for a CPU with AMX or AVX-VNNI (or without AVX2): MatMulNBits stays")
     ones = np.kron(np.eye(3, dtype=np.float32), np.ones((32, 1), np.float32))
     ones[5, 0] = 2.0  # not the sums of 32 inputs: folding it into Q8MatMul would change the answer
     model = q8_projections(tmp_path, ones)
@@ -410,7 +410,7 @@ def test_a_gate_and_up_product_and_a_bias_run_inside_q8matmul(packing, tmp_path,
     outputs are the same bits alone and beside others."""
     library = packing
     if not q8_packs():
-        pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
+        pytest.skip("the kernels were built for a CPU with AMX or AVX-VNNI (or without AVX2): MatMulNBits stays")
     plain, fused, apart = (gated_projections(tmp_path, bits) for _ in range(3))
     options, keep = ort.SessionOptions(), []
     assert kernels.use_q8_matmul(fused, tmp_path, options, keep) == 2
@@ -442,7 +442,7 @@ def test_a_split_read_by_anything_else_stays_on_onnxruntimes_ops(tmp_path):
     """The gate fused only where nothing else reads its halves or the sums: here the up half is
     also an output of the graph, so Split and silu stay (the bias still goes in)."""
     if not q8_packs():
-        pytest.skip("the kernels were built for a CPU with VNNI or AMX (or without AVX2): MatMulNBits stays")
+        pytest.skip("the kernels were built for a CPU with AMX or AVX-VNNI (or without AVX2): MatMulNBits stays")
     model = gated_projections(tmp_path)
     split = next(n for n in model.graph.node if n.op_type == "Split")
     model.graph.output.append(helper.make_tensor_value_info(split.output[1], T.FLOAT, None))
