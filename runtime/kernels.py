@@ -300,35 +300,28 @@ def use_int8_matmul(model, folder: Path, options, keep: list) -> int:
             continue  # a shape that does not pack (or whose sums could overflow): MatMulInteger stays
         # The column scale, offsets and a bias, by column; the SwiGLU's pairs of blocks reorder them.
         columns = {"scale": _initializer_values(scale, folder, np.float32, n)}
-        last, output = node, node.output[0]
-        add = _bias(graph, output, n)
-        if add is not None:
-            last, output, bias = add
+        tail, output, bias, gated = _tail(graph, node.output[0], n)
+        if bias is not None:
             columns["bias"] = _initializer_values(graph.constants[bias], folder, np.float32, n)
-            dropped.add(graph.position[id(last)])
-            replaced.add(bias)
-        gated = _gate(graph, output, n)
-        if gated is not None:
-            last, output, pattern = gated
-            dropped.update(graph.position[id(m)] for m in pattern)
-            replaced.add(pattern[0].input[1])  # the Split's sizes
         packed, columns["offsets"] = np.empty((n // 16, k // 4, 64), np.int8), np.empty(n, np.int32)
-        if pack(_initializer_values(weights, folder, np.int8, k * n), k, n, int(zero[0]), int(gated is not None),
-                packed, columns["offsets"]) != 0:
+        if pack(_initializer_values(weights, folder, np.int8, k * n), k, n, int(zero[0]), int(gated), packed,
+                columns["offsets"]) != 0:
             raise KernelError(f"{weights.name}: attar_pack_int8 refused a {k} × {n} matrix")
-        if gated is not None:  # the gate's and the up projection's blocks of 16 in pairs, as packed
-            order = np.arange(n // 16).reshape(2, -1).T.reshape(-1)
-            columns = {key: values.reshape(n // 16, 16)[order].reshape(-1) for key, values in columns.items()}
+        if gated:  # the columns' blocks of 16 in the packed weights' order
+            columns = {key: values.reshape(n // 16, 16)[_paired_blocks(n)].reshape(-1) for key, values in columns.items()}
         for key, values in columns.items():
             model.graph.initializer.append(numpy_helper.from_array(values, f"{weights.name}/{key}"))
         smooth = quantize.input[1] if len(quantize.input) > 1 else ""
         inputs = [quantize.input[0], _hand_over(model, options, keep, weights, packed), f"{weights.name}/offsets",
-                  f"{weights.name}/scale", smooth, f"{weights.name}/bias" if add is not None else ""]
-        replaced.update((weights.name, scale.name, product.input[2]))  # the zero point: folded into the offsets
-        dropped.update(graph.position[id(m)] for m in (product, node))
+                  f"{weights.name}/scale", smooth, f"{weights.name}/bias" if bias is not None else ""]
+        # The zero point is folded into the offsets; the Split's sizes go with the Split.
+        replaced.update([weights.name, scale.name, product.input[2], *([bias] if bias else [])],
+                        (m.input[1] for m in tail if m.op_type == "Split"))
+        dropped.update(graph.position[id(m)] for m in (product, node, *tail))
         while not inputs[-1]:  # optional inputs left out at the end
             inputs.pop()
-        fused[graph.position[id(last)]] = _node("Int8MatMul", inputs, [output], node.name, gated=int(gated is not None))
+        last = tail[-1] if tail else node
+        fused[graph.position[id(last)]] = _node("Int8MatMul", inputs, [output], node.name, gated=int(gated))
     for node in model.graph.node:  # a RowQuantize read only by products that now quantize for themselves
         if node.op_type != "RowQuantize" or node.domain != DOMAIN:
             continue
@@ -382,22 +375,18 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
                 .reshape(k // 32, n // 16, 16).transpose(1, 0, 2)
             dropped.update(graph.position[id(m)] for m in pattern)
             replaced.update(m.input[1] for m in pattern if m.op_type == "MatMul")  # the block sums' ones too
-        add = _bias(graph, output, n)
-        if add is not None:
-            last, output, bias = add
+        tail, output, bias, gated = _tail(graph, output, n)
+        last = tail[-1] if tail else last
+        if bias is not None:
             given[4] = bias, _initializer_values(graph.constants[bias], folder, np.float32, n).reshape(n // 16, 16)
-            dropped.add(graph.position[id(last)])
-        gated = _gate(graph, output, n)
-        if gated is not None:  # the gate's and the up projection's blocks in pairs, as the packer puts the codes
-            last, output, pattern = gated
-            order = np.arange(n // 16).reshape(2, -1).T.reshape(-1)
-            given = {i: (name, values[order]) for i, (name, values) in given.items()}
-            dropped.update(graph.position[id(m)] for m in [*pattern, last])
-            replaced.add(pattern[0].input[1])  # the Split's sizes
+        if gated:  # the blocks of 16 in the order the packer puts the codes
+            given = {i: (name, values[_paired_blocks(n)]) for i, (name, values) in given.items()}
+        dropped.update(graph.position[id(m)] for m in tail)
+        replaced.update(m.input[1] for m in tail if m.op_type == "Split")  # the Split's sizes
         values, peak = _initializer_values(codes, folder, np.uint8, n * k * bits // 8), np.zeros(1, np.int32)
         for layout in (5, 8) if bits == 8 else (4,):  # 8-bit codes as 5 bits where they fit (Q5_0's): 40 bytes a
             packed = np.empty((n // 16, k // 4, {8: 64, 5: 40, 4: 32}[layout]), np.int8)  # group of 4, not 64
-            status = pack(values, k, n, layout, int(gated is not None), packed, peak)
+            status = pack(values, k, n, layout, int(gated), packed, peak)
             if status != 2:  # 2: the codes do not fit 5 bits (nothing written)
                 break
         if status != 0:
@@ -408,7 +397,7 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
                                                np.ascontiguousarray(given[i][1])) if i in given else ""
                                     for i in range(1, max(given) + 1)]
         fused[graph.position[id(last)]] = _node("Q8MatMul", inputs, [output], node.name, peak=int(peak[0]),
-                                                gated=int(gated is not None))
+                                                gated=int(gated))
     return _replace(model, fused, dropped, replaced)
 
 
@@ -437,6 +426,29 @@ def _offset_term(graph: "_Graph", node, folder: Path, k: int, n: int) -> tuple |
         return None
     pattern = [term, add] + ([sums] if graph.uses.get(sums.output[0]) == 1 else [])
     return add, add.output[0], offsets.name, pattern
+
+
+def _tail(graph: "_Graph", out: str, n: int) -> tuple[list, str, str | None, bool]:
+    """What a fused product (Int8MatMul, Q8MatMul) takes in after its sums `out`, where the graph has
+    it: a bias (`_bias`), then a gate's and an up projection's SwiGLU (`_gate`). Returns the nodes
+    taken in (the fused node takes the last one's place), the output it then makes, the bias's name
+    (None: no bias) and whether it is gated."""
+    nodes, bias = [], None
+    add = _bias(graph, out, n)
+    if add is not None:
+        last, out, bias = add
+        nodes.append(last)
+    gated = _gate(graph, out, n)
+    if gated is not None:
+        last, out, pattern = gated
+        nodes += [*pattern, last]
+    return nodes, out, bias, gated is not None
+
+
+def _paired_blocks(n: int) -> np.ndarray:
+    """A gated product's blocks of 16 columns in the packers' order: the gate's block j, then the
+    up projection's block j (`attar_pack_int8`, `attar_pack_q8`)."""
+    return np.arange(n // 16).reshape(2, -1).T.reshape(-1)
 
 
 def _bias(graph: "_Graph", out: str, n: int) -> tuple | None:
