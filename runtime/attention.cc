@@ -6,7 +6,8 @@
 // memory delivers; at 16 rows and 1,500 cached tokens attention was a third of a decode step.
 // Here one work item is (row, KV head, up to TILE query tokens): its query heads' vectors go
 // through the keys 16 at a time (an online softmax), so each key and value comes from memory once
-// and from L1 for every other query head of its group.
+// and from L1 for every other query head of its group; a token's query heads go through a block
+// together, each key or value row loaded once for all of them.
 //
 // The contract kept, for the graphs attar exports: a packed QKV input (or separate Q, K, V),
 // past and present KV of shape (rows, KV heads, capacity, head) that may be one buffer (the
@@ -22,9 +23,10 @@
 //
 // The cache is half precision (float16, as llama.cpp keeps its own): a decode step of many rows
 // reads each row's whole cache, and at 16 rows of 1,000 tokens that read was a fifth of the 1.5B's
-// step, at the memory's speed. Each block of 16 keys and values is widened to floats once, into
-// the work item's scratch (L1), and every query vector of the group reads it there: past that, the
-// arithmetic is what it was on a float cache. New keys and values are rounded to nearest on write.
+// step, at the memory's speed. Each block of 16 keys is widened to floats once, transposed, into
+// the work item's scratch (L1), and every query vector of the group reads it there; values are
+// widened as they are read: past that, the arithmetic is what it would be on a float cache. New
+// keys and values are rounded to nearest on write.
 //
 // Shared prefixes (an optional 10th input, `shared`, int32 (rows, 2): a row's leader and length).
 // SAG's N candidates hold copies of one prompt's cache, and agents in flight copies of one
@@ -53,22 +55,20 @@ namespace {
 constexpr int TILE = 16;   // query tokens per work item (prefill); a decode step has one
 constexpr int SPAN = 4;    // rows whose query vectors go through a shared prefix's blocks together
 constexpr int MAX_HEAD = 256;  // floats a head vector: what `place` rotates on the stack
-constexpr int SIDE = 8;    // chunks of a value row a pass sums: 8 sums, a value and a weight fit AVX2's 16 registers
 
 using Half = _Float16;  // the cache's numbers: onnxruntime's float16 has the same bits
 
-// n halves as floats; F16C (every AVX2 CPU has it) widens 8 an instruction, AVX-512 16.
-inline void widen(const Half* from, int64_t n, float* to) {
-  int64_t i = 0;
+// LANES halves as one register of floats.
+inline vec load_halves(const Half* from) {
 #ifdef __AVX512F__
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(to + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + i))));
+  return (vec)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from)));
+#elif defined(ATTAR_HALVES)
+  return (vec)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from)));
+#else
+  vec x;
+  for (int i = 0; i < LANES; ++i) x[i] = static_cast<float>(from[i]);
+  return x;
 #endif
-#ifdef __F16C__
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(to + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from + i))));
-#endif
-  for (; i < n; ++i) to[i] = static_cast<float>(from[i]);
 }
 
 inline void narrow(const float* from, int n, Half* to) {
@@ -149,136 +149,156 @@ inline float add_16(const vec x[PARTS]) {
   return add_lanes(s);
 }
 
-// The 16 dot products of query x with the 16 keys (rows of `head` floats) starting at k, into
-// out's 16 lanes: each key's products summed lane by lane, then the 16 sums' lanes added by a
-// transpose-and-add tree (15 vector additions for 16 dot products, not a horizontal sum each).
-// HEAD is the head size where it is known when compiled (64, 128: the keys' offsets become
-// constants and no pointer leaves a register), else 0.
-#ifdef ATTAR_HALVES
-// The tree of the portable form below on 8-lane halves, run 4 keys at a time: 16 keys' sums at once
-// would be 32 registers, and AVX2 has 16 (GCC kept most of them on the stack).
-inline vec quads(vec x, vec y, int which) {  // 0: the first 4 lanes of x and of y; 1: the last
-  return (vec)(which ? _mm256_permute2f128_ps((__m256)x, (__m256)y, 0x31) : _mm256_permute2f128_ps((__m256)x, (__m256)y, 0x20));
-}
-inline vec pairs(vec x, vec y, int which) {  // each quad: lanes 0, 1 of x and of y; or 2, 3
-  return (vec)(which ? _mm256_shuffle_ps((__m256)x, (__m256)y, 0xEE) : _mm256_shuffle_ps((__m256)x, (__m256)y, 0x44));
-}
-
-template <int HEAD>
-inline void dots(const float* x, const float* k, int head, vec out[PARTS]) {
-  if (HEAD) head = HEAD;
-  vec cl[4], ch[4];  // the portable tree's c[m], as low and high halves
-  for (int m = 0; m < 4; ++m) {
-    vec f[4];  // keys 4m .. 4m+3, each folded in half: the portable tree's first step
-    for (int i = 0; i < 4; ++i) {
-      const float* key = k + static_cast<int64_t>(4 * m + i) * head;
-      vec lo = {}, hi = {};
-      for (int d = 0; d < head / 16; ++d) {
-        lo += load_vec(x + 16 * d) * load_vec(key + 16 * d);
-        hi += load_vec(x + 16 * d + 8) * load_vec(key + 16 * d + 8);
-      }
-      f[i] = lo + hi;
+// A block's keys are transposed as they are widened: row d of the block holds dimension d of its
+// 16 keys, so a query vector's 16 scores are a multiply-add of its d-th number (broadcast) by row
+// d, d = 0, 1, ..., lane by lane: no sums across lanes, and the same arithmetic in every lane
+// whatever a register's width. With AVX2, 16 keys' 16 dimensions turn as halves, 16 to a register:
+// three rounds of interleaving within 128-bit lanes (16-, 32-, then 64-bit units) leave each
+// register one dimension of 8 keys (and in its upper lane the dimension 8 further), and a fourth
+// round joins the two sets of 8 keys.
+#ifdef __AVX2__
+inline void transpose_16(const Half* keys, int64_t stride, float* rows) {
+  __m256i r[16], a[16], b[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j * stride));
+  for (int p = 0; p < 8; ++p) {  // keys 2p, 2p+1: dims 0-3 (and 8-11), then 4-7 (12-15)
+    a[2 * p] = _mm256_unpacklo_epi16(r[2 * p], r[2 * p + 1]);
+    a[2 * p + 1] = _mm256_unpackhi_epi16(r[2 * p], r[2 * p + 1]);
+  }
+  for (int q = 0; q < 4; ++q)  // keys 4q..4q+3: dims 4h + 0, 1 and 4h + 2, 3
+    for (int h = 0; h < 2; ++h) {
+      b[4 * q + 2 * h] = _mm256_unpacklo_epi32(a[4 * q + h], a[4 * q + 2 + h]);
+      b[4 * q + 2 * h + 1] = _mm256_unpackhi_epi32(a[4 * q + h], a[4 * q + 2 + h]);
     }
-    cl[m] = quads(f[0], f[2], 0) + quads(f[0], f[2], 1);
-    ch[m] = quads(f[1], f[3], 0) + quads(f[1], f[3], 1);
-  }
-  vec dl[2], dh[2];
-  for (int i = 0; i < 2; ++i) {
-    dl[i] = pairs(cl[2 * i], cl[2 * i + 1], 0) + pairs(cl[2 * i], cl[2 * i + 1], 1);
-    dh[i] = pairs(ch[2 * i], ch[2 * i + 1], 0) + pairs(ch[2 * i], ch[2 * i + 1], 1);
-  }
-  const auto singles = [](vec x, vec y) {  // each quad: x0 + x1, y0 + y1, x2 + x3, y2 + y3
-    const vec first = (vec)_mm256_unpacklo_ps((__m256)x, (__m256)y), second = (vec)_mm256_unpackhi_ps((__m256)x, (__m256)y);
-    return pairs(first, second, 0) + pairs(first, second, 1);
-  };
-  const vec el = singles(dl[0], dl[1]), eh = singles(dh[0], dh[1]);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  const __m256 p = _mm256_permutevar8x32_ps((__m256)el, order), q = _mm256_permutevar8x32_ps((__m256)eh, order);
-  out[0] = (vec)_mm256_unpacklo_ps(p, q);
-  out[1] = (vec)_mm256_unpackhi_ps(p, q);
-}
+  for (int o = 0; o < 2; ++o)  // keys 8o..8o+7: dim k in a[8o + k], k < 8 (and k + 8 above)
+    for (int m = 0; m < 4; ++m) {
+      a[8 * o + 2 * m] = _mm256_unpacklo_epi64(b[8 * o + m], b[8 * o + 4 + m]);
+      a[8 * o + 2 * m + 1] = _mm256_unpackhi_epi64(b[8 * o + m], b[8 * o + 4 + m]);
+    }
+  for (int k = 0; k < 8; ++k) {
+    const __m256i low = _mm256_permute2x128_si256(a[k], a[8 + k], 0x20), high = _mm256_permute2x128_si256(a[k], a[8 + k], 0x31);
+#ifdef __AVX512F__
+    _mm512_storeu_ps(rows + 16 * k, _mm512_cvtph_ps(low));
+    _mm512_storeu_ps(rows + 16 * (k + 8), _mm512_cvtph_ps(high));
 #else
-template <int HEAD>
-inline void dots(const float* x, const float* k, int head, vec out[PARTS]) {
-  if (HEAD) head = HEAD;
-  constexpr int CHUNKS = HEAD ? HEAD / 16 : 64;
-  v16 q[CHUNKS], a[16] = {};
-  for (int d = 0; d < head / 16; ++d) q[d] = load(x + 16 * d);
-  for (int j = 0; j < 16; ++j)  // key by key: each key's row is read front to back
-    for (int d = 0; d < head / 16; ++d) a[j] += q[d] * load(k + static_cast<int64_t>(j) * head + 16 * d);
-  v16 b[8], c[4], d[2];
-  for (int i = 0; i < 8; ++i)  // lanes 0-7: a[2i] folded in half, lanes 8-15: a[2i+1]
-    b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], i16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
-           __builtin_shuffle(a[2 * i], a[2 * i + 1], i16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
-  for (int i = 0; i < 4; ++i)  // lanes 4m..4m+3: a[4i + m] folded to 4
-    c[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1], i16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}) +
-           __builtin_shuffle(b[2 * i], b[2 * i + 1], i16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
-  for (int i = 0; i < 2; ++i)  // lanes 2m, 2m+1: a[8i + perm(m)] folded to 2
-    d[i] = __builtin_shuffle(c[2 * i], c[2 * i + 1], i16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}) +
-           __builtin_shuffle(c[2 * i], c[2 * i + 1], i16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
-  const v16 e = __builtin_shuffle(d[0], d[1], i16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}) +
-                __builtin_shuffle(d[0], d[1], i16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
-  // Lane l of e holds a[k] for the k that the folds above sent there; put each a[k] in lane k.
-  out[0] = __builtin_shuffle(e, i16{0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15});
+    _mm256_storeu_ps(rows + 16 * k, _mm256_cvtph_ps(_mm256_castsi256_si128(low)));
+    _mm256_storeu_ps(rows + 16 * k + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(low, 1)));
+    _mm256_storeu_ps(rows + 16 * (k + 8), _mm256_cvtph_ps(_mm256_castsi256_si128(high)));
+    _mm256_storeu_ps(rows + 16 * (k + 8) + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(high, 1)));
+#endif
+  }
 }
 #endif
 
-// Query vector r (its index in `queries`) visits one block of 16 keys and values, of which it sees
-// the first `sees`: its scores, then an online softmax step on its running state. Both stages
-// below go through this one function, so a block's arithmetic is the same wherever it is read:
-// one compiled copy (noinline), as each inlined copy could fuse other multiply-adds (on AVX2 the
-// shared-prefix stage and the own-cache stage came out one bit apart).
-template <int HEAD>
-__attribute__((noinline)) void visit(const Call& c, int64_t r, const float* keys, const float* values, int sees) {
+// `width` (≤ 16) keys of `head` halves as `head` rows of 16 floats, zeros past `width` (a last,
+// partial block: the cache is not read past it).
+inline void transpose(const Half* keys, int width, int head, float* rows) {
+  Half padded[16 * MAX_HEAD];
+  if (width < 16) {
+    std::memcpy(padded, keys, sizeof(Half) * width * head);
+    std::fill(padded + width * head, padded + 16 * head, Half(0));
+    keys = padded;
+  }
+#ifdef __AVX2__
+  for (int d = 0; d < head; d += 16) transpose_16(keys + d, head, rows + 16 * d);
+#else
+  for (int j = 0; j < 16; ++j)
+    for (int d = 0; d < head; ++d) rows[d * 16 + j] = static_cast<float>(keys[j * head + d]);
+#endif
+}
+
+// H query vectors of one token (r, r + 1, ...: query heads of one KV head) visit one block of 16
+// keys and values, of which they see the first `sees`: their scores, then an online softmax step on
+// each one's running state. Every stage goes through these functions, and a query vector's
+// arithmetic in them does not depend on H nor on its place among the H (each vector's own chains,
+// in the same order), so a block's result is the same bits wherever and beside whatever it is
+// computed. The H vectors share each load of a key or value row: the multiply-adds, not the loads,
+// are what is left (one compiled copy each, noinline, so that no inlined copy fuses differently).
+template <int HEAD, int H>
+__attribute__((noinline)) void visit(const Call& c, int64_t r, const float* keys, const Half* values, int sees) {
   const int head = HEAD ? HEAD : c.head;
-  vec x[PARTS], seen[PARTS], p[PARTS];
-  dots<HEAD>(c.queries + r * head, keys, head, x);
-  for (int i = 0; i < PARTS; ++i) {
-    x[i] *= c.scale;
-    seen[i] = first_lanes(x[i], sees - i * LANES, -INFINITY);
+  const float* q = c.queries + r * head;
+  vec x[H][PARTS] = {}, odd[H][PARTS] = {};  // even dimensions' and odd ones' sums: two chains a lane
+  for (int d = 0; d < head; d += 2) {
+    vec k[PARTS], l[PARTS];
+    for (int i = 0; i < PARTS; ++i) {
+      k[i] = load_vec(keys + d * 16 + i * LANES);
+      l[i] = load_vec(keys + (d + 1) * 16 + i * LANES);
+    }
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < PARTS; ++i) {
+        x[h][i] += q[h * head + d] * k[i];
+        odd[h][i] += q[h * head + d + 1] * l[i];
+      }
   }
-  float& top = c.top[r];
-  float& sum = c.sum[r];
-  const float high = std::max(top, max_16(seen));
-  // Mostly the running maximum stands: its factor is then exp(0), exactly 1 here, so it is not
-  // computed (~16 vector ops a block).
-  const bool stands = high == top && high > -INFINITY;
-  const float shrink = stands ? 1.0f : exp_nonpositive(vec{} + (top - high))[0];  // ~0 for the first block (top = -inf)
-  float s[16];
-  for (int i = 0; i < PARTS; ++i) {
-    p[i] = first_lanes(exp_nonpositive(x[i] - high), sees - i * LANES, 0.0f);
-    store_vec(s + i * LANES, p[i]);
+  float s[H][16], shrink[H];
+  for (int h = 0; h < H; ++h) {
+    vec seen[PARTS], p[PARTS];
+    for (int i = 0; i < PARTS; ++i) {
+      x[h][i] = (x[h][i] + odd[h][i]) * c.scale;
+      seen[i] = first_lanes(x[h][i], sees - i * LANES, -INFINITY);
+    }
+    float& top = c.top[r + h];
+    float& sum = c.sum[r + h];
+    const float high = std::max(top, max_16(seen));
+    // Mostly the running maximum stands: its factor is then exp(0), exactly 1 here, so it is not
+    // computed (~16 vector ops a block).
+    const bool stands = high == top && high > -INFINITY;
+    shrink[h] = stands ? 1.0f : exp_nonpositive(vec{} + (top - high))[0];  // ~0 for the first block (top = -inf)
+    for (int i = 0; i < PARTS; ++i) {
+      p[i] = first_lanes(exp_nonpositive(x[h][i] - high), sees - i * LANES, 0.0f);
+      store_vec(s[h] + i * LANES, p[i]);
+    }
+    sum = stands ? sum + add_16(p) : sum * shrink[h] + add_16(p);
+    top = high;
   }
-  sum = stands ? sum + add_16(p) : sum * shrink + add_16(p);
-  top = high;
   // All 16 rows: past `sees` the weights are 0 and the rows real numbers (or the padding's
-  // zeros), so a query adds exact zeros there, whatever the step's width. The head's chunks
-  // accumulate SIDE at a time, side by side (independent chains, in registers). The block's
-  // weighted values are summed from zero, then added to the running output scaled by shrink: one
-  // multiply-add, `a * shrink + part`, so no choice of the compiler's about which product to fuse
-  // changes the bits.
+  // zeros), so a query adds exact zeros there, whatever the step's width. Each vector's block of
+  // weighted values is summed from zero, value row by value row, then added to its running output
+  // scaled by shrink: one multiply-add, `a * shrink + part`, so no choice of the compiler's about
+  // which product to fuse changes the bits. SIDE registers of a head a pass, so that the H × SIDE
+  // sums and a value row's SIDE registers stay in registers.
+  constexpr int SIDE = std::max(1, (LANES == 16 ? 16 : 8) / H);
   const int chunks = head / LANES;
-  float* a = c.acc + r * head;
   for (int k0 = 0; k0 < chunks; k0 += SIDE) {
     const int width = std::min(SIDE, chunks - k0);
-    vec part[SIDE] = {};
+    vec part[H][SIDE] = {};
     for (int j = 0; j < 16; ++j) {
-      const float* v = values + static_cast<int64_t>(j) * head + LANES * k0;
-      for (int k = 0; k < width; ++k) part[k] += s[j] * load_vec(v + LANES * k);
+      const Half* v = values + static_cast<int64_t>(j) * head + LANES * k0;
+      for (int k = 0; k < width; ++k) {
+        const vec row = load_halves(v + LANES * k);
+        for (int h = 0; h < H; ++h) part[h][k] += s[h][j] * row;
+      }
     }
-    for (int k = 0; k < width; ++k) store_vec(a + LANES * (k0 + k), load_vec(a + LANES * (k0 + k)) * shrink + part[k]);
+    for (int h = 0; h < H; ++h) {
+      float* a = c.acc + (r + h) * head + LANES * k0;
+      for (int k = 0; k < width; ++k) store_vec(a + LANES * k, load_vec(a + LANES * k) * shrink[h] + part[h][k]);
+    }
   }
 }
 
-// A block of `width` (≤ 16) keys and values from the cache as floats: 16 rows of keys, then 16 of
-// values, zeros in the rows past `width` (a last, partial block: the cache is not read past it).
-inline void widen_block(const Half* keys, const Half* values, int width, int head, float* block) {
-  widen(keys, static_cast<int64_t>(width) * head, block);
-  widen(values, static_cast<int64_t>(width) * head, block + 16 * head);
-  if (width < 16) {
-    std::fill(block + width * head, block + 16 * head, 0.0f);
-    std::fill(block + (16 + width) * head, block + 32 * head, 0.0f);
+// The query vectors of `count` query heads of one token (r, r + 1, ...) through a block, MOST at a
+// time (as many as registers hold: 2 × MOST × PARTS sums and two key rows; on AVX2's 16, 4 at a
+// time ran ×1.1 as long as 3), the rest in smaller calls.
+constexpr int MOST = LANES == 16 ? 8 : 3;
+
+template <int HEAD, int H = MOST>
+inline void visit_heads(const Call& c, int64_t r, int count, const float* keys, const Half* values, int sees) {
+  if constexpr (H > 0) {
+    for (; count >= H; count -= H, r += H) visit<HEAD, H>(c, r, keys, values, sees);
+    if (count > 0) visit_heads<HEAD, H - 1>(c, r, count, keys, values, sees);
   }
+}
+
+// A block of `width` (≤ 16) keys and values from the cache: the keys as floats, transposed (`head`
+// rows of 16, into `keys`); the values as they are, where they are, or for a last, partial block
+// copied into `padded` with zeros past `width` (a weight of 0 times a row past the cache's end
+// could be 0 × NaN; nor is the cache read past it).
+inline const Half* widen_block(const Half* keys, const Half* values, int width, int head, float* transposed, Half* padded) {
+  transpose(keys, width, head, transposed);
+  if (width == 16) return values;
+  std::memcpy(padded, values, sizeof(Half) * width * head);
+  std::fill(padded + width * head, padded + 16 * head, Half(0));
+  return padded;
 }
 
 // The index of row b's first query vector of KV head g at token i in `queries` (and the state).
@@ -295,16 +315,15 @@ void share(const Call& c, size_t item) {
   int blocks = 0;
   for (int m = 1; m <= SPAN && span[m] >= 0; ++m) blocks = std::max(blocks, c.start[span[m]]);
   const int64_t base = (static_cast<int64_t>(span[0]) * c.kv_heads + g) * c.capacity * head;
-  std::vector<float> block(32 * static_cast<size_t>(head));
-  const float *keys = block.data(), *values = block.data() + 16 * head;
+  float keys[16 * MAX_HEAD];
+  Half padded[16 * MAX_HEAD];
   for (int j = 0; j < blocks; ++j) {
     const int64_t at = base + static_cast<int64_t>(16 * j) * head;
-    widen_block(c.keys + at, c.values + at, 16, head, block.data());
+    const Half* values = widen_block(c.keys + at, c.values + at, 16, head, keys, padded);
     for (int m = 1; m <= SPAN && span[m] >= 0; ++m) {
       const int b = span[m];
       if (j >= c.start[b]) continue;
-      const int64_t first = vector_at(c, b, g, 0), count = static_cast<int64_t>(c.valid(b)) * c.group;
-      for (int64_t r = first; r < first + count; ++r) visit<HEAD>(c, r, keys, values, 16);
+      for (int i = 0; i < c.valid(b); ++i) visit_heads<HEAD>(c, vector_at(c, b, g, i), c.group, keys, values, 16);
     }
   }
 }
@@ -323,16 +342,16 @@ void attend(const Call& c, size_t item) {
   const int64_t q = vector_at(c, b, g, first);
   const int64_t base = (static_cast<int64_t>(b) * c.kv_heads + g) * c.capacity * head;
 
-  std::vector<float> block(32 * static_cast<size_t>(head));
-  const float *keys = block.data(), *values = block.data() + 16 * head;
+  float keys[16 * MAX_HEAD];
+  Half padded[16 * MAX_HEAD];
   const int seen = past + last;  // keys the tile's last token sees
   for (int j0 = 16 * c.start[b]; j0 < seen; j0 += 16) {
     const int width = std::min(16, seen - j0);
     const int64_t at = base + static_cast<int64_t>(j0) * head;
-    widen_block(c.keys + at, c.values + at, width, head, block.data());
-    for (int r = 0; r < n; ++r) {
-      const int sees = std::min(width, past + first + r / c.group + 1 - j0);  // causal
-      if (sees > 0) visit<HEAD>(c, q + r, keys, values, sees);
+    const Half* values = widen_block(c.keys + at, c.values + at, width, head, keys, padded);
+    for (int i = first; i < last; ++i) {
+      const int sees = std::min(width, past + i + 1 - j0);  // causal
+      if (sees > 0) visit_heads<HEAD>(c, vector_at(c, b, g, i), c.group, keys, values, sees);
     }
   }
   for (int r = 0; r < n; ++r) {

@@ -317,28 +317,31 @@ LANES_PROBE = r"""
 #include <random>
 #include "attention.cc"
 // Random blocks of 16 lanes (some huge, some with a NaN or an infinity) through the lane trees,
-// and random blocks of keys and values through visit(), a query vector's whole step on a block;
+// and random blocks of keys (float16, transposed) and values through visit_heads(), a KV head's 7
+// query vectors' whole step on a block (one pass of 7 on 16-lane registers; 3, 3, then 1 on AVX2's 8);
 // every result's bytes to stdout.
 int main() {
   std::mt19937 rng(1);
   std::normal_distribution<float> normal(0.f, 1.f);
-  static float raw[16], query[64], keys[1024], values[1024], acc[64];
-  float top = -INFINITY, sum = 0.f;
+  constexpr int G = 7;
+  static float raw[16], query[G * 64], keys[1024], acc[G * 64], top[G], sum[G];
+  static attar::Half rows[1024], values[1024];
   attar::Call c{};
   c.head = 64;
   c.scale = 0.125f;
   c.queries = query;
   c.acc = acc;
-  c.top = &top;
-  c.sum = &sum;
+  c.top = top;
+  c.sum = sum;
   for (int t = 0; t < 4000; ++t) {
     for (float& x : raw) x = normal(rng) * (t % 7 == 0 ? 1e6f : 1.0f);
     for (float& x : query) x = normal(rng) * (t % 5 == 0 ? 30.f : 1.0f);
-    for (float& x : keys) x = normal(rng);
-    for (float& x : values) x = normal(rng);
+    for (attar::Half& x : rows) x = static_cast<attar::Half>(normal(rng));
+    for (attar::Half& x : values) x = static_cast<attar::Half>(normal(rng));
     if (t % 11 == 0) raw[t % 16] = NAN;
     if (t % 13 == 0) raw[(t * 7) % 16] = -INFINITY;
-    if (t % 100 == 0) top = -INFINITY, sum = 0.f;  // a fresh query vector now and then
+    if (t % 100 == 0)  // fresh query vectors now and then
+      for (int h = 0; h < G; ++h) top[h] = -INFINITY, sum[h] = 0.f;
     attar::vec x[attar::PARTS], first[attar::PARTS], last[attar::PARTS], exps[attar::PARTS];
     for (int i = 0; i < attar::PARTS; ++i) {
       x[i] = attar::load_vec(raw + attar::LANES * i);
@@ -346,20 +349,19 @@ int main() {
       last[i] = attar::first_lanes(x[i], (t * 3) % 17 - attar::LANES * i, 0.0f);
       exps[i] = attar::exp_nonpositive(-x[i] * x[i]);
     }
-    float out[16 * 4 + 2 + 64 + 2];
+    float out[48 + 2 + G * 64 + 2 * G];
     for (int i = 0; i < attar::PARTS; ++i) {
       attar::store_vec(out + attar::LANES * i, first[i]);
       attar::store_vec(out + 16 + attar::LANES * i, last[i]);
       attar::store_vec(out + 32 + attar::LANES * i, exps[i]);
     }
-    attar::dots<64>(query, keys, 64, x);
-    for (int i = 0; i < attar::PARTS; ++i) attar::store_vec(out + 48 + attar::LANES * i, x[i]);
-    out[64] = attar::add_16(first);
-    out[65] = attar::max_16(last);
-    attar::visit<64>(c, 0, keys, values, 1 + t % 16);
-    std::memcpy(out + 66, acc, sizeof acc);
-    out[130] = top;
-    out[131] = sum;
+    out[48] = attar::add_16(first);
+    out[49] = attar::max_16(last);
+    attar::transpose(rows, 1 + t % 16, 64, keys);  // AVX2's shuffles, or one half at a time
+    attar::visit_heads<64>(c, 0, G, keys, values, 1 + t % 16);
+    std::memcpy(out + 50, acc, sizeof acc);
+    std::memcpy(out + 50 + G * 64, top, sizeof top);
+    std::memcpy(out + 50 + G * 64 + G, sum, sizeof sum);
     fwrite(out, sizeof out, 1, stdout);
   }
 }
@@ -368,11 +370,11 @@ int main() {
 
 def test_the_avx2_lane_trees_give_the_bits_of_the_portable_ones(tmp_path, avx2_build):
     """Where the CPU has AVX2 and not AVX-512, the kernel works on 8-lane registers: a block's 16
-    scores are two of them, its sums, maxima and selects run with AVX2's shuffles, and its dot
-    products 4 keys at a time (GCC's own lowering of 16 lanes moved one float at a time, through
-    memory). Both forms, compiled side by side for an AVX2 CPU (`-mno-avx2` leaves the portable
-    one), must give the same bits, lane trees and a query vector's whole step on a block alike,
-    whichever CPU runs the suite."""
+    scores are two of them, its sums, maxima and selects run with AVX2's shuffles (GCC's own
+    lowering of 16 lanes moved one float at a time, through memory), and a group's query vectors go
+    through a block 3 at a time, not 8. Both forms, compiled side by side for an AVX2 CPU
+    (`-mno-avx2` leaves the portable one), must give the same bits, lane trees and the query
+    vectors' whole step on a block alike, whichever CPU runs the suite."""
     import subprocess
 
     compiler, include, flags = avx2_build
@@ -384,7 +386,7 @@ def test_the_avx2_lane_trees_give_the_bits_of_the_portable_ones(tmp_path, avx2_b
         subprocess.run([compiler, *program, *extra, "-I", str(include), "-I", str(kernels.HEADER.parent),
                         str(tmp_path / "probe.cc"), "-o", str(binary)], check=True, capture_output=True, timeout=300)
         results.append(subprocess.run([str(binary)], check=True, capture_output=True, timeout=60).stdout)
-    assert len(results[0]) == 4000 * 132 * 4 and results[0] == results[1]
+    assert len(results[0]) == 4000 * (50 + 7 * 65 + 7) * 4 and results[0] == results[1]
 
 
 @pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "icelake-server", "sapphirerapids"])
