@@ -62,7 +62,7 @@ using Half = _Float16;  // the cache's numbers: onnxruntime's float16 has the sa
 inline vec load_halves(const Half* from) {
 #ifdef __AVX512F__
   return (vec)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from)));
-#elif defined(ATTAR_HALVES)
+#elif defined(ATTAR_HALVES) && defined(__F16C__)
   return (vec)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from)));
 #else
   vec x;
@@ -156,7 +156,7 @@ inline float add_16(const vec x[PARTS]) {
 // three rounds of interleaving within 128-bit lanes (16-, 32-, then 64-bit units) leave each
 // register one dimension of 8 keys (and in its upper lane the dimension 8 further), and a fourth
 // round joins the two sets of 8 keys.
-#ifdef __AVX2__
+#if defined(__AVX2__) && defined(__F16C__)
 inline void transpose_16(const Half* keys, int64_t stride, float* rows) {
   __m256i r[16], a[16], b[16];
   for (int j = 0; j < 16; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j * stride));
@@ -198,7 +198,7 @@ inline void transpose(const Half* keys, int width, int head, float* rows) {
     std::fill(padded + width * head, padded + 16 * head, Half(0));
     keys = padded;
   }
-#ifdef __AVX2__
+#if defined(__AVX2__) && defined(__F16C__)
   for (int d = 0; d < head; d += 16) transpose_16(keys + d, head, rows + 16 * d);
 #else
   for (int j = 0; j < 16; ++j)
