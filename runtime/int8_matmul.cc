@@ -109,6 +109,16 @@ struct Q8Rows {
   }
 };
 
+// Q8MatMul's column scales: floats, or float16s where every scale is a float16 number (GGUF's block
+// scales are d, a float16, for Q8_0 and Q5_0; `kernels.use_q8_matmul` checks): the same numbers in
+// half the bytes, which a one-row step reads with the weights.
+struct Scales {
+  const void* at;
+  bool half;
+
+  Scales skip(int64_t n) const { return {static_cast<const char*>(at) + n * (half ? 2 : 4), half}; }
+};
+
 #ifdef ATTAR_VNNI
 // Rows [0, R) × blocks [0, B) of y: the packed weights of the first block at w (the next one
 // `stride` bytes on), codes at a (rows of k), outputs at y (rows of n, at the tile's column).
@@ -257,7 +267,7 @@ inline void unpack_five(const int8_t* w, int64_t k, int8_t* out) {
 // signs) are what keeps it from that: 16-bit codes by `vpmaddwd` gave 16 products a multiply; a
 // Q5_0 matrix's gave 28 through `vpsignb` and give 26 without (×0.91-0.97 at 8-16 rows).
 template <int R, int G, int SPAN, Weights KIND>
-void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const float* w_offset, float* y, int64_t n) {
+void q8_block(const Q8Rows& a, const int8_t* w, Scales w_scale, const float* w_offset, float* y, int64_t n) {
   static_assert(KIND != SIGNED || SPAN == 1, "signed pairs reach 32,512: widened at once");
   constexpr int QUADS = G / 4, QUAD_BYTES = KIND == NIBBLES ? 32 : KIND == FIVE ? 40 : 64;
   // The next block's weights are fetched meanwhile where a pass has rows to hide it behind; one
@@ -320,7 +330,10 @@ void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const floa
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const __m256 column = _mm256_loadu_ps(w_scale + g * BLOCK + h * 8);
+      const int64_t at = g * BLOCK + h * 8;
+      const __m256 column = w_scale.half
+          ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w_scale.at) + at)))
+          : _mm256_loadu_ps(static_cast<const float*>(w_scale.at) + at);
       for (int r = 0; r < R; ++r) {
         const __m256 scale = _mm256_mul_ps(column, _mm256_set1_ps(a.scales[r * groups + g]));
         sum[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), scale, sum[r][h]);
@@ -343,20 +356,20 @@ void q8_block(const Q8Rows& a, const int8_t* w, const float* w_scale, const floa
 // Rows [0, R) × blocks [0, B), R ≤ TILE_ROWS, PASS rows at a time (against 2: ×0.94 at 8 rows on
 // 6-bit codes, even on 8-bit ones; GCC keeps some of 3 rows' float sums on the stack).
 template <int R, int B, int G, int SPAN, Weights KIND>
-void q8_tile(const Q8Rows& a, const int8_t* w, int64_t stride, const float* w_scale, const float* w_offset, float* y,
+void q8_tile(const Q8Rows& a, const int8_t* w, int64_t stride, Scales w_scale, const float* w_offset, float* y,
              int64_t n) {
   constexpr int PASS = 3;
-  const int64_t scales = a.k / G * BLOCK, offsets = a.k / Q8_OFFSETS * BLOCK;  // floats a block of columns
+  const int64_t scales = a.k / G * BLOCK, offsets = a.k / Q8_OFFSETS * BLOCK;  // scales, offsets a block of columns
   for (int b = 0; b < B; ++b) {
     const float* offset = w_offset ? w_offset + b * offsets : nullptr;
-    q8_block<std::min(R, PASS), G, SPAN, KIND>(a, w + b * stride, w_scale + b * scales, offset, y + b * BLOCK, n);
+    q8_block<std::min(R, PASS), G, SPAN, KIND>(a, w + b * stride, w_scale.skip(b * scales), offset, y + b * BLOCK, n);
     if constexpr (R > PASS)
-      q8_tile<R - PASS, 1, G, SPAN, KIND>(a.skip(PASS, G), w + b * stride, stride, w_scale + b * scales, offset,
+      q8_tile<R - PASS, 1, G, SPAN, KIND>(a.skip(PASS, G), w + b * stride, stride, w_scale.skip(b * scales), offset,
                                              y + PASS * n + b * BLOCK, n);
   }
 }
 
-using Q8Tile = void (*)(const Q8Rows&, const int8_t*, int64_t, const float*, const float*, float*, int64_t);
+using Q8Tile = void (*)(const Q8Rows&, const int8_t*, int64_t, Scales, const float*, float*, int64_t);
 template <int B, int G, int SPAN, Weights KIND>
 constexpr Q8Tile Q8_TILES[TILE_ROWS + 1] = {
     nullptr,                         q8_tile<1, B, G, SPAN, KIND>, q8_tile<2, B, G, SPAN, KIND>,
@@ -548,7 +561,7 @@ struct Int8MatMulOp : Ort::CustomOpBase<Int8MatMulOp, Int8MatMul> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-// Q8MatMul(a float (..., K), weights int8 (N/16, K/4, 64; 4-bit codes: 32), scales float (N/16, K/G, 16)
+// Q8MatMul(a float (..., K), weights int8 (N/16, K/4, 64; 4-bit codes: 32), scales float or float16 (N/16, K/G, 16)
 //          [, offsets float (N/16, K/32, 16)][, bias float (N/16, 16)]) -> float (..., N), attributes
 //          peak (the weights' largest |w|) and gated (0 or 1)
 // The exact graph's MatMulNBits (8 or 4 bits, G = 32 or 16 inputs a scale, accuracy level 4: GGUF's
@@ -584,7 +597,8 @@ struct Q8MatMul {
     int span;
     Weights kind;
     const int8_t* weights;
-    const float *column_scale, *column_offset, *bias;  // (N/16, K/G, 16); (N/16, K/32, 16), (N/16, 16) or nullptr
+    Scales column_scale;                 // (N/16, K/G, 16)
+    const float *column_offset, *bias;  // (N/16, K/32, 16), (N/16, 16) or nullptr
     float* y;
     int64_t rows, n;  // n: the product's columns (y has n / 2 where gated)
     bool gated;
@@ -651,7 +665,7 @@ struct Q8MatMul {
       const int64_t row = w.gated ? 2 * BLOCK : w.n;  // floats from one of y's rows to the next
       (two ? q8_tile_for<2> : q8_tile_for<1>)(static_cast<int>(rows), w.group, wide ? 4 : w.span, wide ? BIASED : w.kind)(
           w.a.skip(r, w.group), wide ? unpacked.data() : w.weights + block * stride, wide ? k * BLOCK : stride,
-          w.column_scale + block * (k / w.group) * BLOCK, offsets, y, row);
+          w.column_scale.skip(block * (k / w.group) * BLOCK), offsets, y, row);
       for (int64_t i = 0; w.bias != nullptr && i < rows; ++i)
         for (int64_t c = 0; c < (two ? 2 : 1) * BLOCK; ++c) y[i * row + c] += w.bias[block * BLOCK + c];
       if (w.gated) gate(both, rows, w.y + r * (w.n / 2) + block / 2 * BLOCK, w.n / 2);
@@ -678,6 +692,10 @@ struct Q8MatMul {
     if (scales.size() != 3 || scales[0] != packed[0] || scales[2] != BLOCK || (scales[1] != k / 32 && scales[1] != k / 16))
       fail("Q8MatMul", "the scales must be packed (N/16, K/32 or K/16, 16)");
     const int64_t group = k / scales[1];
+    const ONNXTensorElementDataType scale_type = element_type(input(context, 2));
+    if (scale_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && scale_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+      fail("Q8MatMul", "the scales must be float or float16");
+    const bool half = scale_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     if (offsets != nullptr && dims(offsets) != std::vector<int64_t>{packed[0], k / Q8_OFFSETS, BLOCK})
       fail("Q8MatMul", "the offsets must be packed (N/16, K/32, 16)");
     if (column_bias != nullptr && dims(column_bias) != std::vector<int64_t>{packed[0], BLOCK})
@@ -711,7 +729,7 @@ struct Q8MatMul {
     else
       check(g_api->KernelContext_ParallelFor(context, prepare, static_cast<size_t>(rows), 0, &in));
     Work w{{in.codes, in.steps, in.sums, in.totals, k}, group, span, kind, data<int8_t>(input(context, 1)),
-           data<float>(input(context, 2)), offsets ? data<float>(offsets) : nullptr,
+           {data<void>(input(context, 2)), half}, offsets ? data<float>(offsets) : nullptr,
            column_bias ? data<float>(column_bias) : nullptr, data<float>(out), rows, n, gated};
     check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
 #endif
@@ -723,8 +741,8 @@ struct Q8MatMulOp : Ort::CustomOpBase<Q8MatMulOp, Q8MatMul> {
   const char* GetName() const { return "Q8MatMul"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 5; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // the scales: float or float16 (Scales)
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;

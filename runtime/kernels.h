@@ -65,6 +65,15 @@ inline std::vector<int64_t> dims(const OrtValue* value) {
   return shape;
 }
 
+inline ONNXTensorElementDataType element_type(const OrtValue* value) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(g_api->GetTensorTypeAndShape(value, &info));
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  check(g_api->GetTensorElementType(info, &type));
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  return type;
+}
+
 inline const OrtValue* input(OrtKernelContext* context, size_t i) {  // nullptr: an optional input left out
   const OrtValue* value = nullptr;
   check(g_api->KernelContext_GetInput(context, i, &value));

@@ -364,8 +364,8 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
             continue
         # Q8MatMul's inputs 2-4 (1: the packed codes, below): each initializer the graph has and its
         # values, a block of 16 columns at a time; the offsets, a bias and the SwiGLU where it has them.
-        given = {2: (scales.name, _initializer_values(scales, folder, np.float32, n * k // block)
-                     .reshape(n // 16, 16, k // block).transpose(0, 2, 1))}
+        given = {2: (scales.name, _half_if_exact(_initializer_values(scales, folder, np.float32, n * k // block)
+                                                 .reshape(n // 16, 16, k // block).transpose(0, 2, 1)))}
         dropped.add(graph.position[id(node)])  # with each node the fused one replaces: it takes the last's place
         last, output = node, node.output[0]
         offset = _offset_term(graph, node, folder, k, n)
@@ -399,6 +399,14 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
         fused[graph.position[id(last)]] = _node("Q8MatMul", inputs, [output], node.name, peak=int(peak[0]),
                                                 gated=int(gated))
     return _replace(model, fused, dropped, replaced)
+
+
+def _half_if_exact(scales: np.ndarray) -> np.ndarray:
+    """`scales` as float16 where each is a float16 number, as GGUF's Q8_0 and Q5_0 block scales are
+    (their d): the same numbers in half the bytes, which a one-row step reads with the weights
+    (Q8MatMul takes either). Scales of other numbers (k-quants': d times a sub-scale) stay float32."""
+    half = scales.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), scales) else scales
 
 
 def _offset_term(graph: "_Graph", node, folder: Path, k: int, n: int) -> tuple | None:

@@ -232,14 +232,16 @@ def test_a_gate_and_up_product_and_a_bias_run_inside_int8matmul(packing, tmp_pat
                 assert np.array_equal(alone, together[:, part])
 
 
-def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = False, q6_worst: int = 32) -> onnx.ModelProto:
+def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = False, q6_worst: int = 32,
+                   half_scales: bool = False) -> onnx.ModelProto:
     """x (rows × 96) times block weights through the importer's exact path, one of each layout the
     Q8 products take: 8 bits a scale per 32 inputs (Q8_0), the same with codes of -16 to 15 (Q5_0:
     packed as 5 bits), 8 bits per 16 (Q6_K), and 4 bits with offsets (Q4_K: MatMulNBits, then the
     offset term). `ones`: another block-sums matrix. `extreme`: every code the one that makes the
     products' 16-bit sums largest as they are multiplied (8 bits: w = -128; 5 bits: +15, which is 31
     once biased by 16; +`q6_worst` in the 16-input layout, twice that once biased by the largest
-    |w|; 4 bits: 15), so that an input of one sign puts each at its bound."""
+    |w|; 4 bits: 15), so that an input of one sign puts each at its bound. `half_scales`: every
+    scale a float16 number (as GGUF's Q8_0 and Q5_0 scales are); otherwise few are."""
     from attar.runtime.quants import BlockQuant
 
     rng = np.random.default_rng(3)
@@ -248,13 +250,16 @@ def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = Fal
     def codes(low: int, high: int, worst: int) -> np.ndarray:
         return np.full((n, k), worst, np.uint8) if extreme else rng.integers(low, high, (n, k), dtype=np.uint8)
 
+    def scales(groups: int, size: float) -> np.ndarray:
+        values = rng.random((n, groups), np.float32) / size
+        return values.astype(np.float16).astype(np.float32) if half_scales else values
+
     graph = GraphWriter(tmp_path / "q8.data")
     builder = DecoderBuilder(None, None, graph, rope_interleaved=False, int8=False)
-    layouts = {"q8": BlockQuant(8, 32, codes(0, 256, 0), rng.random((n, k // 32), np.float32) / 50, None),
-               "q5": BlockQuant(8, 32, codes(112, 144, 143), rng.random((n, k // 32), np.float32) / 20, None),
-               "q6": BlockQuant(8, 16, codes(96, 160, 128 + q6_worst), rng.random((n, k // 16), np.float32) / 9, None),
-               "q4": BlockQuant(4, 32, codes(0, 16, 15), rng.random((n, k // 32), np.float32) / 5,
-                                rng.standard_normal((n, k // 32)).astype(np.float32))}
+    layouts = {"q8": BlockQuant(8, 32, codes(0, 256, 0), scales(k // 32, 50), None),
+               "q5": BlockQuant(8, 32, codes(112, 144, 143), scales(k // 32, 20), None),
+               "q6": BlockQuant(8, 16, codes(96, 160, 128 + q6_worst), scales(k // 16, 9), None),
+               "q4": BlockQuant(4, 32, codes(0, 16, 15), scales(k // 32, 5), rng.standard_normal((n, k // 32)).astype(np.float32))}
     outputs = [builder.block_matmul("x", w, key, *builder._quant_inputs(key, w)) for key, w in layouts.items()]
     graph.close()
     model = helper.make_model(
@@ -330,6 +335,26 @@ def test_the_q8_products_answer_as_matmulnbits_and_a_row_alone_as_beside_others(
     for rows in (slice(5, 6), slice(3, 11), slice(0, 70)):
         for alone, together in zip(fast.run(None, {"x": x[:, rows]}), batch):
             assert np.array_equal(alone, together[:, rows], equal_nan=True)
+
+
+def test_scales_that_are_float16_numbers_go_to_the_products_as_float16_with_the_same_bits(packing, tmp_path, monkeypatch):
+    """GGUF's Q8_0 and Q5_0 scales are float16 numbers: Q8MatMul takes them as float16 (half the
+    bytes a one-row step reads with the weights) and answers the same bits; other scales stay
+    float32."""
+    library = packing
+    if not q8_packs():
+        pytest.skip("the kernels were built for a CPU with AMX or AVX-VNNI (or without AVX2): MatMulNBits stays")
+    types = lambda model: [{t.name: t.data_type for t in model.graph.initializer}[n.input[2]] for n in model.graph.node]
+    half, kept, other = (q8_projections(tmp_path, half_scales=True), q8_projections(tmp_path, half_scales=True),
+                         q8_projections(tmp_path))
+    half_options, kept_options, keep = ort.SessionOptions(), ort.SessionOptions(), []  # keep: the packed arrays
+    assert kernels.use_q8_matmul(half, tmp_path, half_options, keep) == 4 and types(half) == [T.FLOAT16] * 4
+    assert kernels.use_q8_matmul(other, tmp_path, ort.SessionOptions(), keep) == 4 and types(other) == [T.FLOAT] * 4
+    monkeypatch.setattr(kernels, "_half_if_exact", lambda scales: scales)
+    assert kernels.use_q8_matmul(kept, tmp_path, kept_options, keep) == 4 and types(kept) == [T.FLOAT] * 4
+    x = np.random.default_rng(6).standard_normal((1, 20, 96)).astype(np.float32)
+    for a, b in zip(session(half, library, half_options).run(None, {"x": x}), session(kept, library, kept_options).run(None, {"x": x})):
+        assert np.array_equal(a, b) and np.abs(a).max() > 0
 
 
 @pytest.mark.parametrize("q6_worst", [32, 64, 65])
