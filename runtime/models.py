@@ -142,7 +142,7 @@ def _record(path: Path, model: CatalogModel) -> None:
 def pull(name: str, log: Callable[[str], None] = to_stderr, check: bool = True,
          int8: bool = False) -> Path:
     """Fetch and build a catalog model once; later calls return its folder at once. The parity
-    check scores all 8 prompts, as `attar export` does: on 3 (~55 tokens for SmolLM2) two or three
+    check scores all 8 prompts, as `attar export` does: on 3 (~55 tokens for SmolLM2) a few
     near ties, which any change of summation order moves, decided whether the 95% goal was met.
     `int8` builds the int8 graph too, which the engine then runs (projections on the CPU's integer
     matrix units: faster, not bit-exact; its parity is reported)."""
