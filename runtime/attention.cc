@@ -189,15 +189,8 @@ inline void transpose_16(const Half* keys, int64_t stride, float* rows) {
 }
 #endif
 
-// `width` (≤ 16) keys of `head` halves as `head` rows of 16 floats, zeros past `width` (a last,
-// partial block: the cache is not read past it).
-inline void transpose(const Half* keys, int width, int head, float* rows) {
-  Half padded[16 * MAX_HEAD];
-  if (width < 16) {
-    std::memcpy(padded, keys, sizeof(Half) * width * head);
-    std::fill(padded + width * head, padded + 16 * head, Half(0));
-    keys = padded;
-  }
+// 16 keys of `head` halves as `head` rows of 16 floats.
+inline void transpose(const Half* keys, int head, float* rows) {
 #if defined(__AVX2__) && defined(__F16C__)
   for (int d = 0; d < head; d += 16) transpose_16(keys + d, head, rows + 16 * d);
 #else
@@ -289,16 +282,22 @@ inline void visit_heads(const Call& c, int64_t r, int count, const float* keys, 
   }
 }
 
-// A block of `width` (≤ 16) keys and values from the cache: the keys as floats, transposed (`head`
-// rows of 16, into `keys`); the values as they are, where they are, or for a last, partial block
-// copied into `padded` with zeros past `width` (a weight of 0 times a row past the cache's end
-// could be 0 × NaN; nor is the cache read past it).
-inline const Half* widen_block(const Half* keys, const Half* values, int width, int head, float* transposed, Half* padded) {
-  transpose(keys, width, head, transposed);
-  if (width == 16) return values;
-  std::memcpy(padded, values, sizeof(Half) * width * head);
+// `width` (≤ 16) rows of `head` halves as a block of 16: where they are, or for a last, partial
+// block copied into `padded` with zeros past `width` (a weight of 0 times a row past the cache's
+// end could be 0 × NaN; nor is the cache read past it).
+inline const Half* whole(const Half* rows, int width, int head, Half* padded) {
+  if (width == 16) return rows;
+  std::memcpy(padded, rows, sizeof(Half) * width * head);
   std::fill(padded + width * head, padded + 16 * head, Half(0));
   return padded;
+}
+
+// A block of `width` (≤ 16) keys and values from the cache (`whole`): the keys as floats,
+// transposed (`head` rows of 16, into `transposed`), and the values as halves, returned; `padded`
+// holds 32 rows of `head` halves.
+inline const Half* widen_block(const Half* keys, const Half* values, int width, int head, float* transposed, Half* padded) {
+  transpose(whole(keys, width, head, padded), head, transposed);
+  return whole(values, width, head, padded + 16 * head);
 }
 
 // The index of row b's first query vector of KV head g at token i in `queries` (and the state).
@@ -316,7 +315,7 @@ void share(const Call& c, size_t item) {
   for (int m = 1; m <= SPAN && span[m] >= 0; ++m) blocks = std::max(blocks, c.start[span[m]]);
   const int64_t base = (static_cast<int64_t>(span[0]) * c.kv_heads + g) * c.capacity * head;
   float keys[16 * MAX_HEAD];
-  Half padded[16 * MAX_HEAD];
+  Half padded[32 * MAX_HEAD];  // a partial block's keys and values (`whole`)
   for (int j = 0; j < blocks; ++j) {
     const int64_t at = base + static_cast<int64_t>(16 * j) * head;
     const Half* values = widen_block(c.keys + at, c.values + at, 16, head, keys, padded);
@@ -343,7 +342,7 @@ void attend(const Call& c, size_t item) {
   const int64_t base = (static_cast<int64_t>(b) * c.kv_heads + g) * c.capacity * head;
 
   float keys[16 * MAX_HEAD];
-  Half padded[16 * MAX_HEAD];
+  Half padded[32 * MAX_HEAD];  // a partial block's keys and values (`whole`)
   const int seen = past + last;  // keys the tile's last token sees
   for (int j0 = 16 * c.start[b]; j0 < seen; j0 += 16) {
     const int width = std::min(16, seen - j0);

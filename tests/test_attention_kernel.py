@@ -317,7 +317,7 @@ LANES_PROBE = r"""
 #include <random>
 #include "attention.cc"
 // Random blocks of 16 lanes (some huge, some with a NaN or an infinity) through the lane trees,
-// and random blocks of keys (float16, transposed) and values through visit_heads(), a KV head's 7
+// and random blocks of keys and values (float16, some partial) through widen_block() and visit_heads(), a KV head's 7
 // query vectors' whole step on a block (one pass of 7 on 16-lane registers; 3, 3, then 1 on AVX2's 8);
 // every result's bytes to stdout.
 int main() {
@@ -325,7 +325,7 @@ int main() {
   std::normal_distribution<float> normal(0.f, 1.f);
   constexpr int G = 7;
   static float raw[16], query[G * 64], keys[1024], acc[G * 64], top[G], sum[G];
-  static attar::Half rows[1024], values[1024];
+  static attar::Half rows[1024], values[1024], padded[2048];
   attar::Call c{};
   c.head = 64;
   c.scale = 0.125f;
@@ -357,8 +357,8 @@ int main() {
     }
     out[48] = attar::add_16(first);
     out[49] = attar::max_16(last);
-    attar::transpose(rows, 1 + t % 16, 64, keys);  // AVX2's shuffles, or one half at a time
-    attar::visit_heads<64>(c, 0, G, keys, values, 1 + t % 16);
+    const attar::Half* block = attar::widen_block(rows, values, 1 + t % 16, 64, keys, padded);  // AVX2's shuffles, or one half at a time
+    attar::visit_heads<64>(c, 0, G, keys, block, 1 + t % 16);
     std::memcpy(out + 50, acc, sizeof acc);
     std::memcpy(out + 50 + G * 64, top, sizeof top);
     std::memcpy(out + 50 + G * 64 + G, sum, sizeof sum);
