@@ -57,11 +57,13 @@ constexpr int64_t GROUP = 4;      // inputs a block's packed 64 bytes hold for e
 constexpr int TILE_ROWS = 8;      // rows a tile: 8 rows × 2 blocks = 16 accumulators (AVX2: in passes of PASS)
 constexpr int64_t ITEM_ROWS = 64;  // rows a work item: its weights stay in cache across its tiles
 constexpr int64_t QUANTIZE_ROWS = 32;  // rows of an input a thread quantizes at a time (a prefill's)
-// Groups a tile of 4 rows or more asks for ahead of the one it multiplies (4 KB of a block): with
-// that much arithmetic on each 64 bytes the hardware prefetcher falls behind the weights' stream
-// (×0.96-0.98 a step at 8 and 16 rows); a tile of fewer rows reads at the memory's rate without
-// it, and the prefetches only cost it (×1.05 at one row).
-constexpr int64_t AHEAD = 64;
+// Bytes of a block's weights a pass of `rows` rows asks for ahead of those it multiplies, into L2
+// (`prefetcht1`), in both products: the hardware prefetcher alone falls behind the weights'
+// stream, most where each 64 bytes feed many rows' arithmetic. Into L1 (`prefetcht0`) such
+// requests had cost a one-row step ×1.05 and won little at 8 rows; into L2 they win at every
+// width (Zen 4; streaming 512 MB through the 8-row tile alone, 24 → 28 GB/s). A one-row pass
+// consumes its bytes fastest and gains most from the nearer distance.
+constexpr int64_t ahead(int rows) { return rows == 1 ? 2048 : 4096; }
 constexpr int64_t Q8_OFFSETS = 32;  // Q8MatMul: inputs that share an offset (GGUF's k-quants with a minimum)
 
 // How Q8MatMul's weights are packed (`attar_pack_q8`): 8 bits, as they are (SIGNED) or plus the
@@ -130,8 +132,7 @@ void tile(const Code* a, int64_t k, const int8_t* w, int64_t stride, const int32
     for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_si512();
   for (int64_t g = 0; g < k / GROUP; ++g) {
     __m512i weights[B];
-    if constexpr (R >= 4)  // see AHEAD
-      for (int b = 0; b < B; ++b) _mm_prefetch(reinterpret_cast<const char*>(w + b * stride + (g + AHEAD) * 64), _MM_HINT_T0);
+    for (int b = 0; b < B; ++b) _mm_prefetch(reinterpret_cast<const char*>(w + b * stride + g * 64 + ahead(R)), _MM_HINT_T1);
     for (int b = 0; b < B; ++b) weights[b] = _mm512_loadu_si512(w + b * stride + g * 64);
     for (int r = 0; r < R; ++r) {
       int32_t four;
@@ -270,9 +271,7 @@ template <int R, int G, int SPAN, Weights KIND>
 void q8_block(const Q8Rows& a, const int8_t* w, Scales w_scale, const float* w_offset, float* y, int64_t n) {
   static_assert(KIND != SIGNED || SPAN == 1, "signed pairs reach 32,512: widened at once");
   constexpr int QUADS = G / 4, QUAD_BYTES = KIND == NIBBLES ? 32 : KIND == FIVE ? 40 : 64;
-  // The next block's weights are fetched meanwhile where a pass has rows to hide it behind; one
-  // row streams them as fast without (the hardware's prefetch: one of these a line cost ×1.04).
-  const int64_t k = a.k, groups = k / G, next = k / 4 * QUAD_BYTES;
+  const int64_t k = a.k, groups = k / G;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 sum[R][2];
   for (int r = 0; r < R; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
@@ -282,7 +281,7 @@ void q8_block(const Q8Rows& a, const int8_t* w, Scales w_scale, const float* w_o
       for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
 #pragma GCC unroll 8
       for (int q = g * QUADS; q < (g + 1) * QUADS; ++q) {
-        if constexpr (R > 1) _mm_prefetch(reinterpret_cast<const char*>(w + next + q * 64), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + q * 64 + ahead(R)), _MM_HINT_T1);
         const __m256i w0 = load_quads(w, q, 0), w1 = load_quads(w, q, 1);
         const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
         for (int r = 0; r < R; ++r) {
@@ -301,7 +300,7 @@ void q8_block(const Q8Rows& a, const int8_t* w, Scales w_scale, const float* w_o
 #pragma GCC unroll 4  // 8 (a nibble group) spilled: the compiler hoisted every unpacking
         for (int i = 0; i < SPAN; ++i) {
           const int64_t q = g * QUADS + s + i;
-          if constexpr (R > 1) _mm_prefetch(reinterpret_cast<const char*>(w + next + q * QUAD_BYTES), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w + q * QUAD_BYTES + ahead(R)), _MM_HINT_T1);
           __m256i c0, c1;
           if constexpr (KIND == NIBBLES) {
             const __m256i low = _mm256_set1_epi8(15), both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 32));
