@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <iterator>
 #include <type_traits>
 #include <vector>
 
@@ -57,13 +58,15 @@ constexpr int64_t GROUP = 4;      // inputs a block's packed 64 bytes hold for e
 constexpr int TILE_ROWS = 8;      // rows a tile: 8 rows × 2 blocks = 16 accumulators (AVX2: in passes of PASS)
 constexpr int64_t ITEM_ROWS = 64;  // rows a work item: its weights stay in cache across its tiles
 constexpr int64_t QUANTIZE_ROWS = 32;  // rows of an input a thread quantizes at a time (a prefill's)
-// Bytes of a block's weights a pass of `rows` rows asks for ahead of those it multiplies, into L2
-// (`prefetcht1`), in both products: the hardware prefetcher alone falls behind the weights'
-// stream, most where each 64 bytes feed many rows' arithmetic. Into L1 (`prefetcht0`) such
-// requests had cost a one-row step ×1.05 and won little at 8 rows; into L2 they win at every
-// width (Zen 4; streaming 512 MB through the 8-row tile alone, 24 → 28 GB/s). A one-row pass
-// consumes its bytes fastest and gains most from the nearer distance.
+// Bytes of a block's weights a pass asks for ahead of those it multiplies, into L2 (`prefetcht1`),
+// in both products: the hardware prefetcher alone falls behind the weights' stream. Into L1
+// (`prefetcht0`) such requests had cost a one-row step ×1.05 and won little at 8 rows; into L2
+// they win at every width (Zen 4; streaming 512 MB through the 8-row VNNI tile alone, 24 → 28
+// GB/s). The distances are measured: Int8MatMul's one-row tile consumes its bytes fastest, and
+// 2 KB beat 4 KB there; Q8MatMul's passes do more arithmetic a byte, and 8 KB beat 2 and 4 KB
+// (the 1.5B's exact step ×0.86-0.91 at one row, ×0.96-0.98 at 8 rows, against 2 and 4 KB).
 constexpr int64_t ahead(int rows) { return rows == 1 ? 2048 : 4096; }
+constexpr int64_t Q8_AHEAD = 8192;
 constexpr int64_t Q8_OFFSETS = 32;  // Q8MatMul: inputs that share an offset (GGUF's k-quants with a minimum)
 
 // How Q8MatMul's weights are packed (`attar_pack_q8`): 8 bits, as they are (SIGNED) or plus the
@@ -111,10 +114,38 @@ struct Q8Rows {
   }
 };
 
-// Q8MatMul's column scales: floats, or float16s where every scale is a float16 number (GGUF's block
-// scales are d, a float16, for Q8_0 and Q5_0; `kernels.use_q8_matmul` checks): the same numbers in
-// half the bytes, which a one-row step reads with the weights.
-struct Scales {
+// Q8MatMul's column scales (a number per G inputs × column) and offsets (per 32 inputs × column),
+// in blocks of 16 columns, in the fewest bytes that hold the same numbers (`kernels.use_q8_matmul`
+// chooses, and checks): int8 factors of a float16 unit per UNIT inputs × column where every number
+// is exactly such a product (GGUF's k-quants: d times an integer sub-scale; an offset zero × its
+// scale minus dmin times a minimum); scales as float16 where every one is a float16 number (Q8_0's
+// and Q5_0's d); else floats. A one-row step reads them with the weights: for the 1.5B's 4-bit
+// blocks a float scale and a float offset per 32 inputs were 2 of their 6 bits a weight. The
+// passes read them as given (Factored) where an item has one pass of rows; an item of more has
+// them made floats a strip at a time first (`widen`; Plain: a pass making them as it went had
+// cost the 1.5B's 8-row step ×1.25, and a branch on the numbers' kind in every pass a prefill
+// ×1.05).
+constexpr int64_t UNIT = 256;  // GGUF's k-quant super-block
+enum Numbers { FLOATS, HALVES, FACTORS };
+
+struct Factors {  // the numbers as given
+  const void* at;        // nullptr: none (a product without offsets)
+  const uint16_t* unit;  // FACTORS: a float16 unit per UNIT inputs × column, (N/16, K/UNIT, 16)
+  Numbers kind;
+  int shift;  // FACTORS: a group's unit is the (group >> shift)-th (groups a unit covers: 8 or 16)
+  // Offsets only: each is zero × its 32 inputs' scale plus the number here (GGUF's Q4_K and Q5_K:
+  // zero·d·sc − dmin·m, the minimums factored), so that they take the scales' factors, not floats.
+  float zero;
+
+  // The numbers of `n` further groups × 16 columns on (a block's, in the units' order too).
+  Factors skip(int64_t n) const {
+    const int64_t size = kind == FLOATS ? 4 : kind == HALVES ? 2 : 1;
+    return {at ? static_cast<const char*>(at) + n * size : nullptr, kind == FACTORS ? unit + (n >> shift) : unit, kind,
+            shift, zero};
+  }
+};
+
+struct Scales {  // floats or float16s
   const void* at;
   bool half;
 
@@ -245,6 +276,48 @@ inline void unpack_five(const int8_t* w, int64_t k, int8_t* out) {
   }
 }
 
+// How a pass reads its columns' scales and offsets, two forms (a template parameter of the
+// products, so that neither branches on the other's kind): Plain, floats or float16 scales and
+// float offsets; Factored, int8 factors times float16 units as given, for a pass of an item of
+// at most 3 rows (one pass), where making them floats first cost more than it saved (the 1.5B's
+// one-row step ×1.03-1.06). For `block` further blocks of 16 columns of `k` inputs: `skip`;
+// columns 8h .. 8h + 7 of group g's scales: `scale`; of the offsets of inputs 32b .. 32b + 31:
+// `offset` (none where `offsets` is false).
+struct Plain {
+  Scales scales;
+  const float* offsets;
+
+  Plain skip(int64_t blocks, int64_t k, int64_t group) const {
+    return {scales.skip(blocks * k / group * BLOCK), offsets ? offsets + blocks * k / Q8_OFFSETS * BLOCK : nullptr};
+  }
+  bool has_offsets() const { return offsets != nullptr; }
+  __m256 scale(int64_t g, int h) const {
+    const int64_t at = g * BLOCK + h * 8;
+    return scales.half ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(scales.at) + at)))
+                       : _mm256_loadu_ps(static_cast<const float*>(scales.at) + at);
+  }
+  __m256 offset(int64_t b, int h) const { return _mm256_loadu_ps(offsets + b * BLOCK + h * 8); }
+};
+
+struct Factored {
+  Factors scales, offsets;  // both FACTORS, or offsets none
+
+  Factored skip(int64_t blocks, int64_t k, int64_t group) const {
+    return {scales.skip(blocks * k / group * BLOCK), offsets.skip(blocks * k / Q8_OFFSETS * BLOCK)};
+  }
+  bool has_offsets() const { return offsets.at != nullptr; }
+  static __m256 number(const Factors& f, int64_t g, int h) {  // a factor times its unit: exact (kernels.py)
+    const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(f.at) + g * BLOCK + h * 8));
+    const __m128i unit = _mm_loadu_si128(reinterpret_cast<const __m128i*>(f.unit + (g >> f.shift) * BLOCK + h * 8));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight)), _mm256_cvtph_ps(unit));
+  }
+  __m256 scale(int64_t g, int h) const { return number(scales, g, h); }
+  __m256 offset(int64_t b, int h) const {  // zero × the scale of the same 32 inputs (a scale per 32: checked) added
+    const __m256 own = number(offsets, b, h);
+    return offsets.zero == 0.0f ? own : _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(offsets.zero), scale(b, h)), own);
+  }
+};
+
 // Q8MatMul's rows [0, R) × one block of 16 columns: per group of G inputs (16 or 32) the exact
 // sums of the codes' products, scaled by the row's and the columns' scales of those inputs and
 // added in float, in the inputs' order, into y; where there are offsets, after each 32 inputs
@@ -267,8 +340,8 @@ inline void unpack_five(const int8_t* w, int64_t k, int8_t* out) {
 // Zen 2 runs one multiply a cycle, and the other vector instructions beside it (the adds, the
 // signs) are what keeps it from that: 16-bit codes by `vpmaddwd` gave 16 products a multiply; a
 // Q5_0 matrix's gave 28 through `vpsignb` and give 26 without (×0.91-0.97 at 8-16 rows).
-template <int R, int G, int SPAN, Weights KIND>
-void q8_block(const Q8Rows& a, const int8_t* w, Scales w_scale, const float* w_offset, float* y, int64_t n) {
+template <int R, int G, int SPAN, Weights KIND, typename Numbers>
+void q8_block(const Q8Rows& a, const int8_t* w, Numbers numbers, float* y, int64_t n) {
   static_assert(KIND != SIGNED || SPAN == 1, "signed pairs reach 32,512: widened at once");
   constexpr int QUADS = G / 4, QUAD_BYTES = KIND == NIBBLES ? 32 : KIND == FIVE ? 40 : 64;
   const int64_t k = a.k, groups = k / G;
@@ -281,7 +354,7 @@ void q8_block(const Q8Rows& a, const int8_t* w, Scales w_scale, const float* w_o
       for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
 #pragma GCC unroll 8
       for (int q = g * QUADS; q < (g + 1) * QUADS; ++q) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + q * 64 + ahead(R)), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w + q * 64 + Q8_AHEAD), _MM_HINT_T1);
         const __m256i w0 = load_quads(w, q, 0), w1 = load_quads(w, q, 1);
         const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
         for (int r = 0; r < R; ++r) {
@@ -300,7 +373,7 @@ void q8_block(const Q8Rows& a, const int8_t* w, Scales w_scale, const float* w_o
 #pragma GCC unroll 4  // 8 (a nibble group) spilled: the compiler hoisted every unpacking
         for (int i = 0; i < SPAN; ++i) {
           const int64_t q = g * QUADS + s + i;
-          _mm_prefetch(reinterpret_cast<const char*>(w + q * QUAD_BYTES + ahead(R)), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(w + q * QUAD_BYTES + Q8_AHEAD), _MM_HINT_T1);
           __m256i c0, c1;
           if constexpr (KIND == NIBBLES) {
             const __m256i low = _mm256_set1_epi8(15), both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 32));
@@ -329,20 +402,17 @@ void q8_block(const Q8Rows& a, const int8_t* w, Scales w_scale, const float* w_o
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const int64_t at = g * BLOCK + h * 8;
-      const __m256 column = w_scale.half
-          ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w_scale.at) + at)))
-          : _mm256_loadu_ps(static_cast<const float*>(w_scale.at) + at);
+      const __m256 column = numbers.scale(g, h);
       for (int r = 0; r < R; ++r) {
         const __m256 scale = _mm256_mul_ps(column, _mm256_set1_ps(a.scales[r * groups + g]));
         sum[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), scale, sum[r][h]);
       }
     }
     const int64_t end = (g + 1) * G;  // inputs done
-    if (w_offset != nullptr && end % Q8_OFFSETS == 0) {
+    if (numbers.has_offsets() && end % Q8_OFFSETS == 0) {
       const int64_t b = end / Q8_OFFSETS - 1;
       for (int h = 0; h < 2; ++h) {
-        const __m256 offset = _mm256_loadu_ps(w_offset + b * BLOCK + h * 8);
+        const __m256 offset = numbers.offset(b, h);
         for (int r = 0; r < R; ++r)
           sum[r][h] = _mm256_fmadd_ps(_mm256_set1_ps(a.sums[r * (k / Q8_OFFSETS) + b]), offset, sum[r][h]);
       }
@@ -354,38 +424,51 @@ void q8_block(const Q8Rows& a, const int8_t* w, Scales w_scale, const float* w_o
 
 // Rows [0, R) × blocks [0, B), R ≤ TILE_ROWS, PASS rows at a time (against 2: ×0.94 at 8 rows on
 // 6-bit codes, even on 8-bit ones; GCC keeps some of 3 rows' float sums on the stack).
-template <int R, int B, int G, int SPAN, Weights KIND>
-void q8_tile(const Q8Rows& a, const int8_t* w, int64_t stride, Scales w_scale, const float* w_offset, float* y,
-             int64_t n) {
+template <int R, int B, int G, int SPAN, Weights KIND, typename Numbers>
+void q8_tile(const Q8Rows& a, const int8_t* w, int64_t stride, Numbers numbers, float* y, int64_t n) {
   constexpr int PASS = 3;
-  const int64_t scales = a.k / G * BLOCK, offsets = a.k / Q8_OFFSETS * BLOCK;  // scales, offsets a block of columns
   for (int b = 0; b < B; ++b) {
-    const float* offset = w_offset ? w_offset + b * offsets : nullptr;
-    q8_block<std::min(R, PASS), G, SPAN, KIND>(a, w + b * stride, w_scale.skip(b * scales), offset, y + b * BLOCK, n);
+    const Numbers block = numbers.skip(b, a.k, G);
+    q8_block<std::min(R, PASS), G, SPAN, KIND>(a, w + b * stride, block, y + b * BLOCK, n);
     if constexpr (R > PASS)
-      q8_tile<R - PASS, 1, G, SPAN, KIND>(a.skip(PASS, G), w + b * stride, stride, w_scale.skip(b * scales), offset,
-                                             y + PASS * n + b * BLOCK, n);
+      q8_tile<R - PASS, 1, G, SPAN, KIND>(a.skip(PASS, G), w + b * stride, stride, block, y + PASS * n + b * BLOCK, n);
   }
 }
 
-using Q8Tile = void (*)(const Q8Rows&, const int8_t*, int64_t, Scales, const float*, float*, int64_t);
-template <int B, int G, int SPAN, Weights KIND>
-constexpr Q8Tile Q8_TILES[TILE_ROWS + 1] = {
-    nullptr,                         q8_tile<1, B, G, SPAN, KIND>, q8_tile<2, B, G, SPAN, KIND>,
-    q8_tile<3, B, G, SPAN, KIND>,    q8_tile<4, B, G, SPAN, KIND>, q8_tile<5, B, G, SPAN, KIND>,
-    q8_tile<6, B, G, SPAN, KIND>,    q8_tile<7, B, G, SPAN, KIND>, q8_tile<8, B, G, SPAN, KIND>};
+template <typename Numbers>
+using Q8Tile = void (*)(const Q8Rows&, const int8_t*, int64_t, Numbers, float*, int64_t);
+template <int B, int G, int SPAN, Weights KIND, typename N>
+constexpr Q8Tile<N> Q8_TILES[TILE_ROWS + 1] = {
+    nullptr,                            q8_tile<1, B, G, SPAN, KIND, N>, q8_tile<2, B, G, SPAN, KIND, N>,
+    q8_tile<3, B, G, SPAN, KIND, N>,    q8_tile<4, B, G, SPAN, KIND, N>, q8_tile<5, B, G, SPAN, KIND, N>,
+    q8_tile<6, B, G, SPAN, KIND, N>,    q8_tile<7, B, G, SPAN, KIND, N>, q8_tile<8, B, G, SPAN, KIND, N>};
 
 // The tile for `rows` rows, B blocks, groups of `group` inputs, weights of `kind` summed `span`
-// groups of 4 in 16 bits.
-template <int B>
-Q8Tile q8_tile_for(int rows, int64_t group, int span, Weights kind) {
-  if (kind == SIGNED) return group == 16 ? Q8_TILES<B, 16, 1, SIGNED>[rows] : Q8_TILES<B, 32, 1, SIGNED>[rows];
-  if (kind == NIBBLES) return group == 16 ? Q8_TILES<B, 16, 4, NIBBLES>[rows] : Q8_TILES<B, 32, 8, NIBBLES>[rows];
-  if (kind == FIVE) return group == 16 ? Q8_TILES<B, 16, 4, FIVE>[rows] : Q8_TILES<B, 32, 4, FIVE>[rows];  // 4 × 2 × 127 × 31
+// groups of 4 in 16 bits, numbers read as N.
+template <int B, typename N>
+Q8Tile<N> q8_tile_for(int rows, int64_t group, int span, Weights kind) {
+  if (kind == SIGNED) return group == 16 ? Q8_TILES<B, 16, 1, SIGNED, N>[rows] : Q8_TILES<B, 32, 1, SIGNED, N>[rows];
+  if (kind == NIBBLES) return group == 16 ? Q8_TILES<B, 16, 4, NIBBLES, N>[rows] : Q8_TILES<B, 32, 8, NIBBLES, N>[rows];
+  if (kind == FIVE) return group == 16 ? Q8_TILES<B, 16, 4, FIVE, N>[rows] : Q8_TILES<B, 32, 4, FIVE, N>[rows];  // 4 × 2 × 127 × 31
   if (group == 16)
-    return span >= 4 ? Q8_TILES<B, 16, 4, BIASED>[rows] : span == 2 ? Q8_TILES<B, 16, 2, BIASED>[rows] : Q8_TILES<B, 16, 1, BIASED>[rows];
-  return span >= 8 ? Q8_TILES<B, 32, 8, BIASED>[rows] : span == 4 ? Q8_TILES<B, 32, 4, BIASED>[rows]
-       : span == 2 ? Q8_TILES<B, 32, 2, BIASED>[rows] : Q8_TILES<B, 32, 1, BIASED>[rows];
+    return span >= 4 ? Q8_TILES<B, 16, 4, BIASED, N>[rows] : span == 2 ? Q8_TILES<B, 16, 2, BIASED, N>[rows] : Q8_TILES<B, 16, 1, BIASED, N>[rows];
+  return span >= 8 ? Q8_TILES<B, 32, 8, BIASED, N>[rows] : span == 4 ? Q8_TILES<B, 32, 4, BIASED, N>[rows]
+       : span == 2 ? Q8_TILES<B, 32, 2, BIASED, N>[rows] : Q8_TILES<B, 32, 1, BIASED, N>[rows];
+}
+
+// One block's `groups` factored numbers × 16 columns as floats, into `out` (laid out as float
+// inputs are): each factor times its unit, the float multiply `kernels.use_q8_matmul` checked
+// gives each number exactly.
+inline void widen(const Factors& f, int64_t groups, float* out) {
+  const int64_t per_unit = int64_t{1} << f.shift;
+  for (int64_t u = 0; u < groups / per_unit; ++u)
+    for (int h = 0; h < 2; ++h) {
+      const __m256 unit = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(f.unit + u * BLOCK + h * 8)));
+      for (int64_t g = u * per_unit; g < (u + 1) * per_unit; ++g) {
+        const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(f.at) + g * BLOCK + h * 8));
+        _mm256_storeu_ps(out + g * BLOCK + h * 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight)), unit));
+      }
+    }
 }
 
 // One group of `group` inputs (a multiple of 8) as codes, as onnxruntime's int8 path (and
@@ -560,9 +643,11 @@ struct Int8MatMulOp : Ort::CustomOpBase<Int8MatMulOp, Int8MatMul> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-// Q8MatMul(a float (..., K), weights int8 (N/16, K/4, 64; 4-bit codes: 32), scales float or float16 (N/16, K/G, 16)
-//          [, offsets float (N/16, K/32, 16)][, bias float (N/16, 16)]) -> float (..., N), attributes
-//          peak (the weights' largest |w|) and gated (0 or 1)
+// Q8MatMul(a float (..., K), weights int8 (N/16, K/4, 64; 4-bit codes: 32), scales (N/16, K/G, 16)
+//          [, offsets (N/16, K/32, 16)][, bias float (N/16, 16)][, scale units float16 (N/16, K/256, 16)]
+//          [, offset units, the same]) -> float (..., N), attributes peak (the weights' largest |w|),
+//          gated (0 or 1) and zero (each offset is zero × its scale plus the offsets' number; 0 where
+//          not said); scales float, float16 or int8 times their units, offsets float or int8 (Factors)
 // The exact graph's MatMulNBits (8 or 4 bits, G = 32 or 16 inputs a scale, accuracy level 4: GGUF's
 // Q8_0, Q5_0, Q6_K, Q4_K... weights), with its offset term where the weights have one: the input
 // quantized to int8 per row and G inputs (times 127 / max|a|, to nearest even; scale max|a| / 127)
@@ -579,15 +664,17 @@ struct Int8MatMulOp : Ort::CustomOpBase<Int8MatMulOp, Int8MatMul> {
 // row's outputs are the same bits in a step of any rows. A group holding a NaN or an infinity
 // makes its row's outputs NaN.
 struct Q8MatMul {
-  int64_t peak;
+  int64_t peak, zero;
   bool gated;
 
   // `peak`: the largest |w| of the packed weights (`attar_pack_q8` measures it); 128 where not
   // said. It says how they were packed and how many products add up in 16 bits: a wrong one gives
   // wrong numbers, never a read out of bounds.
   explicit Q8MatMul(const OrtKernelInfo* info)
-      : peak(attribute(info, "peak", int64_t{128})), gated(attribute(info, "gated", int64_t{0}) != 0) {
+      : peak(attribute(info, "peak", int64_t{128})), zero(attribute(info, "zero", int64_t{0})),
+        gated(attribute(info, "gated", int64_t{0}) != 0) {
     if (peak < 0 || peak > 128) fail("Q8MatMul", "peak must be a weight's largest magnitude, 0 to 128");
+    if (zero < 0 || zero > 128) fail("Q8MatMul", "zero must be 0 to 128");
   }
 
   struct Work {
@@ -596,8 +683,8 @@ struct Q8MatMul {
     int span;
     Weights kind;
     const int8_t* weights;
-    Scales column_scale;                 // (N/16, K/G, 16)
-    const float *column_offset, *bias;  // (N/16, K/32, 16), (N/16, 16) or nullptr
+    Factors column_scale, column_offset;  // (N/16, K/G, 16), (N/16, K/32, 16) (none: at nullptr)
+    const float* bias;                    // (N/16, 16) or nullptr
     float* y;
     int64_t rows, n;  // n: the product's columns (y has n / 2 where gated)
     bool gated;
@@ -651,20 +738,56 @@ struct Q8MatMul {
     // An item of many rows (a prefill's) unpacks its FIVE blocks once (`unpack_five`), not in each
     // pass of 3 rows: the same codes, so the same sums; a 512-token prefill had been ×1.04-1.08.
     thread_local std::vector<int8_t> unpacked;
+    // An item of more rows than a pass has its strip's factored scales and offsets made floats
+    // first (`widen`), at its first tile; one of a pass's rows reads them as given (Factored).
+    thread_local std::vector<float> scales, offsets;
+    const Factors &given_scales = w.column_scale, &given_offsets = w.column_offset;
+    const int64_t groups = k / w.group, sums = k / Q8_OFFSETS;  // numbers a block's column: scales, offsets
     bool wide = false;
+    // As given where every number is (or there are no offsets), for an item of one pass.
+    const bool as_given = given_scales.kind == FACTORS && (given_offsets.at == nullptr || given_offsets.kind == FACTORS);
+    bool few = false;
     each_tile(item, w.rows, w.n, [&](int64_t r, int64_t rows, int64_t block, bool two) {
+      const int blocks = two ? 2 : 1;
       if (r % ITEM_ROWS == 0 && w.kind == FIVE && std::min(ITEM_ROWS, w.rows - r) >= UNPACK_FROM) {  // the item's first tile
         unpacked.resize(2 * k * BLOCK);
-        for (int b = 0; b < (two ? 2 : 1); ++b) unpack_five(w.weights + (block + b) * stride, k, unpacked.data() + b * k * BLOCK);
+        for (int b = 0; b < blocks; ++b) unpack_five(w.weights + (block + b) * stride, k, unpacked.data() + b * k * BLOCK);
         wide = true;
       }
-      const float* offsets = w.column_offset ? w.column_offset + block * (k / Q8_OFFSETS) * BLOCK : nullptr;
+      if (r % ITEM_ROWS == 0) few = as_given && std::min(ITEM_ROWS, w.rows - r) <= 3;
+      if (r % ITEM_ROWS == 0 && !few && given_scales.kind == FACTORS) {
+        scales.resize(2 * groups * BLOCK);
+        for (int b = 0; b < blocks; ++b) widen(given_scales.skip((block + b) * groups * BLOCK), groups, scales.data() + b * groups * BLOCK);
+      }
+      if (r % ITEM_ROWS == 0 && !few && given_offsets.kind == FACTORS) {
+        offsets.resize(2 * sums * BLOCK);
+        for (int b = 0; b < blocks; ++b) widen(given_offsets.skip((block + b) * sums * BLOCK), sums, offsets.data() + b * sums * BLOCK);
+        // zero × the same 32 inputs' scale (a scale per 32: checked), added as the importer added it;
+        // both products are exact (kernels.py checks), so a fused multiply-add rounds alike.
+        for (int64_t i = 0; given_offsets.zero != 0.0f && i < blocks * sums * BLOCK; ++i)
+          offsets[i] = given_offsets.zero * scales[i] + offsets[i];
+      }
       float both[TILE_ROWS * 2 * BLOCK];  // gated: the tile's gate and up sums, rows of 32
       float* y = w.gated ? both : w.y + r * w.n + block * BLOCK;
       const int64_t row = w.gated ? 2 * BLOCK : w.n;  // floats from one of y's rows to the next
-      (two ? q8_tile_for<2> : q8_tile_for<1>)(static_cast<int>(rows), w.group, wide ? 4 : w.span, wide ? BIASED : w.kind)(
-          w.a.skip(r, w.group), wide ? unpacked.data() : w.weights + block * stride, wide ? k * BLOCK : stride,
-          w.column_scale.skip(block * (k / w.group) * BLOCK), offsets, y, row);
+      const int span = wide ? 4 : w.span;
+      const Weights kind = wide ? BIASED : w.kind;
+      const Q8Rows a = w.a.skip(r, w.group);
+      const int8_t* weights = wide ? unpacked.data() : w.weights + block * stride;
+      const int64_t apart = wide ? k * BLOCK : stride;  // from a block's weights to the next's
+      if (few) {
+        const Factored numbers = Factored{given_scales, given_offsets}.skip(block, k, w.group);
+        (two ? q8_tile_for<2, Factored> : q8_tile_for<1, Factored>)(static_cast<int>(rows), w.group, span, kind)(
+            a, weights, apart, numbers, y, row);
+      } else {
+        const Scales scale = given_scales.kind == FACTORS ? Scales{scales.data(), false}
+                                                          : Scales{given_scales.at, given_scales.kind == HALVES}.skip(block * groups * BLOCK);
+        const float* offset = given_offsets.at == nullptr ? nullptr
+                            : given_offsets.kind == FACTORS ? offsets.data()
+                            : static_cast<const float*>(given_offsets.at) + block * sums * BLOCK;
+        (two ? q8_tile_for<2, Plain> : q8_tile_for<1, Plain>)(static_cast<int>(rows), w.group, span, kind)(
+            a, weights, apart, Plain{scale, offset}, y, row);
+      }
       for (int64_t i = 0; w.bias != nullptr && i < rows; ++i)
         for (int64_t c = 0; c < (two ? 2 : 1) * BLOCK; ++c) y[i * row + c] += w.bias[block * BLOCK + c];
       if (w.gated) gate(both, rows, w.y + r * (w.n / 2) + block / 2 * BLOCK, w.n / 2);
@@ -672,6 +795,29 @@ struct Q8MatMul {
 #else
     (void)data, (void)item;
 #endif
+  }
+
+  // Input `i`'s numbers (scales or offsets, one per `group` inputs × column, already checked to be
+  // (blocks, K / group, 16)): floats, float16s, or int8 factors of input `units`' float16s (blocks,
+  // K / UNIT, 16). None where input i is absent.
+  static Factors numbers(OrtKernelContext* context, size_t i, size_t units, int64_t group, int64_t blocks, int64_t k) {
+    const OrtValue* values = input(context, i);
+    const OrtValue* unit = input(context, units);
+    if (values == nullptr) {
+      if (unit != nullptr) fail("Q8MatMul", "units without the numbers they are units of");
+      return {nullptr, nullptr, FLOATS, 0, 0.0f};
+    }
+    const ONNXTensorElementDataType type = element_type(values);
+    if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) {
+      if (unit == nullptr || k % UNIT != 0 || dims(unit) != std::vector<int64_t>{blocks, k / UNIT, BLOCK} ||
+          element_type(unit) != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+        fail("Q8MatMul", "int8 scales or offsets need float16 units packed (N/16, K/256, 16)");
+      return {data<void>(values), data<uint16_t>(unit), FACTORS, group == 16 ? 4 : 3, 0.0f};  // UNIT / group: 16 or 8
+    }
+    if (unit != nullptr) fail("Q8MatMul", "units given for numbers that are not int8");
+    if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return {data<void>(values), nullptr, HALVES, 0, 0.0f};
+    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("Q8MatMul", "scales and offsets must be float, float16 or int8");
+    return {data<void>(values), nullptr, FLOATS, 0, 0.0f};
   }
 
   void Compute(OrtKernelContext* context) {
@@ -691,12 +837,14 @@ struct Q8MatMul {
     if (scales.size() != 3 || scales[0] != packed[0] || scales[2] != BLOCK || (scales[1] != k / 32 && scales[1] != k / 16))
       fail("Q8MatMul", "the scales must be packed (N/16, K/32 or K/16, 16)");
     const int64_t group = k / scales[1];
-    const ONNXTensorElementDataType scale_type = element_type(input(context, 2));
-    if (scale_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && scale_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
-      fail("Q8MatMul", "the scales must be float or float16");
-    const bool half = scale_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     if (offsets != nullptr && dims(offsets) != std::vector<int64_t>{packed[0], k / Q8_OFFSETS, BLOCK})
       fail("Q8MatMul", "the offsets must be packed (N/16, K/32, 16)");
+    const Factors column_scale = numbers(context, 2, 5, group, packed[0], k);
+    Factors column_offset = numbers(context, 3, 6, Q8_OFFSETS, packed[0], k);
+    if (column_offset.kind == HALVES) fail("Q8MatMul", "the offsets must be float or int8");
+    if (zero != 0 && (column_offset.kind != FACTORS || column_scale.kind != FACTORS || group != Q8_OFFSETS))
+      fail("Q8MatMul", "a zero needs int8 scales and offsets, a scale per 32 inputs");
+    column_offset.zero = static_cast<float>(zero);
     if (column_bias != nullptr && dims(column_bias) != std::vector<int64_t>{packed[0], BLOCK})
       fail("Q8MatMul", "the bias must be packed (N/16, 16)");
     if (gated && packed[0] % 2 != 0) fail("Q8MatMul", "a gated product's columns must be blocks of 16, gate and up in pairs");
@@ -728,8 +876,7 @@ struct Q8MatMul {
     else
       check(g_api->KernelContext_ParallelFor(context, prepare, static_cast<size_t>(rows), 0, &in));
     Work w{{in.codes, in.steps, in.sums, in.totals, k}, group, span, kind, data<int8_t>(input(context, 1)),
-           {data<void>(input(context, 2)), half}, offsets ? data<float>(offsets) : nullptr,
-           column_bias ? data<float>(column_bias) : nullptr, data<float>(out), rows, n, gated};
+           column_scale, column_offset, column_bias ? data<float>(column_bias) : nullptr, data<float>(out), rows, n, gated};
     check(g_api->KernelContext_ParallelFor(context, part, work_items(rows, n), 0, &w));
 #endif
   }
@@ -739,9 +886,10 @@ struct Q8MatMulOp : Ort::CustomOpBase<Q8MatMulOp, Q8MatMul> {
   void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new Q8MatMul(info); }
   const char* GetName() const { return "Q8MatMul"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 5; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {  // the scales: float or float16 (Scales)
-    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  size_t GetInputTypeCount() const { return 7; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // scales: float, float16 or int8; offsets: float or int8
+    if (i == 5 || i == 6) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;  // the units
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : i == 2 || i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
@@ -812,6 +960,55 @@ extern "C" int attar_pack_int8(const int8_t* __restrict w, int64_t k, int64_t n,
   (void)w, (void)k, (void)n, (void)zero, (void)gated, (void)packed, (void)offsets;
   return 1;
 #endif
+}
+
+// Q8MatMul's scales or offsets as int8 factors of float16 units (Factors' FACTORS), where every
+// unit's numbers are such products: `values` (blocks, groups, 16 columns) floats, and `base` (the
+// same shape; nullptr: zeros) what each number adds to its product (an offset's zero × scale).
+// A unit is `per_unit` consecutive groups of one column; it takes the float16 nearest its largest
+// magnitude (signed) over minus its factor, c, for the first c of GGUF's likeliest (63: Q4_K's and
+// Q5_K's sub-scales and minimums; 128: Q6_K's, whose largest is -128; ...), then of 128 down to 1,
+// for which each number is base + factor × unit in float, bit for bit, each factor an int8. (A
+// float16 times an integer of at most 128 is exact in float, so the kernel's products are too,
+// and no fusing of them into the add can change a bit.) Writes factors (as values) and units
+// (blocks, groups / per_unit, 16) as float16 bits. Returns 0; 1 at the first unit that is not so
+// (or a number that is not finite, or groups % per_unit), the outputs then of no use.
+extern "C" int attar_factor_q8(const float* values, const float* base, int64_t blocks, int64_t groups, int32_t per_unit,
+                               int8_t* factors, uint16_t* units) {
+  using attar::BLOCK;
+  constexpr int LIKELY[] = {63, 128, 127, 32, 31, 15};
+  if (per_unit <= 0 || per_unit > 64 || groups % per_unit != 0) return 1;
+  float rest[64];
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t u = 0; u < groups / per_unit; ++u)
+      for (int64_t col = 0; col < BLOCK; ++col) {
+        auto at = [&](int i) { return (b * groups + u * per_unit + i) * BLOCK + col; };
+        float peak = 0.0f;
+        for (int i = 0; i < per_unit; ++i) {
+          rest[i] = base ? values[at(i)] - base[at(i)] : values[at(i)];
+          if (!std::isfinite(values[at(i)]) || !std::isfinite(rest[i])) return 1;
+          if (std::fabs(rest[i]) > std::fabs(peak)) peak = rest[i];
+        }
+        _Float16 unit = 0;
+        bool found = peak == 0.0f;  // base alone (then values == base: rest is 0 only so): unit 0
+        for (int t = 0; !found && t < 6 + 128; ++t) {
+          const int c = t < 6 ? LIKELY[t] : 128 - (t - 6);
+          if (t >= 6 && std::find(std::begin(LIKELY), std::end(LIKELY), c) != std::end(LIKELY)) continue;
+          unit = static_cast<_Float16>(-peak / static_cast<float>(c));
+          const float wide = static_cast<float>(unit);
+          found = true;
+          for (int i = 0; found && i < per_unit; ++i) {
+            const float f = std::nearbyint(rest[i] / wide);
+            found = f >= -128.0f && f <= 127.0f && (base ? base[at(i)] + f * wide : f * wide) == values[at(i)];
+            factors[at(i)] = found ? static_cast<int8_t>(f) : 0;
+          }
+        }
+        if (!found) return 1;
+        if (peak == 0.0f)
+          for (int i = 0; i < per_unit; ++i) factors[at(i)] = 0;
+        std::memcpy(units + (b * (groups / per_unit) + u) * BLOCK + col, &unit, sizeof unit);
+      }
+  return 0;
 }
 
 // Pack MatMulNBits' codes (n × k, `bits` 8 or 4: a byte, or two with the first in the low nibble;

@@ -364,15 +364,18 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
             continue
         # Q8MatMul's inputs 2-4 (1: the packed codes, below): each initializer the graph has and its
         # values, a block of 16 columns at a time; the offsets, a bias and the SwiGLU where it has them.
-        given = {2: (scales.name, _half_if_exact(_initializer_values(scales, folder, np.float32, n * k // block)
-                                                 .reshape(n // 16, 16, k // block).transpose(0, 2, 1)))}
+        scale_values = _initializer_values(scales, folder, np.float32, n * k // block).reshape(n // 16, 16, k // block)
+        scale_values = scale_values.transpose(0, 2, 1)
+        given, zero = _compact(scales.name, scale_values, block), 0
         dropped.add(graph.position[id(node)])  # with each node the fused one replaces: it takes the last's place
         last, output = node, node.output[0]
         offset = _offset_term(graph, node, folder, k, n)
         if offset is not None:
             last, output, offsets, pattern = offset
-            given[3] = offsets, _initializer_values(graph.constants[offsets], folder, np.float32, k // 32 * n) \
-                .reshape(k // 32, n // 16, 16).transpose(1, 0, 2)
+            offset_values = _initializer_values(graph.constants[offsets], folder, np.float32, k // 32 * n)
+            more, zero = _compact_offsets(offsets, offset_values.reshape(k // 32, n // 16, 16).transpose(1, 0, 2),
+                                          scale_values if block == 32 and 5 in given else None)
+            given |= more
             dropped.update(graph.position[id(m)] for m in pattern)
             replaced.update(m.input[1] for m in pattern if m.op_type == "MatMul")  # the block sums' ones too
         tail, output, bias, gated = _tail(graph, output, n)
@@ -394,19 +397,56 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
         given[1] = codes.name, packed
         replaced.update(name for name, _ in given.values())
         inputs = [node.input[0]] + [_hand_over(model, options, keep, graph.constants[given[i][0]],
-                                               np.ascontiguousarray(given[i][1])) if i in given else ""
-                                    for i in range(1, max(given) + 1)]
+                                               np.ascontiguousarray(given[i][1]), "units" if i >= 5 else "packed")
+                                    if i in given else "" for i in range(1, max(given) + 1)]
         fused[graph.position[id(last)]] = _node("Q8MatMul", inputs, [output], node.name, peak=int(peak[0]),
-                                                gated=int(gated))
+                                                gated=int(gated), zero=zero)
     return _replace(model, fused, dropped, replaced)
 
 
-def _half_if_exact(scales: np.ndarray) -> np.ndarray:
-    """`scales` as float16 where each is a float16 number, as GGUF's Q8_0 and Q5_0 block scales are
-    (their d): the same numbers in half the bytes, which a one-row step reads with the weights
-    (Q8MatMul takes either). Scales of other numbers (k-quants': d times a sub-scale) stay float32."""
-    half = scales.astype(np.float16)
-    return half if np.array_equal(half.astype(np.float32), scales) else scales
+UNIT = 256  # inputs a Q8MatMul unit covers (int8_matmul.cc's UNIT: GGUF's k-quant super-block)
+
+
+def _compact(name: str, values: np.ndarray, group: int) -> dict[int, tuple[str, np.ndarray]]:
+    """Q8MatMul's scales (input 2; `values` (blocks of 16 columns, K / group, 16)) in the fewest bytes
+    that hold the same numbers, which a one-row step reads with the weights: int8 factors, with
+    their float16 units as input 5, where each is exactly a factor times its unit (`_factored`;
+    GGUF's k-quants: d times a sub-scale); else float16 where each is a float16 number (GGUF's
+    Q8_0 and Q5_0 keep d as float16); else as they are."""
+    factored = _factored(values, UNIT // group)
+    if factored is not None:
+        return {2: (name, factored[0]), 5: (name, factored[1])}
+    half = values.astype(np.float16)
+    return {2: (name, half if np.array_equal(half.astype(np.float32), values) else values)}
+
+
+def _compact_offsets(name: str, values: np.ndarray, scales: np.ndarray | None) -> tuple[dict, int]:
+    """Q8MatMul's offsets (input 3; `values` (blocks, K / 32, 16)) as int8 factors with float16 units
+    (input 6) where each is exactly one plus zero times its scale (Q8MatMul's `zero`; `scales`: the
+    factored scales, one a 32 inputs, else None): GGUF's Q4_K and Q5_K weights are d·sc·q − dmin·m,
+    which the importer writes as scale·(code − zero) + offset, offset = zero·scale − dmin·m (zero 8
+    for 4-bit codes, 16 for Q5_K's). Else as they are. Returns the inputs and the zero."""
+    for zero in (0, 8, 16) if scales is not None else (0,):
+        factored = _factored(values, UNIT // 32, np.float32(zero) * scales if zero else None)
+        if factored is not None:
+            return {3: (name, factored[0]), 6: (name, factored[1])}, zero
+    return {3: (name, values)}, 0
+
+
+def _factored(values: np.ndarray, per_unit: int, base: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """`values` (blocks, groups, 16) as int8 factors (the same shape) and a float16 unit per `per_unit`
+    groups × column (blocks, groups / per_unit, 16) whose float products, added to `base` where it
+    is given, are `values`, bit for bit, as Q8MatMul computes them (`attar_factor_q8` finds and
+    checks them); None where some unit's numbers are not so. GGUF's k-quants scale each 256 inputs
+    by d (float16) times an integer sub-scale of 6 or 8 bits, and offset them by dmin times a 6-bit
+    minimum: the unit is d (or dmin), the factor the integer."""
+    blocks, groups, width = values.shape
+    factors, units = np.empty(values.shape, np.int8), np.empty((blocks, groups // per_unit, width), np.float16)
+    given = 0 if base is None else np.ascontiguousarray(base, np.float32)
+    if width != 16 or groups % per_unit or _q8_factorer()(np.ascontiguousarray(values, np.float32), given, blocks,
+                                                           groups, per_unit, factors, units) != 0:
+        return None
+    return factors, units
 
 
 def _offset_term(graph: "_Graph", node, folder: Path, k: int, n: int) -> tuple | None:
@@ -493,13 +533,14 @@ def _gate(graph: "_Graph", out: str, n: int) -> tuple | None:
     return times, times.output[0], [split, sigmoid, silu]
 
 
-def _hand_over(model, options, keep: list, like, array: np.ndarray) -> str:
-    """Declare `array` in `model` as `like`'s packed form and give onnxruntime the array itself
-    through `options` (`keep` holds it for the session's life); the new initializer's name."""
+def _hand_over(model, options, keep: list, like, array: np.ndarray, form: str = "packed") -> str:
+    """Declare `array` in `model` as `like`'s packed form (or another `form` of it) and give
+    onnxruntime the array itself through `options` (`keep` holds it for the session's life); the
+    new initializer's name."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    name = f"{like.name}/packed"
+    name = f"{like.name}/{form}"
     declared = type(like)()
     declared.CopyFrom(like)  # its bytes, inline or in the weights file, are never read:
     declared.name = name     # onnxruntime takes the packed array given below instead
@@ -563,6 +604,16 @@ def _q8_packer() -> Callable | None:
 def _q8_packer_in(path: str) -> Callable | None:
     pack = _c_function(path, "attar_pack_q8", "p", "i64", "i64", "i32", "i32", "p", "p")  # codes, k, n, bits, gated, packed, peak
     return pack if pack(np.zeros(512, np.uint8), 32, 16, 8, 0, np.empty(512, np.int8), np.zeros(1, np.int32)) == 0 else None
+
+
+def _q8_factorer() -> Callable[..., int]:
+    """The library's `attar_factor_q8`, called with numpy arrays (`_factored`)."""
+    return _q8_factorer_in(str(library()))
+
+
+@functools.cache
+def _q8_factorer_in(path: str) -> Callable[..., int]:
+    return _c_function(path, "attar_factor_q8", "p", "p", "i64", "i64", "i32", "p", "p")  # values, base, blocks, groups, per unit, factors, units
 
 
 def _c_function(path: str, name: str, *kinds: str) -> Callable[..., int]:

@@ -233,33 +233,44 @@ def test_a_gate_and_up_product_and_a_bias_run_inside_int8matmul(packing, tmp_pat
 
 
 def q8_projections(tmp_path, ones: np.ndarray | None = None, extreme: bool = False, q6_worst: int = 32,
-                   half_scales: bool = False) -> onnx.ModelProto:
-    """x (rows × 96) times block weights through the importer's exact path, one of each layout the
+                   numbers: str = "float", k: int = 96) -> onnx.ModelProto:
+    """x (rows × k) times block weights through the importer's exact path, one of each layout the
     Q8 products take: 8 bits a scale per 32 inputs (Q8_0), the same with codes of -16 to 15 (Q5_0:
     packed as 5 bits), 8 bits per 16 (Q6_K), and 4 bits with offsets (Q4_K: MatMulNBits, then the
     offset term). `ones`: another block-sums matrix. `extreme`: every code the one that makes the
     products' 16-bit sums largest as they are multiplied (8 bits: w = -128; 5 bits: +15, which is 31
     once biased by 16; +`q6_worst` in the 16-input layout, twice that once biased by the largest
-    |w|; 4 bits: 15), so that an input of one sign puts each at its bound. `half_scales`: every
-    scale a float16 number (as GGUF's Q8_0 and Q5_0 scales are); otherwise few are."""
+    |w|; 4 bits: 15), so that an input of one sign puts each at its bound. `numbers`: the scales
+    and offsets "float" (few of them float16 numbers), "half" (each a float16 number, as GGUF's
+    Q8_0, Q5_0 and Q4_1 keep them) or "factored" (each a float16 unit per 256 inputs and column
+    times an integer, as GGUF's k-quants make them: its largest magnitude 63, or -128 for Q6_K's)."""
     from attar.runtime.quants import BlockQuant
 
     rng = np.random.default_rng(3)
-    k, n = 96, 48
+    n = 48
 
     def codes(low: int, high: int, worst: int) -> np.ndarray:
         return np.full((n, k), worst, np.uint8) if extreme else rng.integers(low, high, (n, k), dtype=np.uint8)
 
-    def scales(groups: int, size: float) -> np.ndarray:
+    def scales(groups: int, size: float, signed: bool = False) -> np.ndarray:
+        if numbers == "factored":
+            unit = (rng.random((n, k // 256), np.float32) / size).astype(np.float16).astype(np.float32)
+            factors = rng.integers(-127 if signed else 0, 64, (n, k // 256, groups * 256 // k)).astype(np.float32)
+            factors[:, :, 0] = -128 if signed else 63  # the largest, as the quantizers leave it
+            return (unit[:, :, None] * factors).reshape(n, groups)
         values = rng.random((n, groups), np.float32) / size
-        return values.astype(np.float16).astype(np.float32) if half_scales else values
+        return values.astype(np.float16).astype(np.float32) if numbers == "half" else values
 
     graph = GraphWriter(tmp_path / "q8.data")
     builder = DecoderBuilder(None, None, graph, rope_interleaved=False, int8=False)
+    q4 = scales(k // 32, 5)
+    # Q4_K's offsets as the importer writes them (quants.py): 8·scale − dmin·m.
+    offsets = np.float32(8) * q4 - scales(k // 32, 0.5) if numbers == "factored" else \
+        rng.standard_normal((n, k // 32)).astype(np.float16 if numbers == "half" else np.float32).astype(np.float32)
     layouts = {"q8": BlockQuant(8, 32, codes(0, 256, 0), scales(k // 32, 50), None),
                "q5": BlockQuant(8, 32, codes(112, 144, 143), scales(k // 32, 20), None),
-               "q6": BlockQuant(8, 16, codes(96, 160, 128 + q6_worst), scales(k // 16, 9), None),
-               "q4": BlockQuant(4, 32, codes(0, 16, 15), scales(k // 32, 5), rng.standard_normal((n, k // 32)).astype(np.float32))}
+               "q6": BlockQuant(8, 16, codes(96, 160, 128 + q6_worst), scales(k // 16, 9, signed=True), None),
+               "q4": BlockQuant(4, 32, codes(0, 16, 15), q4, offsets)}
     outputs = [builder.block_matmul("x", w, key, *builder._quant_inputs(key, w)) for key, w in layouts.items()]
     graph.close()
     model = helper.make_model(
@@ -337,24 +348,53 @@ def test_the_q8_products_answer_as_matmulnbits_and_a_row_alone_as_beside_others(
             assert np.array_equal(alone, together[:, rows], equal_nan=True)
 
 
-def test_scales_that_are_float16_numbers_go_to_the_products_as_float16_with_the_same_bits(packing, tmp_path, monkeypatch):
-    """GGUF's Q8_0 and Q5_0 scales are float16 numbers: Q8MatMul takes them as float16 (half the
-    bytes a one-row step reads with the weights) and answers the same bits; other scales stay
-    float32."""
+@pytest.mark.parametrize("numbers", ["half", "factored"])
+def test_scales_and_offsets_go_to_the_products_in_fewer_bytes_with_the_same_bits(packing, tmp_path, monkeypatch, numbers):
+    """GGUF's Q8_0 and Q5_0 scales are float16 numbers, its k-quants' a float16 unit per 256 inputs
+    times an integer (their offsets 8·scale minus such a product): Q8MatMul takes them as float16,
+    or as int8 factors and float units (fewer of the bytes a one-row step reads with the weights),
+    and answers the same bits as with them all float32. Numbers that are not so, one of them off by
+    a last bit included, stay float32."""
     library = packing
     if not q8_packs():
         pytest.skip("the kernels were built for a CPU with AMX or AVX-VNNI (or without AVX2): MatMulNBits stays")
-    types = lambda model: [{t.name: t.data_type for t in model.graph.initializer}[n.input[2]] for n in model.graph.node]
-    half, kept, other = (q8_projections(tmp_path, half_scales=True), q8_projections(tmp_path, half_scales=True),
-                         q8_projections(tmp_path))
-    half_options, kept_options, keep = ort.SessionOptions(), ort.SessionOptions(), []  # keep: the packed arrays
-    assert kernels.use_q8_matmul(half, tmp_path, half_options, keep) == 4 and types(half) == [T.FLOAT16] * 4
-    assert kernels.use_q8_matmul(other, tmp_path, ort.SessionOptions(), keep) == 4 and types(other) == [T.FLOAT] * 4
-    monkeypatch.setattr(kernels, "_half_if_exact", lambda scales: scales)
-    assert kernels.use_q8_matmul(kept, tmp_path, kept_options, keep) == 4 and types(kept) == [T.FLOAT] * 4
-    x = np.random.default_rng(6).standard_normal((1, 20, 96)).astype(np.float32)
-    for a, b in zip(session(half, library, half_options).run(None, {"x": x}), session(kept, library, kept_options).run(None, {"x": x})):
-        assert np.array_equal(a, b) and np.abs(a).max() > 0
+    k = 512 if numbers == "factored" else 96
+    compact = {"half": T.FLOAT16, "factored": T.INT8}[numbers]
+
+    def types(model) -> list[list[int]]:  # each node's scales and offsets (if any), and its units' count
+        kinds = {t.name: t.data_type for t in model.graph.initializer}
+        return [[kinds[i] for i in n.input[2:4] if i] + [sum(i.endswith("/units") for i in n.input)] for n in model.graph.node]
+
+    small, kept, other = (q8_projections(tmp_path, numbers=numbers, k=k), q8_projections(tmp_path, numbers=numbers, k=k),
+                          q8_projections(tmp_path, k=k))
+    small_options, kept_options, keep = ort.SessionOptions(), ort.SessionOptions(), []  # keep: the packed arrays
+    units = 1 if numbers == "factored" else 0
+    assert kernels.use_q8_matmul(small, tmp_path, small_options, keep) == 4
+    offsets = T.INT8 if numbers == "factored" else T.FLOAT  # offsets are factored or floats
+    assert types(small) == [[compact, units]] * 3 + [[compact, offsets, 2 * units]]
+    zeros = [a.i for n in small.graph.node for a in n.attribute if a.name == "zero"]
+    assert zeros == [0, 0, 0, 8 if numbers == "factored" else 0]  # Q4_K's offsets: 8·scale − dmin·m
+    assert kernels.use_q8_matmul(other, tmp_path, ort.SessionOptions(), keep) == 4
+    assert types(other) == [[T.FLOAT, 0]] * 3 + [[T.FLOAT, T.FLOAT, 0]]
+    monkeypatch.setattr(kernels, "_compact", lambda name, values, group: {2: (name, values)})
+    monkeypatch.setattr(kernels, "_compact_offsets", lambda name, values, scales: ({3: (name, values)}, 0))
+    assert kernels.use_q8_matmul(kept, tmp_path, kept_options, keep) == 4
+    monkeypatch.undo()
+    x = np.random.default_rng(6).standard_normal((1, 20, k)).astype(np.float32)
+    small_run, kept_run = session(small, library, small_options), session(kept, library, kept_options)
+    floats = kept_run.run(None, {"x": x})
+    # One row, a few and many: items of one row and of many make the factors floats alike.
+    for rows in (slice(5, 6), slice(2, 5), slice(0, 20)):
+        for a, b in zip(small_run.run(None, {"x": x[:, rows]}), floats):
+            assert np.array_equal(a, b[:, rows]) and np.abs(a).max() > 0
+    # One number a last bit off a unit's multiple (or off float16): that matrix's numbers stay float32.
+    odd = q8_projections(tmp_path, numbers=numbers, k=k)
+    scales = next(t for t in odd.graph.initializer if t.name == odd.graph.node[0].input[2])
+    values = onnx.numpy_helper.to_array(scales).copy()
+    values.flat[7] = np.nextafter(values.flat[7], np.float32(1))
+    scales.CopyFrom(onnx.numpy_helper.from_array(values, scales.name))
+    assert kernels.use_q8_matmul(odd, tmp_path, ort.SessionOptions(), keep) == 4
+    assert types(odd)[0] == [T.FLOAT, 0] and types(odd)[1] == [compact, units]
 
 
 @pytest.mark.parametrize("q6_worst", [32, 64, 65])
