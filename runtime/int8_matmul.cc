@@ -280,9 +280,9 @@ inline void unpack_five(const int8_t* w, int64_t k, int8_t* out) {
 // products, so that neither branches on the other's kind): Plain, floats or float16 scales and
 // float offsets; Factored, int8 factors times float16 units as given, for a pass of an item of
 // at most 3 rows (one pass), where making them floats first cost more than it saved (the 1.5B's
-// one-row step ×1.03-1.06). For `block` further blocks of 16 columns of `k` inputs: `skip`;
-// columns 8h .. 8h + 7 of group g's scales: `scale`; of the offsets of inputs 32b .. 32b + 31:
-// `offset` (none where `offsets` is false).
+// one-row step ×1.03-1.06). `skip`: the numbers `blocks` blocks of 16 columns (of k inputs) on;
+// `scale`: columns 8h .. 8h + 7 of group g's scales; `offset`: of the offsets of inputs 32b ..
+// 32b + 31, where `has_offsets`.
 struct Plain {
   Scales scales;
   const float* offsets;
