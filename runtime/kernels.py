@@ -337,9 +337,9 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
     16 inputs a scale, accuracy level 4, neither zero points nor bias: an exact graph's,
     `gguf_import`), with the offset term after it where the weights have one (`offset_term`: the
     input's sums of 32, times the offsets, added), then a bias (`_bias`), and where it is a gate's
-    and an up projection's the SwiGLU after it (`_gate`), runs as one Q8MatMul node, on the codes,
-    scales, offsets and bias packed for it (`attar_pack_q8`) and handed to onnxruntime as `use_int8_matmul`
-    hands its weights. Returns how many it put in (0: none; and none where the library has no Q8
+    and an up projection's the SwiGLU after it (`_gate`), runs as one Q8MatMul node, on the codes
+    packed for it (`attar_pack_q8`), the scales and offsets in their fewest bytes (`_compact`) and
+    the bias, handed to onnxruntime as `use_int8_matmul` hands its weights. Returns how many it put in (0: none; and none where the library has no Q8
     products: a CPU with AMX or AVX-VNNI, where they were not measured, or without AVX2). On AVX2
     without VNNI onnxruntime's MatMulNBits and MatMul computed a row alone otherwise than beside
     others; with AVX-512 VNNI they were slower (README)."""
@@ -362,8 +362,9 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
         if codes.data_type != 2 or list(codes.dims) != [n, k // block, block * bits // 8] or scales.data_type != 1 \
                 or list(scales.dims) not in ([n, k // block], [n * k // block]):  # uint8 codes, float scales
             continue
-        # Q8MatMul's inputs 2-4 (1: the packed codes, below): each initializer the graph has and its
-        # values, a block of 16 columns at a time; the offsets, a bias and the SwiGLU where it has them.
+        # Q8MatMul's inputs 2-6 (1: the packed codes, below): each initializer the graph has and its
+        # values, a block of 16 columns at a time, in their fewest bytes (`_compact`: with units as
+        # inputs 5 and 6 where factored); the offsets, a bias and the SwiGLU where it has them.
         scale_values = _initializer_values(scales, folder, np.float32, n * k // block).reshape(n // 16, 16, k // block)
         scale_values = scale_values.transpose(0, 2, 1)
         given, zero = _compact(scales.name, scale_values, block), 0
