@@ -749,23 +749,26 @@ struct Q8MatMul {
     bool few = false;
     each_tile(item, w.rows, w.n, [&](int64_t r, int64_t rows, int64_t block, bool two) {
       const int blocks = two ? 2 : 1;
-      if (r % ITEM_ROWS == 0 && w.kind == FIVE && std::min(ITEM_ROWS, w.rows - r) >= UNPACK_FROM) {  // the item's first tile
-        unpacked.resize(2 * k * BLOCK);
-        for (int b = 0; b < blocks; ++b) unpack_five(w.weights + (block + b) * stride, k, unpacked.data() + b * k * BLOCK);
-        wide = true;
-      }
-      if (r % ITEM_ROWS == 0) few = as_given && std::min(ITEM_ROWS, w.rows - r) <= 3;
-      if (r % ITEM_ROWS == 0 && !few && given_scales.kind == FACTORS) {
-        scales.resize(2 * groups * BLOCK);
-        for (int b = 0; b < blocks; ++b) widen(given_scales.skip((block + b) * groups * BLOCK), groups, scales.data() + b * groups * BLOCK);
-      }
-      if (r % ITEM_ROWS == 0 && !few && given_offsets.kind == FACTORS) {
-        offsets.resize(2 * sums * BLOCK);
-        for (int b = 0; b < blocks; ++b) widen(given_offsets.skip((block + b) * sums * BLOCK), sums, offsets.data() + b * sums * BLOCK);
-        // zero × the same 32 inputs' scale (a scale per 32: checked), added as the importer added it;
-        // both products are exact (kernels.py checks), so a fused multiply-add rounds alike.
-        for (int64_t i = 0; given_offsets.zero != 0.0f && i < blocks * sums * BLOCK; ++i)
-          offsets[i] = given_offsets.zero * scales[i] + offsets[i];
+      if (r % ITEM_ROWS == 0) {  // the item's first tile
+        const int64_t item_rows = std::min(ITEM_ROWS, w.rows - r);
+        if (w.kind == FIVE && item_rows >= UNPACK_FROM) {
+          unpacked.resize(2 * k * BLOCK);
+          for (int b = 0; b < blocks; ++b) unpack_five(w.weights + (block + b) * stride, k, unpacked.data() + b * k * BLOCK);
+          wide = true;
+        }
+        few = as_given && item_rows <= 3;
+        if (!few && given_scales.kind == FACTORS) {
+          scales.resize(2 * groups * BLOCK);
+          for (int b = 0; b < blocks; ++b) widen(given_scales.skip((block + b) * groups * BLOCK), groups, scales.data() + b * groups * BLOCK);
+        }
+        if (!few && given_offsets.kind == FACTORS) {
+          offsets.resize(2 * sums * BLOCK);
+          for (int b = 0; b < blocks; ++b) widen(given_offsets.skip((block + b) * sums * BLOCK), sums, offsets.data() + b * sums * BLOCK);
+          // zero × the same 32 inputs' scale (a scale per 32: checked), added as the importer added it;
+          // both products are exact (kernels.py checks), so a fused multiply-add rounds alike.
+          for (int64_t i = 0; given_offsets.zero != 0.0f && i < blocks * sums * BLOCK; ++i)
+            offsets[i] = given_offsets.zero * scales[i] + offsets[i];
+        }
       }
       float both[TILE_ROWS * 2 * BLOCK];  // gated: the tile's gate and up sums, rows of 32
       float* y = w.gated ? both : w.y + r * w.n + block * BLOCK;

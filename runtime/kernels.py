@@ -366,7 +366,7 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
         # values, a block of 16 columns at a time, in their fewest bytes (`_compact`: with units as
         # inputs 5 and 6 where factored); the offsets, a bias and the SwiGLU where it has them.
         scale_values = _initializer_values(scales, folder, np.float32, n * k // block).reshape(n // 16, 16, k // block)
-        scale_values = scale_values.transpose(0, 2, 1)
+        scale_values = np.ascontiguousarray(scale_values.transpose(0, 2, 1))  # once: factored, or handed over
         given, zero = _compact(scales.name, scale_values, block), 0
         dropped.add(graph.position[id(node)])  # with each node the fused one replaces: it takes the last's place
         last, output = node, node.output[0]
@@ -374,7 +374,7 @@ def use_q8_matmul(model, folder: Path, options, keep: list) -> int:
         if offset is not None:
             last, output, offsets, pattern = offset
             offset_values = _initializer_values(graph.constants[offsets], folder, np.float32, k // 32 * n)
-            more, zero = _compact_offsets(offsets, offset_values.reshape(k // 32, n // 16, 16).transpose(1, 0, 2),
+            more, zero = _compact_offsets(offsets, np.ascontiguousarray(offset_values.reshape(k // 32, n // 16, 16).transpose(1, 0, 2)),
                                           scale_values if block == 32 and 5 in given else None)
             given |= more
             dropped.update(graph.position[id(m)] for m in pattern)
