@@ -28,6 +28,12 @@
 // widened as they are read: past that, the arithmetic is what it would be on a float cache. New
 // keys and values are rounded to nearest on write.
 //
+// Each block is asked for ahead of its use: the next block's keys into L1 (the transposition reads
+// them first), and the block AHEAD further on, keys and values, into L2. Left to the hardware's
+// prefetchers, a block's 64 lines came when first touched, a stall a block: a decode step of 8
+// rows of 600 cached tokens read the cache at 8 GB/s, where the weights stream at 28. Asked for,
+// attention over 24 layers' caches took x0.8 as long (asked into L1 3 blocks ahead: x1.0).
+//
 // Shared prefixes (an optional 10th input, `shared`, int32 (rows, 2): a row's leader and length).
 // SAG's N candidates hold copies of one prompt's cache, and agents in flight copies of one
 // system prompt: decoding, each row read its copy, 8 rows reading 8 times what one holds. The
@@ -55,6 +61,7 @@ namespace {
 constexpr int TILE = 16;   // query tokens per work item (prefill); a decode step has one
 constexpr int SPAN = 4;    // rows whose query vectors go through a shared prefix's blocks together
 constexpr int MAX_HEAD = 256;  // floats a head vector: what `place` rotates on the stack
+constexpr int AHEAD = 2;    // blocks of the cache asked for into L2 before their use
 
 using Half = _Float16;  // the cache's numbers: onnxruntime's float16 has the same bits
 
@@ -300,6 +307,23 @@ inline const Half* widen_block(const Half* keys, const Half* values, int width, 
   return whole(values, width, head, padded + 16 * head);
 }
 
+// Asks for the cache's blocks ahead of block j, of a walk through blocks [first, end) of the row
+// at `base` (in halves): see the top.
+// Always inlined: GCC takes a function that only prefetches for one without effects, and drops
+// the calls to it (a first try here compiled to no prefetch at all).
+template <int HINT>
+__attribute__((always_inline)) inline void ask(const Half* block, int head) {
+  for (int o = 0; o < 16 * head; o += 32) __builtin_prefetch(block + o, 0, HINT);  // 64-byte lines
+}
+
+__attribute__((always_inline)) inline void ask_ahead(const Call& c, int64_t base, int j, int first, int end, int head) {
+  const auto at = [&](int block) { return base + static_cast<int64_t>(16 * block) * head; };
+  if (j == first)
+    for (int n = j; n < std::min(end, j + AHEAD); ++n) ask<2>(c.keys + at(n), head), ask<2>(c.values + at(n), head);
+  if (j + 1 < end) ask<3>(c.keys + at(j + 1), head);
+  if (j + AHEAD < end) ask<2>(c.keys + at(j + AHEAD), head), ask<2>(c.values + at(j + AHEAD), head);
+}
+
 // The index of row b's first query vector of KV head g at token i in `queries` (and the state).
 inline int64_t vector_at(const Call& c, int b, int g, int i) {
   return ((static_cast<int64_t>(b) * c.kv_heads + g) * c.tokens + i) * c.group;
@@ -318,6 +342,7 @@ void share(const Call& c, size_t item) {
   Half padded[32 * MAX_HEAD];  // a partial block's keys and values (`whole`)
   for (int j = 0; j < blocks; ++j) {
     const int64_t at = base + static_cast<int64_t>(16 * j) * head;
+    ask_ahead(c, base, j, 0, blocks, head);
     const Half* values = widen_block(c.keys + at, c.values + at, 16, head, keys, padded);
     for (int m = 1; m <= SPAN && span[m] >= 0; ++m) {
       const int b = span[m];
@@ -347,6 +372,7 @@ void attend(const Call& c, size_t item) {
   for (int j0 = 16 * c.start[b]; j0 < seen; j0 += 16) {
     const int width = std::min(16, seen - j0);
     const int64_t at = base + static_cast<int64_t>(j0) * head;
+    ask_ahead(c, base, j0 / 16, c.start[b], (seen + 15) / 16, head);
     const Half* values = widen_block(c.keys + at, c.values + at, width, head, keys, padded);
     for (int i = first; i < last; ++i) {
       const int sees = std::min(width, past + i + 1 - j0);  // causal
