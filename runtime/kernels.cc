@@ -17,6 +17,7 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
       attar::add_attention(*domain);
       attar::add_int8_rows(*domain);
       attar::add_int8_matmul(*domain);
+      attar::add_norm(*domain);
     });
     return api->AddCustomOpDomain(options, *domain);
   } catch (const std::exception& e) {

@@ -189,5 +189,6 @@ float quantize_row(const float* x, const float* smooth, int64_t width, float* sc
 void add_attention(Ort::CustomOpDomain& domain);
 void add_int8_rows(Ort::CustomOpDomain& domain);
 void add_int8_matmul(Ort::CustomOpDomain& domain);
+void add_norm(Ort::CustomOpDomain& domain);
 
 }  // namespace attar

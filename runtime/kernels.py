@@ -1,6 +1,6 @@
 """attar's onnxruntime kernels: build them once, find them, and put them into a graph.
 
-Two sets of ops in one native library, the `attar` domain:
+Four sets of ops in one native library, the `attar` domain:
 
 * `attention.cc`: GroupQueryAttention's contract, computed so that each KV head's cache is read
   once per step, not once per query head (the 1.5B has 6 query heads a KV head), which is what
@@ -12,8 +12,10 @@ Two sets of ops in one native library, the `attar` domain:
   a bias and the MLP's SwiGLU) as one node, on weights packed (when the session is made) for the
   CPU's integer dot products (AVX-512 VNNI, or AVX2); the bits of the exact integer sums, which
   onnxruntime's MatMulInteger does not give on AVX2 without VNNI (its 16-bit pair sums saturate).
+* `norm.cc`: the residual add and RMS norm between a layer's blocks, onnxruntime's bits, with the
+  rows' sums of squares advancing side by side where onnxruntime sums one row after another.
 
-Both go in when a session is made (`session`), in memory; the files on disk keep onnxruntime's own
+They go in when a session is made (`session`), in memory; the files on disk keep onnxruntime's own
 ops, which every other runtime (onnxruntime-genai) reads.
 
 It is native code, so it is built on the machine that runs it (`attar kernel build`, once; with
@@ -42,7 +44,8 @@ import numpy as np
 from attar.runtime.fetch import cache_dir, work_folder
 from attar.runtime.modeldir import ModelError, edited_session, inside
 
-SOURCES = [Path(__file__).with_name(name) for name in ("kernels.cc", "attention.cc", "int8_rows.cc", "int8_matmul.cc")]
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.cc", "attention.cc", "int8_rows.cc", "int8_matmul.cc",
+                                                        "norm.cc")]
 HEADER = Path(__file__).with_name("kernels.h")
 DOMAIN = "attar"
 SHARED = "attar/shared"  # the attention nodes' input naming each row's leader and shared length
@@ -158,7 +161,7 @@ def cpu_flags() -> set[str]:
 def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], bool]):
     """An onnxruntime session of `graph` as `edit` changes it (`modeldir.edited_session`), on
     attar's kernels where `register` says so (its attention, an int8 graph's row quantization and
-    products, and an exact graph's Q8 products); and whether its attention
+    products, an exact graph's Q8 products, and the norms); and whether its attention
     runs on the kernel, in which case every run feeds SHARED. The session holds the packed weights
     (`attar_packed`) for as long as it lives."""
     registered = register(options, kernel)
@@ -172,7 +175,8 @@ def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], 
         rows = registered and use_int8_rows(model) > 0
         products = rows and use_int8_matmul(model, graph.parent, options, packed) > 0
         q8 = registered and use_q8_matmul(model, graph.parent, options, packed) > 0
-        return edited or on_kernel or rows or products or q8
+        norms = registered and use_norm(model) > 0
+        return edited or on_kernel or rows or products or q8 or norms
 
     made = edited_session(graph, both, options)
     made.attar_packed = packed
@@ -261,6 +265,28 @@ def use_int8_rows(model) -> int:
         return 0
     _fuse(model, fused, dropped)
     return len(fused)
+
+
+def use_norm(model) -> int:
+    """Edit an onnx.ModelProto so that its SkipSimplifiedLayerNormalization nodes (a residual add
+    and an RMS norm) run as attar's SkipRMSNorm (`norm.cc`: the same bits, rows side by side), where
+    the node is of the form it computes: input, skip and gamma, float, outputs the normed rows and
+    the sum, not the mean nor the inverse deviation. Returns how many it swapped."""
+    swapped = 0
+    floats = {i.name for i in model.graph.initializer if i.data_type == 1}
+    for node in model.graph.node:
+        if node.op_type != "SkipSimplifiedLayerNormalization" or node.domain != "com.microsoft":
+            continue
+        outputs = list(node.output) + [""] * (4 - len(node.output))
+        if len(node.input) != 3 or node.input[2] not in floats or any(outputs[1:3]) or not outputs[3]:
+            continue
+        node.op_type, node.domain = "SkipRMSNorm", DOMAIN
+        del node.output[:]
+        node.output.extend([outputs[0], outputs[3]])
+        swapped += 1
+    if swapped:
+        _import_domain(model)
+    return swapped
 
 
 def use_int8_matmul(model, folder: Path, options, keep: list) -> int:

@@ -574,13 +574,18 @@ def test_what_is_not_the_importers_pattern_stays_on_onnxruntimes_ops(tmp_path):
     ("Q8MatMul", {"a": np.zeros((2, 32), np.float32), "b": np.zeros((1, 8, 64), np.int8), "c": np.ones((1, 1, 16), np.float32),
                   "d": np.ones((1, 1, 16), np.float32), "e": np.ones(16, np.float32)},
      "attar Q8MatMul: the bias must be packed (N/16, 16)"),
+    ("SkipRMSNorm", {"a": np.zeros((2, 8), np.float32), "b": np.zeros((2, 7), np.float32), "c": np.ones(8, np.float32)},
+     "attar norm: skip must have the input's shape or one row's"),
+    ("SkipRMSNorm", {"a": np.zeros((2, 8), np.float32), "b": np.zeros((2, 8), np.float32), "c": np.ones(9, np.float32)},
+     "attar norm: gamma must hold one number a channel"),
 ])
 def test_inputs_of_the_wrong_shape_are_refused_with_one_line(library, op, feeds, message):
     if op == "Int8MatMul" and not packs() or op == "Q8MatMul" and not q8_packs():
         pytest.skip("the kernels were built for a CPU they pack nothing for")
     types = {np.dtype(np.int32): T.INT32, np.dtype(np.float32): T.FLOAT, np.dtype(np.uint8): T.UINT8,
              np.dtype(np.int8): T.INT8}
-    outputs = {"codes": T.UINT8, "scale": T.FLOAT} if op == "RowQuantize" else {"y": T.FLOAT}
+    outputs = {"codes": T.UINT8, "scale": T.FLOAT} if op == "RowQuantize" else \
+        {"y": T.FLOAT, "sum": T.FLOAT} if op == "SkipRMSNorm" else {"y": T.FLOAT}
     node = helper.make_node(op, list(feeds), list(outputs), domain="attar")
     model = helper.make_model(helper.make_graph(
         [node], "bad", [helper.make_tensor_value_info(k, types[v.dtype], None) for k, v in feeds.items()],

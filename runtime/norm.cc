@@ -1,0 +1,112 @@
+// The residual add and RMS norm between a layer's blocks (onnxruntime's
+// SkipSimplifiedLayerNormalization, com.microsoft), computed to the same bits, rows side by side.
+//
+// Why: onnxruntime sums each row's squares one after another in a scalar chain (an order no
+// compiler may change), one row a task: ~1 µs a row of 896 on this CPU, twice a layer. A decode
+// step of 8 rows spent ~1.3 ms of its ~30 in these nodes. Here the additions and squares are vector
+// operations, and the chains of several rows advance together, so a step of 8 rows waits for one
+// chain, not eight.
+//
+// The arithmetic is onnxruntime's (contrib_ops/cpu/skip_layer_norm.cc, float): v = x + skip, each
+// square rounded, then added to the row's sum in order from the first channel; d = sqrt(sum / n +
+// epsilon); y = v / d * gamma, a division then a product. So the outputs are its bits
+// (tests/test_int8_rows.py compares them), and `kernels.use_norm` swaps it in for the nodes whose
+// form it computes: three inputs (no beta nor bias), float, neither the mean nor the inverse
+// deviation asked for.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+
+namespace attar {
+namespace {
+
+constexpr int GROUP = 8;  // rows whose sums advance together (8 adds in flight cover the add's latency)
+
+// Each row's sum of squares, in order (R chains side by side; the squares are already rounded).
+template <int R>
+void sum_in_order(const float* squares, int64_t n, float* sums) {
+  float acc[R] = {};
+  for (int64_t h = 0; h < n; ++h)
+    for (int r = 0; r < R; ++r) acc[r] += squares[r * n + h];
+  for (int r = 0; r < R; ++r) sums[r] = acc[r];
+}
+
+template <int R = GROUP>
+void sum_rows(int rows, const float* squares, int64_t n, float* sums) {
+  if constexpr (R > 1) {
+    if (rows < R) return sum_rows<R - 1>(rows, squares, n, sums);
+  }
+  sum_in_order<R>(squares, n, sums);
+}
+
+struct SkipNorm {
+  float epsilon;
+
+  explicit SkipNorm(const OrtKernelInfo* info) : epsilon(attribute(info, "epsilon", 1e-5f)) {}
+
+  void Compute(OrtKernelContext* context) {
+    const OrtValue* x = input(context, 0);
+    const OrtValue* skip = input(context, 1);
+    const OrtValue* gamma = input(context, 2);
+    const std::vector<int64_t> shape = dims(x);
+    if (shape.empty() || shape.back() == 0) fail("norm", "the input needs a last dimension");
+    const int64_t n = shape.back();
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+    int64_t skip_size = 1;  // onnxruntime's contract: the input's shape, or one row repeated
+    for (int64_t d : dims(skip)) skip_size *= d;
+    if (skip_size != rows * n && skip_size != n) fail("norm", "skip must have the input's shape or one row's");
+    if (dims(gamma) != std::vector<int64_t>{n}) fail("norm", "gamma must hold one number a channel");
+    OrtValue *out = nullptr, *sum = nullptr;
+    check(g_api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &out));
+    check(g_api->KernelContext_GetOutput(context, 1, shape.data(), shape.size(), &sum));
+    const float *a = data<float>(x), *b = data<float>(skip), *g = data<float>(gamma);
+    float *y = data<float>(out), *v = data<float>(sum);
+
+    std::vector<float> squares(static_cast<size_t>(GROUP * n));
+    float sums[GROUP];
+    for (int64_t r0 = 0; r0 < rows; r0 += GROUP) {
+      const int count = static_cast<int>(std::min<int64_t>(GROUP, rows - r0));
+      const int64_t at = r0 * n;
+      for (int r = 0; r < count; ++r) {  // vectorized: no sum crosses channels here
+        const float* xr = a + at + r * n;
+        const float* sr = b + (at + r * n) % skip_size;
+        float* vr = v + at + r * n;
+        float* square = squares.data() + r * n;
+        for (int64_t h = 0; h < n; ++h) {
+          vr[h] = xr[h] + sr[h];
+          square[h] = vr[h] * vr[h];
+        }
+      }
+      sum_rows(count, squares.data(), n, sums);
+      for (int r = 0; r < count; ++r) {
+        const float d = std::sqrt(sums[r] / static_cast<float>(n) + epsilon);
+        const float* vr = v + at + r * n;
+        float* yr = y + at + r * n;
+        for (int64_t h = 0; h < n; ++h) yr[h] = vr[h] / d * g[h];
+      }
+    }
+  }
+};
+
+struct SkipNormOp : Ort::CustomOpBase<SkipNormOp, SkipNorm> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new SkipNorm(info); }
+  const char* GetName() const { return "SkipRMSNorm"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+void add_norm(Ort::CustomOpDomain& domain) {
+  static SkipNormOp op;
+  domain.Add(&op);
+}
+
+}  // namespace attar
