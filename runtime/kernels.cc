@@ -18,6 +18,7 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
       attar::add_int8_rows(*domain);
       attar::add_int8_matmul(*domain);
       attar::add_norm(*domain);
+      attar::add_top(*domain);
     });
     return api->AddCustomOpDomain(options, *domain);
   } catch (const std::exception& e) {

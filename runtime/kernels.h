@@ -190,5 +190,6 @@ void add_attention(Ort::CustomOpDomain& domain);
 void add_int8_rows(Ort::CustomOpDomain& domain);
 void add_int8_matmul(Ort::CustomOpDomain& domain);
 void add_norm(Ort::CustomOpDomain& domain);
+void add_top(Ort::CustomOpDomain& domain);
 
 }  // namespace attar

@@ -1,6 +1,6 @@
 """attar's onnxruntime kernels: build them once, find them, and put them into a graph.
 
-Four sets of ops in one native library, the `attar` domain:
+Five sets of ops in one native library, the `attar` domain:
 
 * `attention.cc`: GroupQueryAttention's contract, computed so that each KV head's cache is read
   once per step, not once per query head (the 1.5B has 6 query heads a KV head), which is what
@@ -14,6 +14,8 @@ Four sets of ops in one native library, the `attar` domain:
   onnxruntime's MatMulInteger does not give on AVX2 without VNNI (its 16-bit pair sums saturate).
 * `norm.cc`: the residual add and RMS norm between a layer's blocks, onnxruntime's bits, with the
   rows' sums of squares advancing side by side where onnxruntime sums one row after another.
+* `top.cc`: the sampling's TopK (each position's 64 largest logits), one read of a row against
+  the k-th best so far where onnxruntime keeps a heap.
 
 They go in when a session is made (`session`), in memory; the files on disk keep onnxruntime's own
 ops, which every other runtime (onnxruntime-genai) reads.
@@ -45,7 +47,7 @@ from attar.runtime.fetch import cache_dir, work_folder
 from attar.runtime.modeldir import ModelError, edited_session, inside
 
 SOURCES = [Path(__file__).with_name(name) for name in ("kernels.cc", "attention.cc", "int8_rows.cc", "int8_matmul.cc",
-                                                        "norm.cc")]
+                                                        "norm.cc", "top.cc")]
 HEADER = Path(__file__).with_name("kernels.h")
 DOMAIN = "attar"
 SHARED = "attar/shared"  # the attention nodes' input naming each row's leader and shared length
@@ -161,7 +163,7 @@ def cpu_flags() -> set[str]:
 def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], bool]):
     """An onnxruntime session of `graph` as `edit` changes it (`modeldir.edited_session`), on
     attar's kernels where `register` says so (its attention, an int8 graph's row quantization and
-    products, an exact graph's Q8 products, and the norms); and whether its attention
+    products, an exact graph's Q8 products, the norms and the sampling's TopK); and whether its attention
     runs on the kernel, in which case every run feeds SHARED. The session holds the packed weights
     (`attar_packed`) for as long as it lives."""
     registered = register(options, kernel)
@@ -176,7 +178,8 @@ def session(graph: Path, options, kernel: bool | None, edit: Callable[[object], 
         products = rows and use_int8_matmul(model, graph.parent, options, packed) > 0
         q8 = registered and use_q8_matmul(model, graph.parent, options, packed) > 0
         norms = registered and use_norm(model) > 0
-        return edited or on_kernel or rows or products or q8 or norms
+        top = registered and use_top(model) > 0
+        return edited or on_kernel or rows or products or q8 or norms or top
 
     made = edited_session(graph, both, options)
     made.attar_packed = packed
@@ -270,19 +273,42 @@ def use_int8_rows(model) -> int:
 def use_norm(model) -> int:
     """Edit an onnx.ModelProto so that its SkipSimplifiedLayerNormalization nodes (a residual add
     and an RMS norm) run as attar's SkipRMSNorm (`norm.cc`: the same bits, rows side by side), where
-    the node is of the form it computes: input, skip and gamma, float, outputs the normed rows and
-    the sum, not the mean nor the inverse deviation. Returns how many it swapped."""
+    the node is of the form it computes: input, skip and gamma, float; the mean and the inverse
+    deviation read by nothing (the importer names them). Returns how many it swapped."""
     swapped = 0
     floats = {i.name for i in model.graph.initializer if i.data_type == 1}
+    uses = _Graph(model).uses
     for node in model.graph.node:
         if node.op_type != "SkipSimplifiedLayerNormalization" or node.domain != "com.microsoft":
             continue
         outputs = list(node.output) + [""] * (4 - len(node.output))
-        if len(node.input) != 3 or node.input[2] not in floats or any(outputs[1:3]) or not outputs[3]:
+        if len(node.input) != 3 or node.input[2] not in floats or any(uses.get(o) for o in outputs[1:3] if o):
             continue
         node.op_type, node.domain = "SkipRMSNorm", DOMAIN
         del node.output[:]
-        node.output.extend([outputs[0], outputs[3]])
+        node.output.extend([outputs[0], outputs[3] or f"{node.name}/sum"])  # the sum, read or not
+        swapped += 1
+    if swapped:
+        _import_domain(model)
+    return swapped
+
+
+def use_top(model) -> int:
+    """Edit an onnx.ModelProto so that its TopK nodes over float values, on the last axis, largest
+    and sorted (the sampling's, `engine.add_top`), run as attar's (`top.cc`: one read of a row
+    against the k-th best so far, where onnxruntime keeps a heap). Returns how many it swapped."""
+    from onnx import TensorProto
+
+    kinds = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]}
+    swapped = 0
+    for node in model.graph.node:
+        if node.op_type != "TopK" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        given = {a.name: a.i for a in node.attribute}
+        if given.get("axis", -1) != -1 or given.get("largest", 1) != 1 or given.get("sorted", 1) != 1 \
+                or kinds.get(node.input[0]) != TensorProto.FLOAT:
+            continue
+        node.domain = DOMAIN
         swapped += 1
     if swapped:
         _import_domain(model)

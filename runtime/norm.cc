@@ -23,23 +23,20 @@
 namespace attar {
 namespace {
 
-constexpr int GROUP = 8;  // rows whose sums advance together (8 adds in flight cover the add's latency)
+constexpr int GROUP = 8;  // rows whose sums advance together, as the lanes of one register
 
-// Each row's sum of squares, in order (R chains side by side; the squares are already rounded).
-template <int R>
+typedef float Lanes __attribute__((vector_size(4 * GROUP)));  // one lane a row of a group
+
+// Each row's sum of squares (already rounded), in order from the first channel: the rows' chains
+// advance side by side, one lane each. (Written as separate sums, GCC made them one loop a row,
+// each addition waiting on the last's store.)
 void sum_in_order(const float* squares, int64_t n, float* sums) {
-  float acc[R] = {};
-  for (int64_t h = 0; h < n; ++h)
-    for (int r = 0; r < R; ++r) acc[r] += squares[r * n + h];
-  for (int r = 0; r < R; ++r) sums[r] = acc[r];
-}
-
-template <int R = GROUP>
-void sum_rows(int rows, const float* squares, int64_t n, float* sums) {
-  if constexpr (R > 1) {
-    if (rows < R) return sum_rows<R - 1>(rows, squares, n, sums);
+  Lanes acc = {};
+  for (int64_t h = 0; h < n; ++h) {
+    const float* s = squares + h;
+    acc += Lanes{s[0], s[n], s[2 * n], s[3 * n], s[4 * n], s[5 * n], s[6 * n], s[7 * n]};
   }
-  sum_in_order<R>(squares, n, sums);
+  for (int r = 0; r < GROUP; ++r) sums[r] = acc[r];
 }
 
 struct SkipNorm {
@@ -66,27 +63,32 @@ struct SkipNorm {
     const float *a = data<float>(x), *b = data<float>(skip), *g = data<float>(gamma);
     float *y = data<float>(out), *v = data<float>(sum);
 
-    std::vector<float> squares(static_cast<size_t>(GROUP * n));
+    std::vector<float> squares(static_cast<size_t>(GROUP * n), 0.0f);  // rows past the last: zeros
     float sums[GROUP];
     for (int64_t r0 = 0; r0 < rows; r0 += GROUP) {
       const int count = static_cast<int>(std::min<int64_t>(GROUP, rows - r0));
       const int64_t at = r0 * n;
-      for (int r = 0; r < count; ++r) {  // vectorized: no sum crosses channels here
+      for (int r = 0; r < count; ++r) {  // lane by lane: no sum crosses channels here
         const float* xr = a + at + r * n;
         const float* sr = b + (at + r * n) % skip_size;
         float* vr = v + at + r * n;
         float* square = squares.data() + r * n;
-        for (int64_t h = 0; h < n; ++h) {
-          vr[h] = xr[h] + sr[h];
-          square[h] = vr[h] * vr[h];
+        int64_t h = 0;
+        for (; h + LANES <= n; h += LANES) {
+          const vec sum = load_vec(xr + h) + load_vec(sr + h);
+          store_vec(vr + h, sum);
+          store_vec(square + h, sum * sum);
         }
+        for (; h < n; ++h) vr[h] = xr[h] + sr[h], square[h] = vr[h] * vr[h];
       }
-      sum_rows(count, squares.data(), n, sums);
+      sum_in_order(squares.data(), n, sums);  // lanes past `count`: summed, not read
       for (int r = 0; r < count; ++r) {
         const float d = std::sqrt(sums[r] / static_cast<float>(n) + epsilon);
         const float* vr = v + at + r * n;
         float* yr = y + at + r * n;
-        for (int64_t h = 0; h < n; ++h) yr[h] = vr[h] / d * g[h];
+        int64_t h = 0;
+        for (; h + LANES <= n; h += LANES) store_vec(yr + h, load_vec(vr + h) / d * load_vec(g + h));
+        for (; h < n; ++h) yr[h] = vr[h] / d * g[h];
       }
     }
   }

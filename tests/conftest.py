@@ -73,3 +73,18 @@ def avx2_build(tmp_path_factory):
     kernels._fetch_headers(include, log=lambda m: None)
     flags = ["-march=x86-64-v3" if f == "-march=native" else f for f in kernels.FLAGS]
     return compiler, include, flags
+
+
+@pytest.fixture(scope="session")
+def avx2_library(tmp_path_factory, avx2_build):
+    """The library built for an AVX2 CPU without AVX-512 (its Int8MatMul is the `vpmaddwd` one), once
+    for the run."""
+    import subprocess
+
+    from attar.runtime import kernels
+
+    compiler, include, flags = avx2_build
+    library = tmp_path_factory.mktemp("avx2") / "kernels.so"
+    subprocess.run([compiler, *flags, "-I", str(include), *map(str, kernels.SOURCES), "-o", str(library)],
+                   check=True, capture_output=True, timeout=600)
+    return library

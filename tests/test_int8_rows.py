@@ -50,18 +50,6 @@ def packs() -> bool:
     return kernels._packer() is not None
 
 
-@pytest.fixture(scope="module")
-def avx2_library(tmp_path_factory, avx2_build):
-    """The library built for an AVX2 CPU without AVX-512: its Int8MatMul is the `vpmaddwd` one."""
-    import subprocess
-
-    compiler, include, flags = avx2_build
-    library = tmp_path_factory.mktemp("avx2") / "kernels.so"
-    subprocess.run([compiler, *flags, "-I", str(include), *map(str, kernels.SOURCES), "-o", str(library)],
-                   check=True, capture_output=True, timeout=600)
-    return library
-
-
 @pytest.fixture(params=["native", "avx2"])
 def packing(request, monkeypatch):
     """The library the products run on: this CPU's build, and the AVX2 one (`avx2_library`)."""
