@@ -210,11 +210,13 @@ class Engine:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         options.log_severity_level = 3
-        # onnxruntime's idle threads spin by default, waiting for the next op; here they would take
-        # a core from the Python thread between steps, the sandboxes and any other session in the
-        # process (two engines stepping in turn cost each other up to 70% of a one-row step). Off,
-        # a step alone costs the same (measured: 1.00/0.97/0.99 at 1/8/16 rows), and so does eval.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # onnxruntime's threads spin while a step runs, waiting for its next op (a step is ~150 ops,
+        # and waking a sleeping thread for each cost more than some of them: a step alone x0.8-0.9
+        # on the Zen 4 VM), and stop the moment it returns: idle, spinning threads took a core from
+        # the Python thread between steps, the sandboxes and any other session in the process (two
+        # engines stepping in turn had cost each other up to 70% of a one-row step).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if int8 and model.int8_decoder is not None and not kernels.int8_sums_exact(kernel):
             int8 = False
             print(f"{model.name}: running the exact graph: on this CPU onnxruntime's int8 products saturate; "
