@@ -462,9 +462,7 @@ struct Kernel {
     }
     if (dims(seqlens) != std::vector<int64_t>{qs[0]}) fail("attention", "seqlens_k must hold one length a row");
     c.lengths = data<int32_t>(seqlens);
-    int64_t count = 1;
-    for (int64_t d : dims(total)) count *= d;
-    if (count != 1) fail("attention", "total_sequence_length must be one number");
+    if (elements(dims(total)) != 1) fail("attention", "total_sequence_length must be one number");
     const int total_length = data<int32_t>(total)[0];
     int longest = 0;
     for (int b = 0; b < c.rows; ++b) {  // lengths come from the caller: nothing is read or written past a buffer
@@ -532,9 +530,7 @@ struct Kernel {
   // nothing is read outside a row's cache; that the bits are the same is the caller's word.
   static void plan(const Call& c, const OrtValue* shared, std::vector<int>& start, std::vector<int>& spans) {
     const std::vector<int64_t> shape = dims(shared);
-    int64_t count = 1;
-    for (int64_t d : shape) count *= d;
-    if (count == 0) return;  // no row shares (the default)
+    if (elements(shape) == 0) return;  // no row shares (the default)
     if (shape != std::vector<int64_t>{c.rows, 2}) fail("attention", "shared must hold a leader and a length a row");
     const int32_t* s = data<int32_t>(shared);
     std::vector<std::vector<int>> followers(c.rows);

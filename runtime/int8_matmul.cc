@@ -592,8 +592,7 @@ struct Int8MatMul {
     if (shape.empty() || packed.size() != 3 || packed[2] != BLOCK * GROUP || packed[1] * GROUP != shape.back())
       fail("Int8MatMul", "the weights must be packed (N/16, K/4, 64) for an input of K");
     const int64_t k = shape.back(), n = packed[0] * BLOCK;
-    int64_t rows = 1;
-    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+    const int64_t rows = leading(shape);
     const OrtValue *smooth = input(context, 4), *bias = input(context, 5);
     if (dims(input(context, 2)) != std::vector<int64_t>{n} || dims(input(context, 3)) != std::vector<int64_t>{n} ||
         (bias != nullptr && dims(bias) != std::vector<int64_t>{n}))
@@ -851,8 +850,7 @@ struct Q8MatMul {
     if (column_bias != nullptr && dims(column_bias) != std::vector<int64_t>{packed[0], BLOCK})
       fail("Q8MatMul", "the bias must be packed (N/16, 16)");
     if (gated && packed[0] % 2 != 0) fail("Q8MatMul", "a gated product's columns must be blocks of 16, gate and up in pairs");
-    int64_t rows = 1;
-    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+    const int64_t rows = leading(shape);
     shape.back() = gated ? n / 2 : n;
     OrtValue* out = nullptr;
     check(g_api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &out));

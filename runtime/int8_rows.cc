@@ -19,13 +19,6 @@
 namespace attar {
 namespace {
 
-// Rows and width of a tensor read as (rows, last dimension).
-int64_t leading(const std::vector<int64_t>& shape) {
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
-  return rows;
-}
-
 // max |x[i]| over a row, NaNs passed over (as std::max(peak, NaN) does). A register's lanes side
 // by side: a maximum is exact in any order, so this is the one-at-a-time loop's result, which the
 // compiler leaves scalar (a chain of dependent maxima, most of RowQuantize's time).

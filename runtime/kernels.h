@@ -65,6 +65,17 @@ inline std::vector<int64_t> dims(const OrtValue* value) {
   return shape;
 }
 
+// How many numbers a shape holds, and how many rows it is read as (all but the last dimension).
+inline int64_t elements(const std::vector<int64_t>& shape) {
+  int64_t count = 1;
+  for (int64_t d : shape) count *= d;
+  return count;
+}
+
+inline int64_t leading(const std::vector<int64_t>& shape) {
+  return shape.empty() ? 1 : elements(std::vector<int64_t>(shape.begin(), shape.end() - 1));
+}
+
 inline ONNXTensorElementDataType element_type(const OrtValue* value) {
   OrtTensorTypeAndShapeInfo* info = nullptr;
   check(g_api->GetTensorTypeAndShape(value, &info));

@@ -51,10 +51,8 @@ struct SkipNorm {
     const std::vector<int64_t> shape = dims(x);
     if (shape.empty() || shape.back() == 0) fail("norm", "the input needs a last dimension");
     const int64_t n = shape.back();
-    int64_t rows = 1;
-    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
-    int64_t skip_size = 1;  // onnxruntime's contract: the input's shape, or one row repeated
-    for (int64_t d : dims(skip)) skip_size *= d;
+    const int64_t rows = leading(shape);
+    const int64_t skip_size = elements(dims(skip));  // the input's shape, or one row repeated (onnxruntime's)
     if (skip_size != rows * n && skip_size != n) fail("norm", "skip must have the input's shape or one row's");
     if (dims(gamma) != std::vector<int64_t>{n}) fail("norm", "gamma must hold one number a channel");
     OrtValue *out = nullptr, *sum = nullptr;
