@@ -349,7 +349,7 @@ void q8_block(const Q8Rows& a, const int8_t* w, Numbers numbers, float* y, int64
   static_assert(KIND != SIGNED || SPAN == 1, "signed pairs reach 32,512: widened at once");
   constexpr int QUADS = G / 4, QUAD_BYTES = KIND == NIBBLES ? 32 : KIND == FIVE ? 40 : 64;
   const int64_t k = a.k, groups = k / G;
-  const __m256i ones = _mm256_set1_epi16(1);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // widens 16-bit sums (not with VNNI)
   __m256 sum[R][2];
   for (int r = 0; r < R; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -377,8 +377,10 @@ void q8_block(const Q8Rows& a, const int8_t* w, Numbers numbers, float* y, int64
     } else {
 #pragma GCC unroll 8
       for (int s = 0; s < QUADS; s += SPAN) {
-        __m256i part[R][2];
+#ifndef ATTAR_VNNI
+        __m256i part[R][2];  // SPAN groups' sums in 16 bits
         for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = _mm256_setzero_si256();
+#endif
 #pragma GCC unroll 4  // 8 (a nibble group) spilled: the compiler hoisted every unpacking
         for (int i = 0; i < SPAN; ++i) {
           const int64_t q = g * QUADS + s + i;

@@ -278,7 +278,7 @@ def use_norm(model) -> int:
     swapped = 0
     floats = {i.name for i in model.graph.initializer if i.data_type == 1}
     uses = _Graph(model).uses
-    for node in model.graph.node:
+    for i, node in enumerate(model.graph.node):
         if node.op_type != "SkipSimplifiedLayerNormalization" or node.domain != "com.microsoft":
             continue
         outputs = list(node.output) + [""] * (4 - len(node.output))
@@ -286,7 +286,7 @@ def use_norm(model) -> int:
             continue
         node.op_type, node.domain = "SkipRMSNorm", DOMAIN
         del node.output[:]
-        node.output.extend([outputs[0], outputs[3] or f"{node.name}/sum"])  # the sum, read or not
+        node.output.extend([outputs[0], outputs[3] or f"attar/norm{i}/sum"])  # the sum, read or not
         swapped += 1
     if swapped:
         _import_domain(model)
