@@ -69,6 +69,9 @@ constexpr int64_t QUANTIZE_ROWS = 32;  // rows of an input a thread quantizes at
 constexpr int64_t ahead(int rows) { return rows == 1 ? 2048 : 4096; }
 constexpr int64_t Q8_AHEAD = 8192;
 constexpr int64_t Q8_OFFSETS = 32;  // Q8MatMul: inputs that share an offset (GGUF's k-quants with a minimum)
+// Q8MatMul: rows a pass computes together (against 2: ×0.94 at 8 rows on 6-bit codes, even on
+// 8-bit ones; GCC keeps some of 3 rows' float sums on the stack).
+constexpr int Q8_PASS = 3;
 
 // How Q8MatMul's weights are packed (`attar_pack_q8`): 8 bits, as they are (SIGNED) or plus the
 // matrix's largest |w| where that is at most BIASED_UP_TO (BIASED: unsigned); 4 bits plus 8
@@ -280,7 +283,7 @@ inline void unpack_five(const int8_t* w, int64_t k, int8_t* out) {
 // How a pass reads its columns' scales and offsets, two forms (a template parameter of the
 // products, so that neither branches on the other's kind): Plain, floats or float16 scales and
 // float offsets; Factored, int8 factors times float16 units as given, for a pass of an item of
-// at most 3 rows (one pass), where making them floats first cost more than it saved (the 1.5B's
+// at most Q8_PASS rows (one pass), where making them floats first cost more than it saved (the 1.5B's
 // one-row step ×1.03-1.06). `skip`: the numbers `blocks` blocks of 16 columns (of k inputs) on;
 // `scale`: columns 8h .. 8h + 7 of group g's scales; `offset`: of the offsets of inputs 32b ..
 // 32b + 31, where `has_offsets`.
@@ -440,16 +443,15 @@ void q8_block(const Q8Rows& a, const int8_t* w, Numbers numbers, float* y, int64
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + r * n + h * 8, sum[r][h]);
 }
 
-// Rows [0, R) × blocks [0, B), R ≤ TILE_ROWS, PASS rows at a time (against 2: ×0.94 at 8 rows on
-// 6-bit codes, even on 8-bit ones; GCC keeps some of 3 rows' float sums on the stack).
+// Rows [0, R) × blocks [0, B), R ≤ TILE_ROWS, Q8_PASS rows at a time.
 template <int R, int B, int G, int SPAN, Weights KIND, typename Numbers>
 void q8_tile(const Q8Rows& a, const int8_t* w, int64_t stride, Numbers numbers, float* y, int64_t n) {
-  constexpr int PASS = 3;
   for (int b = 0; b < B; ++b) {
     const Numbers block = numbers.skip(b, a.k, G);
-    q8_block<std::min(R, PASS), G, SPAN, KIND>(a, w + b * stride, block, y + b * BLOCK, n);
-    if constexpr (R > PASS)
-      q8_tile<R - PASS, 1, G, SPAN, KIND>(a.skip(PASS, G), w + b * stride, stride, block, y + PASS * n + b * BLOCK, n);
+    q8_block<std::min(R, Q8_PASS), G, SPAN, KIND>(a, w + b * stride, block, y + b * BLOCK, n);
+    if constexpr (R > Q8_PASS)
+      q8_tile<R - Q8_PASS, 1, G, SPAN, KIND>(a.skip(Q8_PASS, G), w + b * stride, stride, block,
+                                             y + Q8_PASS * n + b * BLOCK, n);
   }
 }
 
@@ -475,18 +477,11 @@ Q8Tile<N> q8_tile_for(int rows, int64_t group, int span, Weights kind) {
 }
 
 // One block's `groups` factored numbers × 16 columns as floats, into `out` (laid out as float
-// inputs are): each factor times its unit, the float multiply `kernels.use_q8_matmul` checked
-// gives each number exactly.
+// inputs are): each factor times its unit (`Factored::number`, the multiply a pass of an item of
+// one pass makes as it goes), which `kernels.use_q8_matmul` checked gives each number exactly.
 inline void widen(const Factors& f, int64_t groups, float* out) {
-  const int64_t per_unit = int64_t{1} << f.shift;
-  for (int64_t u = 0; u < groups / per_unit; ++u)
-    for (int h = 0; h < 2; ++h) {
-      const __m256 unit = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(f.unit + u * BLOCK + h * 8)));
-      for (int64_t g = u * per_unit; g < (u + 1) * per_unit; ++g) {
-        const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(f.at) + g * BLOCK + h * 8));
-        _mm256_storeu_ps(out + g * BLOCK + h * 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight)), unit));
-      }
-    }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + g * BLOCK + h * 8, Factored::number(f, g, h));
 }
 
 // One group of `group` inputs (a multiple of 8) as codes, as onnxruntime's int8 path (and
@@ -773,7 +768,7 @@ struct Q8MatMul {
           for (int b = 0; b < blocks; ++b) unpack_five(w.weights + (block + b) * stride, k, unpacked.data() + b * k * BLOCK);
           wide = true;
         }
-        few = as_given && item_rows <= 3;
+        few = as_given && item_rows <= Q8_PASS;
         if (!few && given_scales.kind == FACTORS) {
           scales.resize(2 * groups * BLOCK);
           for (int b = 0; b < blocks; ++b) widen(given_scales.skip((block + b) * groups * BLOCK), groups, scales.data() + b * groups * BLOCK);
