@@ -69,9 +69,17 @@ constexpr int64_t QUANTIZE_ROWS = 32;  // rows of an input a thread quantizes at
 constexpr int64_t ahead(int rows) { return rows == 1 ? 2048 : 4096; }
 constexpr int64_t Q8_AHEAD = 8192;
 constexpr int64_t Q8_OFFSETS = 32;  // Q8MatMul: inputs that share an offset (GGUF's k-quants with a minimum)
-// Q8MatMul: rows a pass computes together (against 2: ×0.94 at 8 rows on 6-bit codes, even on
-// 8-bit ones; GCC keeps some of 3 rows' float sums on the stack).
+// Q8MatMul: rows a pass computes together, each unpacking its weights once for all of them. With
+// AVX2's 16 registers, 3 (against 2: ×0.94 at 8 rows on 6-bit codes, even on 8-bit ones; GCC keeps
+// some of 3 rows' float sums on the stack). AVX-512 gives 32, and `vpdpbusd` needs no 16-bit sums
+// beside the 32-bit ones: a whole tile in one pass (Zen 4, against 3: the default's exact graph
+// ×0.85-0.87 a step at 8 rows, ×0.90 at 16, a 256-token prefill ×0.81-0.85; the 1.5B's ×0.83 at
+// 8 rows; one row even; 4 and 6 rows a pass were slower at 8 rows or even).
+#ifdef ATTAR_VNNI
+constexpr int Q8_PASS = TILE_ROWS;
+#else
 constexpr int Q8_PASS = 3;
+#endif
 
 // How Q8MatMul's weights are packed (`attar_pack_q8`): 8 bits, as they are (SIGNED) or plus the
 // matrix's largest |w| where that is at most BIASED_UP_TO (BIASED: unsigned); 4 bits plus 8
