@@ -84,8 +84,15 @@ constexpr int Q8_PASS = 3;
 // How Q8MatMul's weights are packed (`attar_pack_q8`): 8 bits, as they are (SIGNED) or plus the
 // matrix's largest |w| where that is at most BIASED_UP_TO (BIASED: unsigned); 4 bits plus 8
 // (NIBBLES); 8-bit codes of -16 to 15 (Q5_0's) as 5 bits plus 16 (FIVE: nibbles and a bit plane).
+// With VNNI every 8-bit matrix is BIASED: `vpdpbusd` adds its products into 32 bits, which hold
+// any c = w + 128 (to 255), and a signed one costs each row two `vpsignb` a group of 4 inputs
+// (Zen 4: the default's exact graph ×0.90-0.93 a step at 8 rows, its Q8_0 LM head; one row even).
 enum Weights { SIGNED, BIASED, NIBBLES, FIVE };
+#ifdef ATTAR_VNNI
+constexpr int BIASED_UP_TO = 128;
+#else
 constexpr int BIASED_UP_TO = 64;
+#endif
 
 #ifdef ATTAR_AVX2
 using Code = int16_t;  // the codes widened (Compute): `vpmaddwd` multiplies 16-bit numbers
@@ -347,14 +354,15 @@ struct Factored {
 //   half the bytes a one-row step reads. Q5_0's (-16 to 15) are 5 bits: the same nibbles, and
 //   before each 4 quads a plane of their fifth bits (bit 2q + h of byte b: quad q, half h), 40
 //   bytes a quad instead of 64.
-// - Larger weights (Q8_0: up to 128) stay signed: `vpmaddubsw` takes |w| and the codes given w's
+// - Larger weights (Q8_0: up to 128) stay signed without VNNI: `vpmaddubsw` takes |w| and the codes given w's
 //   signs (`vpsignb`), a pair at most 2 × 127 × 128 = 32,512, widened at once.
 // Zen 2 runs one multiply a cycle, and the other vector instructions beside it (the adds, the
 // signs) are what keeps it from that: 16-bit codes by `vpmaddwd` gave 16 products a multiply; a
 // Q5_0 matrix's gave 28 through `vpsignb` and give 26 without (×0.91-0.97 at 8-16 rows).
 // With AVX-512 VNNI, `vpdpbusd` multiplies the same bytes and adds each 4 products into 32 bits
 // at once: no 16-bit sums to widen, one instruction where there were two to four, the same exact
-// sums (the default's exact graph ×0.85-0.89 a step at 8 rows, the same logits to the bit).
+// sums (the default's exact graph ×0.85-0.89 a step at 8 rows, the same logits to the bit);
+// nothing to saturate, so every 8-bit matrix is BIASED, c = w + b up to 255.
 template <int R, int G, int SPAN, Weights KIND, typename Numbers>
 void q8_block(const Q8Rows& a, const int8_t* w, Numbers numbers, float* y, int64_t n) {
   static_assert(KIND != SIGNED || SPAN == 1, "signed pairs reach 32,512: widened at once");
@@ -365,7 +373,8 @@ void q8_block(const Q8Rows& a, const int8_t* w, Numbers numbers, float* y, int64
   for (int r = 0; r < R; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m256i acc[R][2];
-    if constexpr (KIND == SIGNED) {
+    if constexpr (KIND == SIGNED) {  // not with VNNI (BIASED_UP_TO)
+#ifndef ATTAR_VNNI
       for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
 #pragma GCC unroll 8
       for (int q = g * QUADS; q < (g + 1) * QUADS; ++q) {
@@ -374,17 +383,13 @@ void q8_block(const Q8Rows& a, const int8_t* w, Numbers numbers, float* y, int64
         const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
         for (int r = 0; r < R; ++r) {
           const __m256i codes = broadcast_quad(a.codes + r * k, q);
-#ifdef ATTAR_VNNI
-          acc[r][0] = _mm256_dpbusd_epi32(acc[r][0], u0, _mm256_sign_epi8(codes, w0));
-          acc[r][1] = _mm256_dpbusd_epi32(acc[r][1], u1, _mm256_sign_epi8(codes, w1));
-#else
           const __m256i p0 = _mm256_maddubs_epi16(u0, _mm256_sign_epi8(codes, w0));
           const __m256i p1 = _mm256_maddubs_epi16(u1, _mm256_sign_epi8(codes, w1));
           acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p0, ones));
           acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(p1, ones));
-#endif
         }
       }
+#endif
     } else {
 #pragma GCC unroll 8
       for (int s = 0; s < QUADS; s += SPAN) {
@@ -475,7 +480,9 @@ constexpr Q8Tile<N> Q8_TILES[TILE_ROWS + 1] = {
 // groups of 4 in 16 bits, numbers read as N.
 template <int B, typename N>
 Q8Tile<N> q8_tile_for(int rows, int64_t group, int span, Weights kind) {
+#ifndef ATTAR_VNNI  // with VNNI no matrix is SIGNED
   if (kind == SIGNED) return group == 16 ? Q8_TILES<B, 16, 1, SIGNED, N>[rows] : Q8_TILES<B, 32, 1, SIGNED, N>[rows];
+#endif
   if (kind == NIBBLES) return group == 16 ? Q8_TILES<B, 16, 4, NIBBLES, N>[rows] : Q8_TILES<B, 32, 8, NIBBLES, N>[rows];
   if (kind == FIVE) return group == 16 ? Q8_TILES<B, 16, 4, FIVE, N>[rows] : Q8_TILES<B, 32, 4, FIVE, N>[rows];  // 4 × 2 × 127 × 31
   if (group == 16)
