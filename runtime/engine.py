@@ -36,20 +36,21 @@ per token.
 Sampling is per request with its own seeded generator, so a request's tokens do not depend on
 what else is in the batch.
 
-- **Speculation.** A greedy request decoding alone feeds its next token and up to LOOKAHEAD
-  tokens guessed from its own context (prompt lookup: what followed the latest earlier
-  occurrence of its last few tokens; agents copy names, numbers and code from what they read)
-  and keeps the model's tokens while they agree with the guess, several tokens for one step.
+- **Speculation.** A greedy request feeds its next token and up to LOOKAHEAD tokens guessed
+  from its own context (prompt lookup: what followed the latest earlier occurrence of its last
+  few tokens; agents copy names, numbers and code from what they read) and keeps the model's
+  tokens while they agree with the guess, several tokens for one step. Up to 3 greedy requests
+  do so together, the step's LOOKAHEAD + 1 positions shared out among them.
   onnxruntime computes a position the same, bit for bit, in every step of two or more tokens
   whatever its width; in a step of one, its attention runs other kernels, attar's does not
   (`tests/test_engine.py` checks both). On attar's kernels, then, a request's tokens do not depend
   on what was guessed, nor on whether it stepped alone or beside others: every engine speculates
-  there (a shared one's lone request is the last question of an eval, the teacher's slowest).
+  there (a shared one's requests in an eval's last questions, the teacher's slowest, `serve`'s few).
   On onnxruntime's attention only an engine that serves one stream does (`speculate=True`), and
   its request never takes a one-token step, so that its tokens depend neither on the guess nor
   on how its prompt was split between the cache and the prefill; they can differ from the tokens
-  one-token steps beside others would give, at a near tie. Rows in a batch step one token each:
-  on 2 cores a guess costs more than it keeps from 4 rows up (README).
+  one-token steps beside others would give, at a near tie. From 4 rows (or any sampled one) a
+  batch steps one token a row: a guess would cost more than it keeps (README).
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ GROW = 1024  # cache capacity grows in steps of this many tokens (doubling beyon
 # likely the model repeats it, and a 6-token step costs ~1.6x a 1-token one (on agent trajectories:
 # 2.2 tokens a step, where a fixed guess of 4 tokens after a match of 3, 2 or 1 gives 2.0 for more cost).
 LOOKAHEAD = 5
+# A speculating step feeds at most LOOKAHEAD + 1 positions a row and this many in all: one request
+# its next token and 5 guessed, 2 requests 3 each, 3 requests 2 each. From 4 rows a guess costs
+# more than it keeps (Zen 4, the default at 600 cached, against a step of one token a row: 2 rows
+# of 3 ×1.13 on the int8 graph and ×1.41 on the exact one; 4 rows of 2 ×1.14 and ×1.49, for the
+# ~1.35 tokens a row a 2-token step keeps).
+SPECULATE_POSITIONS = 6
 # While requests decode, a new prompt is fed this many tokens between two of their steps, so a long
 # prompt delays each of their tokens by one chunk's time, not by the whole prefill (a 1,500-token
 # prompt with 4 rows decoding: their longest wait 0.82 s instead of 3.93 s on the 0.5B, and the
@@ -189,8 +196,8 @@ class Engine:
                  kernel: bool | None = None):
         """`int8`: run the folder's int8 graph where it has one (`attar pull --int8`): the same
         decoder with its projections on the CPU's integer matrix units. One graph for every step,
-        so a request's tokens never depend on what else is in the batch. `speculate`: whether a lone
-        greedy request checks guessed tokens (see the module doc). None: where that cannot change
+        so a request's tokens never depend on what else is in the batch. `speculate`: whether greedy
+        requests check guessed tokens, up to 3 at a time (see the module doc). None: where that cannot change
         its tokens, i.e. where a one-token step computes what a wider one does (checked at load:
         `self.one_token_exact`; so on attar's kernels); True: there and on onnxruntime's ops too,
         for an engine that serves one stream (an agent's own); False: never.
@@ -322,7 +329,8 @@ class Engine:
                     if not self.active and self.filling is None and not self.queue:
                         self.worker = None
                         return
-                if len(self.active) == 1 and self.speculate and self.active[0].temperature <= 0:
+                if self.speculate and 2 * len(self.active) <= SPECULATE_POSITIONS and \
+                        all(request.temperature <= 0 for request in self.active):
                     self._speculate()
                 elif self.active:
                     self._decode()
@@ -478,30 +486,43 @@ class Engine:
         return computed, {i: j for i, j in twins.items() if i >= computed}
 
     def _speculate(self) -> None:
-        """One step of the lone greedy request in row 0: its next token and a guess of the ones
-        after it, fed together; the model's tokens are kept while they agree with the guess."""
-        request, held = self.active[0], self.pool.held[0]
-        room = min(self.pool.capacity, self.context) - len(held) - 1  # cache slots after the next token
-        # Where a one-token step computes otherwise, one is never taken: with no guess, the next
-        # token is fed twice (its second copy's logits are not used).
-        guess = (lookup(held + [request.next], LOOKAHEAD) or ([] if self.one_token_exact else [request.next]))[:room]
-        fed = [request.next, *guess]
+        """One step of the greedy requests in rows 0..k-1 (k ≤ 3): each feeds its next token and a
+        guess of the ones after it, SPECULATE_POSITIONS // k tokens at most, and keeps the model's
+        tokens while they agree with its guess. A shorter row is padded to the widest: the padding
+        is written to its cache past what it holds (as a wrong guess is) and its logits are unread."""
+        active, held = self.active, self.pool.held
+        k = len(active)
+        past = [len(held[i]) for i in range(k)]
+        room = min(self.pool.capacity, self.context) - max(past) - 1  # cache slots after the next tokens
+        fed = []
+        for i, request in enumerate(active):
+            # Where a one-token step computes otherwise, one is never taken: with no guess, the next
+            # token is fed twice (its second copy's logits are not used).
+            guess = lookup(held[i] + [request.next], SPECULATE_POSITIONS // k - 1) or \
+                ([] if self.one_token_exact else [request.next])
+            fed.append([request.next, *guess[:max(room, 0)]])
+        width = max(map(len, fed))
+        ids = np.array([tokens + [tokens[-1]] * (width - len(tokens)) for tokens in fed], dtype=np.int64)
         began = time.perf_counter()
-        best = self._forward(0, 1, np.array([fed], dtype=np.int64), [len(held)]).ids[0, -len(fed):, 0]  # argmax each
+        best = self._forward(0, k, ids, past, self._shares(k)).ids[:, -width:, 0]  # argmax each
         self.time.decode_s += time.perf_counter() - began
-        self.time.decoded_rows += 1
+        self.time.decoded_rows += k
         self.steps += 1
-        for j, token in enumerate(fed):
-            self.pool.extend(0, [token])
-            chosen = int(best[j])
-            if j < len(guess):
-                self.guessed += 1
-                self.agreed += chosen == guess[j]
-            if self._emit(request, chosen):
-                self._release(0)
-                return
-            if j == len(guess) or chosen != guess[j]:  # the rest of the guess was fed after a wrong token
-                return
+        finished = []
+        for i, (request, tokens) in enumerate(zip(active, fed)):
+            for j, token in enumerate(tokens):
+                self.pool.extend(i, [token])
+                chosen, guessed = int(best[i, j]), j + 1 < len(tokens)
+                if guessed:
+                    self.guessed += 1
+                    self.agreed += chosen == tokens[j + 1]
+                if self._emit(request, chosen):
+                    finished.append(i)
+                    break
+                if not guessed or chosen != tokens[j + 1]:  # the rest of the guess was fed after a wrong token
+                    break
+        for i in reversed(finished):
+            self._release(i)
 
     @staticmethod
     def _pick(request: Request, scores: Scores, row: int) -> int:

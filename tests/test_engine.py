@@ -438,6 +438,32 @@ def test_a_guess_never_changes_the_tokens(model_dir, monkeypatch, kernel, reques
     assert (plain == guessed) or not kernel  # on attar's kernels, the tokens of one-token steps too
 
 
+def test_up_to_three_greedy_requests_speculate_together_and_keep_their_tokens(int8_dir, library):
+    """On attar's kernels a position computes the same in a step of any width and any rows, so
+    requests in flight check their guesses in one step (the step's positions shared out among
+    them), and each one's tokens are those it decodes alone, one token a step."""
+    from attar.runtime.engine import Engine, Request
+
+    folder = ExportDir.open(int8_dir)
+    backend = EngineBackend(folder)
+    questions = ["Write a Python function that returns the n-th prime, and test it.",
+                 "List the first 20 Fibonacci numbers using a loop.", "What is 17 * 23? Answer with code."]
+    prompts = [backend.encode(conversation(q)) for q in questions]
+    alone = [Engine(folder, speculate=False).run(Request(ids, 40)).out for ids in prompts]
+    for n in (2, 3):
+        engine = Engine(folder)
+        assert engine.speculate
+        shapes = []
+        forward = engine._forward
+        engine._forward = lambda start, stop, ids, *rest: shapes.append(ids.shape) or forward(start, stop, ids, *rest)
+        requests = [engine.submit(Request(ids, 40)) for ids in prompts[:n]]
+        assert [engine.wait(r).out for r in requests] == alone[:n]
+        together = [(rows, width) for rows, width in shapes if rows > 1]  # a prompt is fed in a row of its own
+        assert any(width > 1 for _, width in together)  # rows checked their guesses in one step
+        assert all(rows * width <= 6 for rows, width in together)
+        assert engine.agreed > 0
+
+
 def test_prompt_lookup_guesses_what_followed_the_longest_latest_match():
     from attar.runtime.engine import lookup
 
