@@ -49,8 +49,9 @@ what else is in the batch.
   On onnxruntime's attention only an engine that serves one stream does (`speculate=True`), and
   its request never takes a one-token step, so that its tokens depend neither on the guess nor
   on how its prompt was split between the cache and the prefill; they can differ from the tokens
-  one-token steps beside others would give, at a near tie. From 4 rows (or any sampled one) a
-  batch steps one token a row: a guess would cost more than it keeps (README).
+  one-token steps beside others would give, at a near tie; its attention takes a single row past
+  a token, so there only a lone request speculates. From 4 rows (or any sampled one) a batch steps
+  one token a row: a guess would cost more than it keeps (README).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ LOOKAHEAD = 5
 # more than it keeps (Zen 4, the default at 600 cached, against a step of one token a row: 2 rows
 # of 3 ×1.13 on the int8 graph and ×1.41 on the exact one; 4 rows of 2 ×1.14 and ×1.49, for the
 # ~1.35 tokens a row a 2-token step keeps).
-SPECULATE_POSITIONS = 6
+SPECULATE_POSITIONS = LOOKAHEAD + 1
 # While requests decode, a new prompt is fed this many tokens between two of their steps, so a long
 # prompt delays each of their tokens by one chunk's time, not by the whole prefill (a 1,500-token
 # prompt with 4 rows decoding: their longest wait 0.82 s instead of 3.93 s on the 0.5B, and the
@@ -197,10 +198,10 @@ class Engine:
         """`int8`: run the folder's int8 graph where it has one (`attar pull --int8`): the same
         decoder with its projections on the CPU's integer matrix units. One graph for every step,
         so a request's tokens never depend on what else is in the batch. `speculate`: whether greedy
-        requests check guessed tokens, up to 3 at a time (see the module doc). None: where that cannot change
-        its tokens, i.e. where a one-token step computes what a wider one does (checked at load:
-        `self.one_token_exact`; so on attar's kernels); True: there and on onnxruntime's ops too,
-        for an engine that serves one stream (an agent's own); False: never.
+        requests check guessed tokens, up to 3 at a time (see the module doc). None: where that
+        cannot change their tokens, i.e. where a one-token step computes what a wider one does
+        (checked at load: `self.one_token_exact`; so on attar's kernels); True: there and on
+        onnxruntime's ops too, for an engine that serves one stream (an agent's own); False: never.
         `prefill_chunk`: while others decode, the most prompt tokens fed between two of their steps.
         `kv_budget`: the most bytes the KV pool may take (default: half the machine's memory); with
         `max_rows` rows it bounds each row's context (`self.context`), below the model's where it
@@ -329,8 +330,7 @@ class Engine:
                     if not self.active and self.filling is None and not self.queue:
                         self.worker = None
                         return
-                if self.speculate and 2 * len(self.active) <= SPECULATE_POSITIONS and \
-                        all(request.temperature <= 0 for request in self.active):
+                if self._speculating():
                     self._speculate()
                 elif self.active:
                     self._decode()
@@ -484,6 +484,13 @@ class Engine:
             twins[i] = computes.setdefault(key, i)
         computed = max(computes.values()) + 1
         return computed, {i: j for i, j in twins.items() if i >= computed}
+
+    def _speculating(self) -> bool:
+        """Whether the next step checks guesses: every request in flight greedy, and one of them,
+        or up to 3 on attar's attention (onnxruntime's takes a single row past a token)."""
+        rows = len(self.active)
+        return self.speculate and (rows == 1 or (self.kernel and 1 < rows <= SPECULATE_POSITIONS // 2)) and \
+            all(request.temperature <= 0 for request in self.active)
 
     def _speculate(self) -> None:
         """One step of the greedy requests in rows 0..k-1 (k ≤ 3): each feeds its next token and a

@@ -464,6 +464,23 @@ def test_up_to_three_greedy_requests_speculate_together_and_keep_their_tokens(in
         assert engine.agreed > 0
 
 
+def test_on_onnxruntimes_attention_only_a_lone_request_speculates(model_dir):
+    """Its GroupQueryAttention takes a single row past a token: requests in flight together step
+    one token each, even on an engine told to speculate."""
+    from attar.runtime.engine import Engine, Request
+
+    folder = ExportDir.open(model_dir)
+    backend = EngineBackend(folder, kernel=False)
+    prompts = [backend.encode(conversation(q)) for q in ("Write a haiku about the sea.", "What is 17 * 23? Answer with code.")]
+    engine = Engine(folder, speculate=True, kernel=False)
+    shapes = []
+    forward = engine._forward
+    engine._forward = lambda start, stop, ids, *rest: shapes.append(ids.shape) or forward(start, stop, ids, *rest)
+    requests = [engine.submit(Request(ids, 24)) for ids in prompts]
+    assert all(len(engine.wait(r).out) == 24 for r in requests)
+    assert any(rows > 1 for rows, _ in shapes) and all(width == 1 for rows, width in shapes if rows > 1)
+
+
 def test_prompt_lookup_guesses_what_followed_the_longest_latest_match():
     from attar.runtime.engine import lookup
 
