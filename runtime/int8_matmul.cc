@@ -354,8 +354,8 @@ struct Factored {
 //   half the bytes a one-row step reads. Q5_0's (-16 to 15) are 5 bits: the same nibbles, and
 //   before each 4 quads a plane of their fifth bits (bit 2q + h of byte b: quad q, half h), 40
 //   bytes a quad instead of 64.
-// - Larger weights (Q8_0: up to 128) stay signed without VNNI: `vpmaddubsw` takes |w| and the codes given w's
-//   signs (`vpsignb`), a pair at most 2 × 127 × 128 = 32,512, widened at once.
+// - Larger weights (Q8_0: up to 128) stay signed without VNNI: `vpmaddubsw` takes |w| and the
+//   codes given w's signs (`vpsignb`), a pair at most 2 × 127 × 128 = 32,512, widened at once.
 // Zen 2 runs one multiply a cycle, and the other vector instructions beside it (the adds, the
 // signs) are what keeps it from that: 16-bit codes by `vpmaddwd` gave 16 products a multiply; a
 // Q5_0 matrix's gave 28 through `vpsignb` and give 26 without (×0.91-0.97 at 8-16 rows).
@@ -373,8 +373,7 @@ void q8_block(const Q8Rows& a, const int8_t* w, Numbers numbers, float* y, int64
   for (int r = 0; r < R; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m256i acc[R][2];
-    if constexpr (KIND == SIGNED) {  // not with VNNI (BIASED_UP_TO)
-#ifndef ATTAR_VNNI
+    if constexpr (KIND == SIGNED) {  // not with VNNI (BIASED_UP_TO): never instantiated there
       for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
 #pragma GCC unroll 8
       for (int q = g * QUADS; q < (g + 1) * QUADS; ++q) {
@@ -389,7 +388,6 @@ void q8_block(const Q8Rows& a, const int8_t* w, Numbers numbers, float* y, int64
           acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(p1, ones));
         }
       }
-#endif
     } else {
 #pragma GCC unroll 8
       for (int s = 0; s < QUADS; s += SPAN) {

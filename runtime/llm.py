@@ -151,8 +151,8 @@ class EngineBackend(Backend):
     backend: the KV cache outlives a call, so an agent's next step prefills only what was
     appended, the N samples of a SAG step share one prefill of their prompt, and calls from
     several threads (agents run side by side) decode in one batch. Greedy requests, up to 3 in
-    flight, step several tokens at a time where that leaves its tokens as they are (on attar's kernels);
-    `speculate=True`, for a backend that serves one stream (an Agent's own), lets it on
+    flight, step several tokens at a time where that leaves their tokens as they are (on attar's
+    kernels); `speculate=True`, for a backend that serves one stream (an Agent's own), lets it on
     onnxruntime's ops too, whose tokens can differ at a near tie from the one-token steps it would
     take beside others (`engine.py`)."""
 

@@ -438,6 +438,14 @@ def test_a_guess_never_changes_the_tokens(model_dir, monkeypatch, kernel, reques
     assert (plain == guessed) or not kernel  # on attar's kernels, the tokens of one-token steps too
 
 
+def step_shapes(engine) -> list[tuple[int, int]]:
+    """The (rows, tokens) of every forward call the engine makes from now on."""
+    shapes = []
+    forward = engine._forward
+    engine._forward = lambda start, stop, ids, *rest: shapes.append(ids.shape) or forward(start, stop, ids, *rest)
+    return shapes
+
+
 def test_up_to_three_greedy_requests_speculate_together_and_keep_their_tokens(int8_dir, library):
     """On attar's kernels a position computes the same in a step of any width and any rows, so
     requests in flight check their guesses in one step (the step's positions shared out among
@@ -453,9 +461,7 @@ def test_up_to_three_greedy_requests_speculate_together_and_keep_their_tokens(in
     for n in (2, 3):
         engine = Engine(folder)
         assert engine.speculate
-        shapes = []
-        forward = engine._forward
-        engine._forward = lambda start, stop, ids, *rest: shapes.append(ids.shape) or forward(start, stop, ids, *rest)
+        shapes = step_shapes(engine)
         requests = [engine.submit(Request(ids, 40)) for ids in prompts[:n]]
         assert [engine.wait(r).out for r in requests] == alone[:n]
         together = [(rows, width) for rows, width in shapes if rows > 1]  # a prompt is fed in a row of its own
@@ -473,9 +479,7 @@ def test_on_onnxruntimes_attention_only_a_lone_request_speculates(model_dir):
     backend = EngineBackend(folder, kernel=False)
     prompts = [backend.encode(conversation(q)) for q in ("Write a haiku about the sea.", "What is 17 * 23? Answer with code.")]
     engine = Engine(folder, speculate=True, kernel=False)
-    shapes = []
-    forward = engine._forward
-    engine._forward = lambda start, stop, ids, *rest: shapes.append(ids.shape) or forward(start, stop, ids, *rest)
+    shapes = step_shapes(engine)
     requests = [engine.submit(Request(ids, 24)) for ids in prompts]
     assert all(len(engine.wait(r).out) == 24 for r in requests)
     assert any(rows > 1 for rows, _ in shapes) and all(width == 1 for rows, width in shapes if rows > 1)
