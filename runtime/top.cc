@@ -123,7 +123,7 @@ struct Top {
   static void part(void* data, size_t item) {
     const Work& w = *static_cast<const Work*>(data);
     const int64_t r = static_cast<int64_t>(item);
-    std::vector<Entry> list;
+    thread_local std::vector<Entry> list;  // kept by the thread: a step allocates nothing
     list.reserve(static_cast<size_t>(2 * w.k));
     top_row(w.x + r * w.n, w.n, w.k, list, w.values + r * w.k, w.indices + r * w.k);
   }
